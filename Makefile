@@ -1,0 +1,40 @@
+# One entry point for people and CI. Every target creates .venv and installs what it needs, so a fresh
+# machine needs nothing but python3 (see README).
+PYTHON     ?= python3
+VENV       ?= .venv
+# CPU wheel by default: an unpinned torch pulls a multi-GB CUDA build. GPU machines override, e.g.
+#   make install TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+TORCH_SPEC ?= torch==2.13.0
+BIN         = $(VENV)/bin
+# Tests never touch ~/.ray: Ray's token file and temp dirs go under the build tree.
+export RAY_AUTH_MODE ?= disabled
+
+.PHONY: install demo test test-fast test-cluster bench clean
+
+$(BIN)/raylstm: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH_SPEC)
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+install: $(BIN)/raylstm
+
+demo: install
+	$(BIN)/raylstm demo
+
+# The whole suite: unit + integration on one session Ray, then the tests that start their own Ray
+# processes (ray start / ray up / several nodes), last and separately, because `ray stop` ends every
+# Ray process it can see.
+test: install
+	$(BIN)/python -m pytest -q -m "not cluster" -p no:cacheprovider
+	$(BIN)/python -m pytest -q -m cluster -p no:cacheprovider
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow and not cluster" -p no:cacheprovider
+
+bench: install
+	$(BIN)/python -m bench.run_all
+
+clean:
+	rm -rf $(VENV) build *.egg-info runs bench/out

@@ -1,0 +1,206 @@
+"""`raylstm` command line: one subcommand per step of the pipeline, each a thin layer over a function
+that the tests call directly. Heavy imports (torch, ray) happen inside the commands, so `--help` is fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="TOML or YAML config file (see configs/)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="override one config field, e.g. --set train.lr=2e-3 (repeatable)",
+    )
+
+
+def _config(args: argparse.Namespace):
+    from raylstm.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+# --- prepare -------------------------------------------------------------------------------------------
+def _prepare_parser(p: argparse.ArgumentParser) -> Command:
+    p.add_argument("sources", nargs="*", help="review files, dirs, globs or s3:// URIs (default: demo corpus)")
+    p.add_argument("--out", required=True, help="output directory (Parquet shards, vocab.json, manifest.json)")
+    p.add_argument("--format", help="force a format: tsv, json2014, json2023, csv, parquet, text")
+    p.add_argument("--strict", action="store_true", help="fail on the first malformed row, naming file and line")
+    _add_config_args(p)
+
+    def run(args: argparse.Namespace) -> int:
+        import json
+
+        from raylstm.prepare import prepare
+
+        cfg = _config(args)
+        if args.sources:
+            cfg.data.sources = list(args.sources)
+        if args.format:
+            cfg.data.format = args.format
+        if args.strict:
+            cfg.data.strict = True
+        manifest = prepare(cfg.data, args.out)
+        print(json.dumps({k: manifest[k] for k in ("splits", "skipped") if k in manifest}, indent=2))
+        return 0
+
+    return run
+
+
+# --- download ------------------------------------------------------------------------------------------
+def _download_parser(p: argparse.ArgumentParser) -> Command:
+    p.add_argument("category", nargs="?", default="Musical_Instruments", help="Amazon Reviews 2023 category")
+    p.add_argument("--url", help="download this URL instead of the category's default")
+    p.add_argument("--out", default="data", help="directory to download into")
+    p.add_argument("--sha256", help="expected sha256 of the file; verified after download")
+
+    def run(args: argparse.Namespace) -> int:
+        from raylstm.download import download_category
+
+        path = download_category(args.category, out_dir=args.out, url=args.url, sha256=args.sha256)
+        print(path)
+        return 0
+
+    return run
+
+
+# --- train ---------------------------------------------------------------------------------------------
+def _train_parser(p: argparse.ArgumentParser) -> Command:
+    _add_config_args(p)
+    p.add_argument("--data", nargs="*", default=None, help="review sources or a `raylstm prepare` dir")
+    p.add_argument("--workers", type=int, help="Ray Train workers (overrides train.num_workers)")
+    p.add_argument("--gpu", action="store_true", help="one GPU per worker, NCCL, bf16 autocast")
+    p.add_argument("--storage", default="runs", help="run storage: a local path or s3://bucket/prefix")
+    p.add_argument("--name", default=None, help="run name; rerunning a name continues that run")
+    p.add_argument("--address", default=None, help="Ray address to join (default: RAY_ADDRESS or a local Ray)")
+
+    def run(args: argparse.Namespace) -> int:
+        from raylstm.train import train
+
+        cfg = _config(args)
+        if args.data:
+            cfg.data.sources = list(args.data)
+        if args.workers:
+            cfg.train.num_workers = args.workers
+        if args.gpu:
+            cfg.train.use_gpu = True
+        result = train(cfg, storage=args.storage, name=args.name, address=args.address)
+        print(f"best checkpoint: {result.best_checkpoint}  val_bpc={result.best_metrics.get('val_bpc')}")
+        print(f"run dir: {result.run_dir}")
+        return 0
+
+    return run
+
+
+# --- sample --------------------------------------------------------------------------------------------
+def _sample_parser(p: argparse.ArgumentParser) -> Command:
+    p.add_argument("--checkpoint", required=True, help="a run dir (uses best.json) or a checkpoint dir")
+    p.add_argument("--prime", default="I bought these ", help="text to start from")
+    p.add_argument("--temperature", type=float, nargs="+", default=[0.5], help="0 = argmax; several allowed")
+    p.add_argument("--length", type=int, default=300, help="characters to generate")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--n", type=int, default=1, help="samples per temperature")
+    p.add_argument("--seed", type=int, default=None, help="makes output reproducible")
+
+    def run(args: argparse.Namespace) -> int:
+        from raylstm.sample import run_sample_cli
+
+        return run_sample_cli(args)
+
+    return run
+
+
+# --- serve ---------------------------------------------------------------------------------------------
+def _serve_parser(p: argparse.ArgumentParser) -> Command:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", help="run dir: serve its best checkpoint and follow best.json")
+    src.add_argument("--checkpoint", help="serve this checkpoint dir")
+    _add_config_args(p)
+    p.add_argument("--host", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int)
+    p.add_argument("--replicas", type=int)
+    p.add_argument("--gpu", action="store_true", help="one GPU per replica")
+    p.add_argument("--address", default=None, help="Ray address to join (default: RAY_ADDRESS or a local Ray)")
+
+    def run(args: argparse.Namespace) -> int:
+        from raylstm.serve import run_server
+
+        return run_server(args, _config(args))
+
+    return run
+
+
+# --- evaluate ------------------------------------------------------------------------------------------
+def _evaluate_parser(p: argparse.ArgumentParser) -> Command:
+    p.add_argument("--checkpoint", required=True, help="a run dir (uses best.json) or a checkpoint dir")
+    p.add_argument("--data", nargs="*", default=None, help="review sources or a prepared dir")
+    p.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
+    p.add_argument("--json", dest="json_out", help="also write the results as JSON here")
+    p.add_argument("--address", default=None)
+
+    def run(args: argparse.Namespace) -> int:
+        from raylstm.evaluate import run_evaluate_cli
+
+        return run_evaluate_cli(args)
+
+    return run
+
+
+# --- demo ----------------------------------------------------------------------------------------------
+def _demo_parser(p: argparse.ArgumentParser) -> Command:
+    p.add_argument("--workdir", default="runs/demo", help="where the demo writes its prepared data and run")
+
+    def run(args: argparse.Namespace) -> int:
+        from raylstm.demo import run_demo
+
+        return run_demo(args.workdir)
+
+    return run
+
+
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], Command]]] = {
+    "prepare": ("clean, split and encode review files into Parquet shards + vocab.json", _prepare_parser),
+    "download": ("fetch a public Amazon Reviews 2023 category file (resumable, checksummed)", _download_parser),
+    "train": ("train a char-LSTM with Ray Train (DDP) on Ray Data", _train_parser),
+    "sample": ("generate text from a checkpoint", _sample_parser),
+    "serve": ("serve a checkpoint over HTTP with Ray Serve", _serve_parser),
+    "evaluate": ("held-out bits per char vs unigram, gzip, bz2, xz and PPMd", _evaluate_parser),
+    "demo": ("prepare the demo corpus, train, serve and sample: the whole path on one machine", _demo_parser),
+}
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
+    parser = argparse.ArgumentParser(prog="raylstm", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    runners: dict[str, Command] = {}
+    for name, (help_text, make) in COMMANDS.items():
+        runners[name] = make(sub.add_parser(name, help=help_text, description=help_text))
+    return parser, runners
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser, runners = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return runners[args.command](args)
+    except KeyboardInterrupt:
+        return 130
+    except (ValueError, FileNotFoundError) as e:
+        # Config, data and checkpoint errors already name the file/field; show them without a traceback.
+        print(f"raylstm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
