@@ -1,0 +1,75 @@
+"""Config: defaults <- file <- dotted overrides, through one function, with errors that name the field."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from raylstm.config import Config, ConfigError, load_config
+
+
+def test_defaults_file_and_overrides_layer_in_order(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text('[train]\nlr = 1e-3\nnum_workers = 2\n[model]\nhidden_size = 256\n[data]\nsources = ["a.json"]\n')
+    cfg = load_config(f, ["train.lr=3e-3", "data.lowercase=true", "train.temperatures=[0.2, 1.0]"])
+    assert cfg.train.lr == 3e-3  # override beats file
+    assert cfg.train.num_workers == 2  # file beats default
+    assert cfg.model.hidden_size == 256
+    assert cfg.model.num_layers == Config().model.num_layers  # untouched default
+    assert cfg.data.lowercase is True
+    assert cfg.data.sources == ["a.json"]
+    assert cfg.train.temperatures == (0.2, 1.0)
+
+
+def test_yaml_file_and_int_promoted_to_float(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  lr: 1\n  betas: [0.9, 0.95]\n")
+    cfg = load_config(f)
+    assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
+    assert cfg.train.betas == (0.9, 0.95)
+
+
+def test_string_override_without_quotes():
+    cfg = load_config(None, ["train.sample_prime=Great strings", "model.kind=seed"])
+    assert cfg.train.sample_prime == "Great strings"
+    assert cfg.model.kind == "seed"
+
+
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("train.lrr=1", "train.lrr"),
+        ("nosuch.x=1", "nosuch"),
+        ("train.num_workers=1.5", "train.num_workers"),
+        ("model.kind=gru", "model.kind"),
+        ("data.dedupe=3", "data.dedupe"),
+    ],
+)
+def test_bad_override_names_the_field(override, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_unknown_key_in_file_names_file_and_field(tmp_path):
+    f = tmp_path / "bad.toml"
+    f.write_text("[train]\nlearning_rate = 1\n")
+    with pytest.raises(ConfigError, match=r"bad\.toml.*train\.learning_rate"):
+        load_config(f)
+
+
+def test_round_trip_through_json():
+    cfg = load_config(None, ["train.lr=5e-4", "data.seq_len=64"])
+    again = Config.from_dict(json.loads(cfg.to_json()))
+    assert again == cfg
+
+
+def test_shipped_presets_load():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    presets = sorted(root.glob("*.toml"))
+    if not presets:
+        pytest.skip("no presets in configs/ yet")
+    for p in presets:
+        load_config(p)  # raises ConfigError naming the field on any typo
