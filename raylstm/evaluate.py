@@ -1,0 +1,388 @@
+"""Bits per character on held-out reviews, beside the baselines a reader needs to judge the number.
+
+Everything here is measured on ONE string, built the way training builds its stream: each held-out
+review followed by "\\n" (the end-of-review marker), in a deterministic order (by review key).
+
+    model bpc      = -sum log2 p(char | the review so far) / chars, over every char of the string.
+                     Each review is scored from a zero LSTM state after a "\\n" (the end of "the previous
+                     review"), which is also how training windows start mid-stream; so the figure does
+                     not depend on the order of reviews or on how they are batched or sharded.
+    unigram        = entropy of the string's own character distribution: the best any order-0 model
+                     could do on it (a lower bound for frequency-only coding; fit on the test text itself).
+    compressor bpc = 8 * (size(C(train + test)) - size(C(train))) / chars(test): the conditional cost
+                     of the held-out text for a compressor that has already read the training split,
+                     which is what a trained model has also seen. ("xz: 2.10 bpc on the last 10% of the
+                     reviews given the first 90%" is this measure; `reference_figures` reproduces it.)
+                     With no training text the measure is the plain 8 * size(C(test)) / chars(test).
+
+Compressor settings (fixed, the strongest usual levels): gzip -9 (deflate via zlib, gzip container),
+bzip2 -9, xz -9e (LZMA2, 64 MiB dictionary), and PPMd var. H (the 7-Zip PPMd) at order 6 / 16 MiB
+(7-Zip's default) and at order 16 / 192 MiB (7-Zip's -mx9-like "ultra").
+
+Model scoring is a plain torch loop on the driver over length-sorted, padded batches of reviews: a
+held-out split of a few MB takes seconds to a minute on 2 cores. For a larger split, `ray_model_bpc`
+scores blocks of the Ray Dataset in parallel Ray tasks and sums the bits (same numbers: scoring is
+per review), used by `evaluate` above `RAY_SCORE_MIN_CHARS`.
+"""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import json
+import lzma
+import math
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+EOR = "\n"  # end-of-review marker; also the context the first char of every review is predicted from
+
+# ---------------------------------------------------------------------------------------------------------
+# Compressor baselines
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _ppmd(order: int, mem_mib: int) -> Callable[[bytes], bytes]:
+    def compress(data: bytes) -> bytes:
+        import pyppmd  # optional dependency (dev extra): imported only when a PPMd figure is asked for
+
+        return pyppmd.compress(data, max_order=order, mem_size=mem_mib << 20, variant="H")
+
+    return compress
+
+
+@dataclass(frozen=True)
+class Compressor:
+    name: str
+    setting: str  # the equivalent command line, for the report
+    compress: Callable[[bytes], bytes]
+
+
+COMPRESSORS: dict[str, Compressor] = {
+    c.name: c
+    for c in (
+        # mtime=0: the header must not depend on the clock (same bytes every run).
+        Compressor("gzip", "gzip -9", lambda b: gzip.compress(b, compresslevel=9, mtime=0)),
+        Compressor("bz2", "bzip2 -9", lambda b: bz2.compress(b, compresslevel=9)),
+        Compressor("xz", "xz -9e", lambda b: lzma.compress(b, preset=9 | lzma.PRESET_EXTREME)),
+        Compressor("ppmd", "7z -m0=PPMd:o=6:mem=16m", _ppmd(6, 16)),
+        Compressor("ppmd-o16", "7z -m0=PPMd:o=16:mem=192m", _ppmd(16, 192)),
+    )
+}
+
+
+def compressed_bits(name: str, text: str, context: str = "") -> int:
+    """Bits a compressor spends on `text` after having read `context` (0 context: plain size)."""
+    comp = COMPRESSORS[name].compress
+    data = text.encode("utf-8")
+    if not context:
+        return 8 * len(comp(data))
+    ctx = context.encode("utf-8")
+    return 8 * (len(comp(ctx + data)) - len(comp(ctx)))
+
+
+def compressor_bpc(text: str, context: str = "", names: Sequence[str] | None = None) -> dict[str, float]:
+    """Bits per character of `text` for each compressor, conditional on `context` (see module doc).
+
+    Per *character*, not per byte: for non-ASCII text the compressors pay for UTF-8 bytes, and that is
+    the honest price of the same characters.
+    """
+    if not text:
+        raise ValueError("compressor_bpc: empty text")
+    return {n: compressed_bits(n, text, context) / len(text) for n in (names or COMPRESSORS)}
+
+
+def unigram_entropy_bpc(text: str) -> float:
+    """Entropy in bits of the text's own character distribution (order-0, fit on the text itself)."""
+    if not text:
+        raise ValueError("unigram_entropy_bpc: empty text")
+    counts = np.fromiter(Counter(text).values(), dtype=np.float64)
+    p = counts / counts.sum()
+    return float(-(p * np.log2(p)).sum())
+
+
+def unigram_cross_entropy_bpc(text: str, context: str) -> float:
+    """Bits per char of `text` under the char frequencies of `context` (add-one over both alphabets)."""
+    ctx = Counter(context)
+    alphabet = set(ctx) | set(text)
+    total = sum(ctx.values()) + len(alphabet)
+    bits = sum(n * -math.log2((ctx.get(c, 0) + 1) / total) for c, n in Counter(text).items())
+    return bits / len(text)
+
+
+def join_reviews(texts: Iterable[str]) -> str:
+    """The evaluation string: every review followed by the end-of-review marker, as in training."""
+    return "".join(t + EOR for t in texts)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Model bits per character
+# ---------------------------------------------------------------------------------------------------------
+
+
+def score_reviews(
+    model: Any,
+    vocab: Any,
+    texts: Sequence[str],
+    *,
+    max_batch_chars: int = 65_536,
+    max_batch: int = 128,
+    device: str = "cpu",
+) -> tuple[float, int, int]:
+    """(total bits, chars scored, unknown chars) of `texts`, each review + "\\n" scored from "\\n".
+
+    Reviews are sorted by length and packed into padded batches of at most `max_batch_chars` padded
+    positions, so a few long reviews do not pad thousands of short ones. Returns totals, not a ratio,
+    so that shards can be summed exactly.
+    """
+    import torch
+
+    eor_id = vocab.stoi.get(EOR)
+    if eor_id is None:
+        raise ValueError("the checkpoint's vocabulary has no end-of-review marker '\\n'")
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    total_bits, total_chars, unknown = 0.0, 0, 0
+    was_training = model.training
+    model.eval()
+    start = 0
+    with torch.inference_mode():
+        while start < len(order):
+            # Longest review in the batch is the last one (sorted); grow while the padded size fits.
+            end = start + 1
+            while end < len(order) and end - start < max_batch and (end - start + 1) * (
+                len(texts[order[end]]) + 1
+            ) <= max_batch_chars:
+                end += 1
+            batch = [texts[i] for i in order[start:end]]
+            start = end
+            longest = len(batch[-1]) + 1
+            ids = np.full((len(batch), longest + 1), eor_id, dtype=np.int64)  # inputs: "\n" + review + "\n"
+            mask = np.zeros((len(batch), longest), dtype=bool)
+            for r, t in enumerate(batch):
+                enc = vocab.encode(t)
+                unknown += int((enc == vocab.unk_id).sum())
+                ids[r, 1 : 1 + len(t)] = enc
+                ids[r, 1 + len(t)] = eor_id
+                mask[r, : len(t) + 1] = True
+            x = torch.from_numpy(ids[:, :-1]).to(device)
+            y = torch.from_numpy(ids[:, 1:]).to(device)
+            m = torch.from_numpy(mask).to(device)
+            logits, _ = model(x)
+            nll = torch.nn.functional.cross_entropy(
+                logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="none"
+            ).view(y.shape)
+            total_bits += float((nll * m).sum()) / math.log(2)
+            total_chars += int(m.sum())
+    model.train(was_training)
+    return total_bits, total_chars, unknown
+
+
+def model_bpc(checkpoint: Any, texts: Sequence[str], device: str = "cpu") -> dict[str, Any]:
+    """Bits per char of a checkpoint (path, run dir, or a LoadedCheckpoint) on reviews `texts`."""
+    from raylstm.checkpoint import LoadedCheckpoint, load_checkpoint
+
+    ckpt = checkpoint if isinstance(checkpoint, LoadedCheckpoint) else load_checkpoint(checkpoint, device)
+    t0 = time.perf_counter()
+    bits, chars, unknown = score_reviews(ckpt.model, ckpt.vocab, texts, device=device)
+    secs = time.perf_counter() - t0
+    return {
+        "bpc": bits / chars if chars else float("nan"),
+        "bits": bits,
+        "chars": chars,
+        "reviews": len(texts),
+        "unknown_chars": unknown,
+        "seconds": secs,
+        "checkpoint": str(ckpt.path),
+        "step": ckpt.step,
+    }
+
+
+# Above this many held-out chars, `evaluate` scores on Ray Data (parallel tasks) instead of the driver.
+RAY_SCORE_MIN_CHARS = 20_000_000
+
+
+def ray_model_bpc(checkpoint_path: str | Path, ds: Any, concurrency: int = 2) -> tuple[float, int, int]:
+    """Score a Ray Dataset of {"text"} rows in parallel actors; returns (bits, chars, unknown)."""
+
+    class _Scorer:
+        def __init__(self) -> None:
+            from raylstm.checkpoint import load_checkpoint
+
+            self.ckpt = load_checkpoint(checkpoint_path)
+
+        def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            bits, chars, unk = score_reviews(self.ckpt.model, self.ckpt.vocab, [str(t) for t in batch["text"]])
+            return {"bits": np.array([bits]), "chars": np.array([chars]), "unknown": np.array([unk])}
+
+    parts = ds.select_columns(["text"]).map_batches(_Scorer, batch_size=512, concurrency=concurrency).take_all()
+    return (
+        sum(float(p["bits"]) for p in parts),
+        sum(int(p["chars"]) for p in parts),
+        sum(int(p["unknown"]) for p in parts),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The whole evaluation: held-out split, model, baselines
+# ---------------------------------------------------------------------------------------------------------
+
+
+def baselines(test: str, train: str = "") -> dict[str, dict[str, Any]]:
+    """Unigram and every compressor on the string `test`, conditional on `train` (timed)."""
+    out: dict[str, dict[str, Any]] = {}
+    out["unigram"] = {"bpc": unigram_entropy_bpc(test), "setting": "order-0 entropy of the held-out text"}
+    if train:
+        out["unigram-train"] = {
+            "bpc": unigram_cross_entropy_bpc(test, train),
+            "setting": "char frequencies of the training split (add-one)",
+        }
+    for name, comp in COMPRESSORS.items():
+        t0 = time.perf_counter()
+        bpc = compressed_bits(name, test, train) / len(test)
+        out[name] = {"bpc": bpc, "setting": comp.setting, "seconds": time.perf_counter() - t0}
+    return out
+
+
+def _texts(ds: Any) -> list[tuple[str, str, str]]:
+    """(key, text, source) of every row, sorted by key: one order on every machine and block layout."""
+    cols = [c for c in ("key", "text", "source") if c in ds.schema().names]
+    rows = ds.select_columns(cols).take_all()
+    out = [(str(r.get("key") or r["text"]), r["text"], str(r.get("source", ""))) for r in rows]
+    out.sort(key=lambda r: (r[0], r[1]))
+    return out
+
+
+def evaluate(
+    checkpoint: str | Path,
+    data_cfg: Any | None = None,
+    split: str = "test",
+    *,
+    compressors: bool = True,
+    max_context_chars: int = 64 << 20,
+) -> dict[str, Any]:
+    """Held-out bpc of `checkpoint` on `split` of `data_cfg` (default: the data it was trained on), with
+    unigram and compressor baselines on the identical string. Returns a JSON-able dict.
+
+    The split is recomputed by `raylstm.data.load_splits` from the data config (stable hash of review
+    keys), so with the checkpoint's own val/test fractions it is exactly the held-out set of training.
+    """
+    from raylstm.checkpoint import load_checkpoint
+    from raylstm.data import load_splits
+
+    ckpt = load_checkpoint(checkpoint)
+    cfg = data_cfg if data_cfg is not None else ckpt.config.data
+    splits = load_splits(cfg)
+    if split == "all":
+        ds = splits.train.union(splits.val, splits.test)
+    elif split in ("train", "val", "test"):
+        ds = getattr(splits, split)
+    else:
+        raise ValueError(f"split must be one of train, val, test, all; got {split!r}")
+    rows = _texts(ds)
+    if not rows:
+        raise ValueError(f"the {split!r} split of {cfg.sources or 'the demo corpus'} is empty")
+    texts = [t for _, t, _ in rows]
+    test = join_reviews(texts)
+
+    total_chars = len(test)
+    t0 = time.perf_counter()
+    if total_chars >= RAY_SCORE_MIN_CHARS:
+        bits, chars, unknown = ray_model_bpc(ckpt.path, ds)
+        how = "ray-data"
+    else:
+        bits, chars, unknown = score_reviews(ckpt.model, ckpt.vocab, texts)
+        how = "driver"
+    model = {
+        "bpc": bits / chars,
+        "chars": chars,
+        "reviews": len(texts),
+        "unknown_chars": unknown,
+        "seconds": time.perf_counter() - t0,
+        "scored_on": how,
+        "checkpoint": str(ckpt.path),
+        "step": ckpt.step,
+    }
+
+    per_source: dict[str, dict[str, Any]] = {}
+    sources = sorted({s for _, _, s in rows})
+    if len(sources) > 1:
+        for src in sources:
+            sub = [t for _, t, s in rows if s == src]
+            b, c, _ = score_reviews(ckpt.model, ckpt.vocab, sub)
+            per_source[src] = {"bpc": b / c, "chars": c, "reviews": len(sub)}
+
+    result: dict[str, Any] = {
+        "split": split,
+        "sources": list(cfg.sources),
+        "chars": total_chars,
+        "reviews": len(texts),
+        "model": model,
+        "per_source": per_source,
+    }
+    if compressors:
+        train = join_reviews(t for _, t, _ in _texts(splits.train)) if split != "train" else ""
+        context = train[-max_context_chars:]
+        result["train_context_chars"] = len(context)
+        result["baselines"] = baselines(test, context)
+    return result
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The evaluation as an aligned text table, model first, then baselines best-first."""
+    m = result["model"]
+    lines = [
+        f"split {result['split']!r}: {result['chars']:,} chars in {result['reviews']:,} reviews"
+        + (f"; compressors conditioned on {result['train_context_chars']:,} training chars"
+           if result.get("train_context_chars") else ""),
+        f"{'method':<14} {'bpc':>7}  {'vs model':>8}  setting",
+        f"{'model':<14} {m['bpc']:>7.4f}  {'1.00x':>8}  step {m['step']}, {m['checkpoint']}",
+    ]
+    for name, b in sorted(result.get("baselines", {}).items(), key=lambda kv: kv[1]["bpc"]):
+        lines.append(f"{name:<14} {b['bpc']:>7.4f}  {b['bpc'] / m['bpc']:>7.2f}x  {b['setting']}")
+    if m["unknown_chars"]:
+        lines.append(f"({m['unknown_chars']:,} held-out chars are outside the model's vocabulary)")
+    for src, s in result.get("per_source", {}).items():
+        lines.append(f"  {src}: {s['bpc']:.4f} bpc over {s['chars']:,} chars")
+    return "\n".join(lines)
+
+
+def run_evaluate_cli(args: Any) -> int:
+    """`raylstm evaluate`: table on stdout, JSON to --json when given."""
+    from raylstm.checkpoint import read_meta
+    from raylstm.config import Config
+    from raylstm.ray_env import ensure_ray
+
+    cfg = Config.from_dict(read_meta(args.checkpoint)["config"]).data
+    if args.data:
+        cfg.sources = list(args.data)
+    ensure_ray(args.address)
+    result = evaluate(args.checkpoint, cfg, args.split)
+    print(format_table(result))
+    if args.json_out:
+        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json_out).write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.json_out}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The published reference figures, reproduced
+# ---------------------------------------------------------------------------------------------------------
+
+
+def reference_figures(csv_gz: str | Path, names: Sequence[str] = ("xz", "ppmd")) -> dict[str, float]:
+    """Compressor bpc on the raw `reviewText` of the Kaggle Musical Instruments CSV, file order: the last
+    10% of reviews given the first 90%, each review + "\\n". Reproduces the "xz: 2.10 bpc" figure."""
+    import csv
+    import io
+
+    with gzip.open(csv_gz, "rb") as raw:
+        texts = [r["reviewText"] for r in csv.DictReader(io.TextIOWrapper(raw, encoding="utf-8", newline=""))]
+    k = int(len(texts) * 0.9)
+    return compressor_bpc(join_reviews(texts[k:]), join_reviews(texts[:k]), names)

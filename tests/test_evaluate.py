@@ -1,0 +1,118 @@
+"""Evaluation: compressor and unigram baselines checked against independent computations, model bpc
+checked against a direct per-character computation, and the `raylstm evaluate` path end to end."""
+
+from __future__ import annotations
+
+import math
+import random
+import shutil
+import subprocess
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from raylstm import evaluate as ev
+
+_WORDS = (
+    "this guitar strap is great and the pick guard fits my old bass well but the tuner broke after "
+    "two weeks so I returned it . sound quality is clear , cables feel solid , price was fair !"
+).split()
+
+
+def _review_text(n_reviews: int = 60, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(_WORDS) for _ in range(rng.randint(8, 60))) for _ in range(n_reviews)]
+
+
+@pytest.fixture(scope="module")
+def small() -> tuple[str, str]:
+    """(train, test) strings: ~20 kB and ~2 kB of review-like text, each review + "\\n"."""
+    reviews = _review_text(300)
+    return ev.join_reviews(reviews[:270]), ev.join_reviews(reviews[270:])
+
+
+def _cli_bits(cmd: list[str], data: bytes) -> int:
+    return 8 * len(subprocess.run(cmd, input=data, capture_output=True, check=True).stdout)
+
+
+# The command-line tools are separate programs (GNU gzip has its own deflate; bzip2/xz are the reference
+# CLIs): they agree with the in-process figures to within container-header noise, not bit for bit.
+CLI = {"gzip": ["gzip", "-9", "-n", "-c"], "bz2": ["bzip2", "-9", "-c"], "xz": ["xz", "-9e", "-c"]}
+
+
+@pytest.mark.parametrize("name", sorted(CLI))
+def test_compressor_bpc_matches_command_line_tools(name: str, small: tuple[str, str]) -> None:
+    train, test = small
+    if shutil.which(CLI[name][0]) is None:
+        pytest.skip(f"{CLI[name][0]} not installed")
+    ours = ev.compressor_bpc(test, names=[name])[name]
+    theirs = _cli_bits(CLI[name], test.encode()) / len(test)
+    assert ours == pytest.approx(theirs, abs=0.05)
+    # Conditional: the same definition (size(train+test) - size(train)) computed by the CLI.
+    ours_c = ev.compressor_bpc(test, train, names=[name])[name]
+    theirs_c = (_cli_bits(CLI[name], (train + test).encode()) - _cli_bits(CLI[name], train.encode())) / len(test)
+    assert ours_c == pytest.approx(theirs_c, abs=0.05)
+
+
+def test_conditional_bpc_uses_the_context(small: tuple[str, str]) -> None:
+    train, test = small
+    plain = ev.compressor_bpc(test)
+    given_train = ev.compressor_bpc(test, train)
+    given_itself = ev.compressor_bpc(test, test)
+    for name in ("gzip", "bz2", "xz", "ppmd"):
+        # Having read similar text helps; having read the identical text helps more.
+        assert given_train[name] < plain[name]
+        assert given_itself[name] < given_train[name]
+    # xz finds the whole repeat in its window: the second copy is almost free.
+    assert given_itself["xz"] < 0.25 * plain["xz"]
+
+
+def test_ppmd_is_a_real_code_and_matches_7zip(small: tuple[str, str]) -> None:
+    pyppmd = pytest.importorskip("pyppmd")
+    train, test = small
+    data = (train + test).encode()
+    packed = pyppmd.compress(data, max_order=6, mem_size=16 << 20, variant="H")
+    # A size only means something if the bytes decode back to the text.
+    assert pyppmd.Ppmd7Decoder(6, 16 << 20).decode(packed, len(data)) == data
+    assert ev.compressed_bits("ppmd", train + test) == 8 * len(packed)
+    seven = shutil.which("7zz") or shutil.which("7z")
+    if seven is None:
+        pytest.skip("7-Zip not installed (apt-get install 7zip) for the independent PPMd check")
+
+    def size_7z(text: str) -> int:
+        with tempfile.TemporaryDirectory() as d:
+            (Path(d) / "t.txt").write_text(text)
+            subprocess.run([seven, "a", "-bd", "-m0=PPMd:o=6:mem=16m", "t.7z", "t.txt"], cwd=d,
+                           check=True, capture_output=True)
+            return 8 * (Path(d) / "t.7z").stat().st_size
+
+    theirs = (size_7z(train + test) - size_7z(train)) / len(test)
+    ours = ev.compressor_bpc(test, train, names=["ppmd"])["ppmd"]
+    assert ours == pytest.approx(theirs, abs=0.05)
+
+
+def test_unigram_entropy_matches_direct_formula() -> None:
+    text = "".join(_review_text(40, seed=3))
+    counts = Counter(text)
+    direct = -sum(n / len(text) * math.log2(n / len(text)) for n in counts.values())
+    assert ev.unigram_entropy_bpc(text) == pytest.approx(direct, rel=1e-12)
+    assert ev.unigram_entropy_bpc("abab") == pytest.approx(1.0)
+    assert ev.unigram_entropy_bpc("aaaa") == pytest.approx(0.0)
+    # Under frequencies of other text the cost can only be higher than the text's own entropy.
+    assert ev.unigram_cross_entropy_bpc(text, "".join(_review_text(40, seed=4))) > ev.unigram_entropy_bpc(text)
+
+
+def test_empty_text_is_refused() -> None:
+    with pytest.raises(ValueError, match="empty"):
+        ev.compressor_bpc("")
+    with pytest.raises(ValueError, match="empty"):
+        ev.unigram_entropy_bpc("")
+
+
+@pytest.mark.slow
+def test_reference_xz_figure_reproduced(amazon_dir: Path) -> None:
+    """The published "xz: 2.10 bpc, last 10% of the Musical Instruments reviews given the first 90%"."""
+    got = ev.reference_figures(amazon_dir / "Musical_instruments_reviews.csv.gz", names=["xz"])
+    assert got["xz"] == pytest.approx(2.10, abs=0.01)
