@@ -1,0 +1,330 @@
+"""Review sources -> cleaned, deduplicated, split text -> vocabulary -> encoded training windows.
+
+    sources.read_reviews          rows {text, title, key, rating, verified, source, row, reason}
+      -> clean (map_batches)      text.clean_text; too short / unverified rows get a reason
+      -> dedupe (groupby hash)    one row per distinct cleaned text: the smallest (key, source, row)
+      -> split (map_batches)      split_of(key): a stable hash, so the same on every run and block count
+      -> vocab                    per-block char counts of the train split, summed; CharVocab.from_counts
+      -> window_dataset           encode + "\\n" per review, concatenate, cut seq_len+1 windows
+
+Counts (manifest) are aggregated from per-block summaries computed by Ray tasks, so they are exact and the
+corpus is never collected on the driver. A directory written by `raylstm prepare` (it has manifest.json)
+is read back as Parquet + vocab.json with no re-cleaning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+
+from raylstm.config import DataConfig
+from raylstm.sources import DataError, ReadOptions, read_reviews
+from raylstm.text import clean_text, join_title, reject_reason
+from raylstm.vocab import CharVocab
+
+DEMO_CORPUS = Path(__file__).resolve().parent / "demo" / "reviews_demo.json.gz"
+SPLITS = ("train", "val", "test")
+EOR = "\n"  # end-of-review marker in the training stream; cleaning never leaves one inside a review
+OUT_COLUMNS = ["text", "key", "rating"]
+BATCH_ROWS = 4096  # large batches: on 2 cores, per-task overhead dominates small ones
+
+
+@dataclass
+class ReviewSplits:
+    train: ray.data.Dataset  # rows {"text": str, "key": str, "rating": float|None}: cleaned review text
+    val: ray.data.Dataset
+    test: ray.data.Dataset
+    vocab: CharVocab  # from the train split's aggregated char counts (cfg.min_char_count), "\n" included
+    # {"splits": {split: {"rows", "chars"}}, "skipped": {reason: n}, "rows": {"records", "parsed",
+    #  "cleaned", "kept"}, "files": [{"path", "size"}], "config": {...}}
+    manifest: dict
+
+
+def split_of(key: str, val_fraction: float, test_fraction: float) -> str:
+    """"train" | "val" | "test" from a stable hash of the review key (blake2b, not Python's salted hash)."""
+    h = int.from_bytes(hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big")
+    u = h / 2.0**64
+    if u < test_fraction:
+        return "test"
+    if u < test_fraction + val_fraction:
+        return "val"
+    return "train"
+
+
+def _text_hash(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(),
+                          "big", signed=True)
+
+
+# --- per-batch functions (run in Ray tasks) ------------------------------------------------------------
+def _clean_batch(batch: pa.Table, cfg: DataConfig) -> pa.Table:
+    texts = batch.column("text").to_pylist()
+    titles = batch.column("title").to_pylist()
+    verified = batch.column("verified").to_pylist()
+    reasons = batch.column("reason").to_pylist()
+    out_text, hashes = [], []
+    for i, raw in enumerate(texts):
+        if reasons[i] is not None:
+            out_text.append(None)
+            hashes.append(0)
+            continue
+        text = clean_text(raw, cfg.lowercase, cfg.ascii_only)
+        if cfg.include_title and titles[i]:
+            text = join_title(clean_text(titles[i], cfg.lowercase, cfg.ascii_only), text)
+        reason = reject_reason(text, cfg.min_chars)
+        if reason is None and cfg.verified_only and verified[i] is False:
+            reason = "unverified"  # rows whose format records no verified flag are kept
+        reasons[i] = reason
+        out_text.append(text if reason is None else None)
+        hashes.append(_text_hash(text) if reason is None else 0)
+    batch = batch.set_column(batch.schema.get_field_index("text"), "text", pa.array(out_text, pa.string()))
+    batch = batch.set_column(batch.schema.get_field_index("reason"), "reason", pa.array(reasons, pa.string()))
+    return batch.append_column("th", pa.array(hashes, pa.int64()))
+
+
+def _reason_summary(batch: pa.Table) -> dict[str, list]:
+    """One summary row per block: counts of rows by reason ("" = good) and by source file."""
+    reasons = Counter(r or "" for r in batch.column("reason").to_pylist())
+    sources = Counter(batch.column("source").to_pylist())
+    return {"reasons": [json.dumps(reasons)], "sources": [json.dumps(sources)]}
+
+
+def _only_good(batch: pa.Table) -> pa.Table:
+    return batch.filter(pc.is_null(batch.column("reason")))
+
+
+def _keep_first(group: pa.Table) -> pa.Table:
+    """Of rows with the same cleaned-text hash, keep one per distinct text: the smallest (key, source,
+    row), so the survivor does not depend on block order or count."""
+    if group.num_rows == 1:
+        return group
+    group = group.sort_by([("text", "ascending"), ("key", "ascending"), ("source", "ascending"),
+                           ("row", "ascending")])
+    texts = group.column("text").to_pylist()
+    keep = [i for i in range(len(texts)) if i == 0 or texts[i] != texts[i - 1]]
+    return group.take(keep)
+
+
+def _assign_split(batch: pa.Table, val_fraction: float, test_fraction: float) -> pa.Table:
+    keys = batch.column("key").to_pylist()
+    splits = [split_of(k, val_fraction, test_fraction) for k in keys]
+    table = batch.select(OUT_COLUMNS)
+    return table.append_column("split", pa.array(splits, pa.string()))
+
+
+def _split_summary(batch: pa.Table) -> dict[str, list]:
+    """Rows and chars per split, and the train split's character counts, for one block."""
+    stats: dict[str, Any] = {}
+    texts = batch.column("text").to_pylist()
+    splits = batch.column("split").to_pylist()
+    train_chars: Counter = Counter()
+    for s in SPLITS:
+        stats[s] = {"rows": 0, "chars": 0}
+    for t, s in zip(texts, splits):
+        stats[s]["rows"] += 1
+        stats[s]["chars"] += len(t)
+    train_text = "".join(t for t, s in zip(texts, splits) if s == "train")
+    train_chars.update(train_text)
+    return {"stats": [json.dumps(stats)], "chars": [json.dumps(train_chars)]}
+
+
+def _select_split(batch: pa.Table, split: str) -> pa.Table:
+    return batch.filter(pc.equal(batch.column("split"), split)).select(OUT_COLUMNS)
+
+
+def _sum_json(rows: list[dict], column: str) -> Counter:
+    total: Counter = Counter()
+    for r in rows:
+        total.update(json.loads(r[column]))
+    return total
+
+
+# --- building splits -----------------------------------------------------------------------------------
+def build_vocab(char_counts: dict[str, int], n_train_reviews: int, min_count: int) -> CharVocab:
+    """CharVocab from aggregated counts; the end-of-review marker "\\n" is counted once per review and
+    always included (the model must learn where reviews end)."""
+    counts = dict(char_counts)
+    counts[EOR] = counts.get(EOR, 0) + n_train_reviews
+    vocab = CharVocab.from_counts(counts, min_count)
+    if EOR not in vocab:
+        vocab = CharVocab([*vocab.chars, EOR], {**vocab.counts, EOR: counts[EOR]})
+    return vocab
+
+
+def _unwrap_data_error(e: BaseException) -> BaseException | None:
+    """Ray wraps errors raised in tasks; find our DataError (it names file and line) in the chain."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, DataError):
+            return DataError(str(e).splitlines()[-1] if "\n" in str(e) else str(e))
+        cause = getattr(e, "cause", None)
+        e = cause if isinstance(cause, BaseException) else (e.__cause__ or e.__context__)
+    return None
+
+
+def is_prepared_dir(sources: list[str]) -> bool:
+    if len(sources) != 1 or "://" in sources[0]:
+        return len(sources) == 1 and "://" in sources[0] and _remote_has_manifest(sources[0])
+    return (Path(sources[0]) / "manifest.json").is_file()
+
+
+def _remote_has_manifest(uri: str) -> bool:
+    import pyarrow.fs as pafs
+
+    fs, path = pafs.FileSystem.from_uri(uri.rstrip("/") + "/manifest.json")
+    return fs.get_file_info(path).type == pafs.FileType.File
+
+
+def _read_remote_text(uri: str) -> str:
+    import pyarrow.fs as pafs
+
+    fs, path = pafs.FileSystem.from_uri(uri)
+    with fs.open_input_stream(path) as f:
+        return f.readall().decode("utf-8")
+
+
+def _load_prepared(root: str) -> ReviewSplits:
+    if "://" in root:
+        manifest = json.loads(_read_remote_text(root.rstrip("/") + "/manifest.json"))
+        vocab = CharVocab.from_dict(json.loads(_read_remote_text(root.rstrip("/") + "/vocab.json")))
+    else:
+        manifest = json.loads((Path(root) / "manifest.json").read_text())
+        vocab = CharVocab.load(Path(root) / "vocab.json")
+    parts = {}
+    for split in SPLITS:
+        if manifest["splits"][split]["rows"] == 0:
+            empty = pa.table({"text": pa.array([], pa.string()), "key": pa.array([], pa.string()),
+                              "rating": pa.array([], pa.float64())})
+            parts[split] = ray.data.from_arrow(empty)
+        else:
+            parts[split] = ray.data.read_parquet(f"{root.rstrip('/')}/{split}")
+    return ReviewSplits(parts["train"], parts["val"], parts["test"], vocab, manifest)
+
+
+def load_splits(cfg: DataConfig, override_num_blocks: int | None = None) -> ReviewSplits:
+    """Read, clean, dedupe and split `cfg.sources` (or read back a prepared dir, or the demo corpus).
+
+    The returned split datasets are lazy views over one materialized, split-annotated dataset, so
+    iterating them does not re-read or re-clean the sources.
+    """
+    sources = list(cfg.sources) or [str(DEMO_CORPUS)]
+    if is_prepared_dir(sources):
+        return _load_prepared(sources[0])
+    try:
+        return _build_splits(cfg, sources, override_num_blocks)
+    except Exception as e:
+        err = _unwrap_data_error(e)
+        if err is not None and err is not e:
+            raise err from None
+        raise
+
+
+def _build_splits(cfg: DataConfig, sources: list[str], override_num_blocks: int | None) -> ReviewSplits:
+    rows, files = read_reviews(sources, ReadOptions.from_config(cfg), override_num_blocks)
+    cleaned = rows.map_batches(_clean_batch, fn_kwargs={"cfg": cfg}, batch_format="pyarrow",
+                               batch_size=BATCH_ROWS).materialize()
+    summaries = cleaned.map_batches(_reason_summary, batch_format="pyarrow", batch_size=None).take_all()
+    reasons = _sum_json(summaries, "reasons")
+    per_source = _sum_json(summaries, "sources")
+
+    cleaned_rows_hint = reasons.get("", 0)
+    good = cleaned.map_batches(_only_good, batch_format="pyarrow", batch_size=None)
+    if cfg.dedupe:
+        good = good.groupby("th", num_partitions=_partitions(cleaned_rows_hint)).map_groups(_keep_first, batch_format="pyarrow")
+    split = good.map_batches(
+        _assign_split,
+        fn_kwargs={"val_fraction": cfg.val_fraction, "test_fraction": cfg.test_fraction},
+        batch_format="pyarrow",
+        batch_size=BATCH_ROWS,
+    ).materialize()
+    del cleaned  # the split dataset holds everything downstream needs
+
+    sums = split.map_batches(_split_summary, batch_format="pyarrow", batch_size=None).take_all()
+    split_stats = {s: {"rows": 0, "chars": 0} for s in SPLITS}
+    for r in sums:
+        for s, v in json.loads(r["stats"]).items():
+            split_stats[s]["rows"] += v["rows"]
+            split_stats[s]["chars"] += v["chars"]
+    char_counts = _sum_json(sums, "chars")
+    vocab = build_vocab(char_counts, split_stats["train"]["rows"], cfg.min_char_count)
+
+    records = sum(reasons.values())
+    parsed = records - sum(n for r, n in reasons.items() if r in _MALFORMED)
+    cleaned_rows = reasons.get("", 0)
+    kept = sum(v["rows"] for v in split_stats.values())
+    skipped = {r: n for r, n in sorted(reasons.items()) if r}
+    if cfg.dedupe:
+        skipped["duplicate"] = cleaned_rows - kept
+    manifest = {
+        "splits": split_stats,
+        "skipped": skipped,
+        "rows": {"records": records, "parsed": parsed, "cleaned": cleaned_rows, "kept": kept},
+        "files": [{**f, "records": per_source.get(f["path"], 0)} for f in files],
+        "vocab_size": len(vocab),
+        "config": _config_dict(cfg),
+    }
+    parts = {
+        s: split.map_batches(_select_split, fn_kwargs={"split": s}, batch_format="pyarrow", batch_size=None)
+        for s in SPLITS
+    }
+    return ReviewSplits(parts["train"], parts["val"], parts["test"], vocab, manifest)
+
+
+def _partitions(rows: int) -> int:
+    # One shuffle partition per ~250k reviews: the default (hundreds) makes hundreds of tiny tasks,
+    # which on a 2-core machine costs far more than the dedupe itself.
+    return max(1, min(64, -(-rows // 250_000)))
+
+
+_MALFORMED = {"invalid_json", "invalid_utf8", "nul_byte", "missing_text", "empty_text", "bad_text_type",
+              "too_long", "wrong_columns", "csv_error"}
+
+
+def _config_dict(cfg: DataConfig) -> dict:
+    import dataclasses
+
+    return dataclasses.asdict(cfg)
+
+
+# --- windows -------------------------------------------------------------------------------------------
+def _windows(batch: pa.Table, vocab: CharVocab, width: int, stride: int) -> dict[str, np.ndarray]:
+    texts = batch.column("text").to_pylist()
+    ids = vocab.encode(EOR.join(texts) + EOR) if texts else np.zeros(0, np.int32)
+    if ids.size < width:
+        return {"ids": np.zeros((0, width), np.int32)}
+    view = np.lib.stride_tricks.sliding_window_view(ids, width)[::stride]
+    return {"ids": np.ascontiguousarray(view, dtype=np.int32)}
+
+
+def window_dataset(text_ds: ray.data.Dataset, vocab: CharVocab, cfg: DataConfig,
+                   batch_rows: int = BATCH_ROWS) -> ray.data.Dataset:
+    """Encoded training windows, streamed: rows {"ids": int32[width]}.
+
+    full:  each review + "\\n", concatenated within a batch of reviews, cut into windows of seq_len+1 ids
+           with stride seq_len; x = ids[:-1], y = ids[1:] (every position supervised). The tail of each
+           batch shorter than a window is dropped (under one window per 4096 reviews).
+
+           reviews  |I loved it.\\n|Broke in a week.\\n|Works.\\n| ...
+           windows  [0 ........ T] [T ........ 2T] [2T ....... 3T]   (each shares its last id with the next)
+
+    seed:  the original Keras samples: windows of seed_context+1 ids every seed_step ids; the model
+           reads the first seed_context ids and predicts only the last one.
+    """
+    if cfg.window_mode == "full":
+        width, stride = cfg.seq_len + 1, cfg.seq_len
+    elif cfg.window_mode == "seed":
+        width, stride = cfg.seed_context + 1, cfg.seed_step
+    else:
+        raise ValueError(f"data.window_mode must be 'full' or 'seed', got {cfg.window_mode!r}")
+    return text_ds.map_batches(_windows, fn_kwargs={"vocab": vocab, "width": width, "stride": stride},
+                               batch_format="pyarrow", batch_size=batch_rows)
