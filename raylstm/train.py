@@ -1,0 +1,265 @@
+"""The training driver: Config -> datasets -> TorchTrainer.fit() -> best.json, metrics, curve, samples.
+
+    train(cfg, storage, name)
+      ensure_ray(address)                     join RAY_ADDRESS (ray job submit) or start a local Ray
+      load_splits + window_dataset            Ray Data: text -> windows of ids            (raylstm.data)
+      fit_windows(...)                        TorchTrainer(train_loop_per_worker) with DDP workers
+        RunLog callback (controller)          metrics.jsonl, samples.jsonl, best.json as training goes
+      after fit                               best.json (authoritative), learning_curve.png, samples.txt
+
+The run dir is storage/name. Running the same name with the same storage again continues that run from
+its latest checkpoint (Ray Train finds the run's snapshot there); a finished run continued this way has
+nothing left to do and just rewrites its outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
+from ray.train.torch import TorchTrainer
+
+from raylstm.checkpoint import BEST, load_checkpoint, write_best
+from raylstm.config import Config
+from raylstm.train_loop import SAMPLES_FILE, generate_samples, train_loop_per_worker
+from raylstm.vocab import CharVocab
+
+METRICS_FILE = "metrics.jsonl"
+SAMPLES_LOG = "samples.jsonl"
+CURVE_FILE = "learning_curve.png"
+SAMPLES_TXT = "samples.txt"
+CONFIG_FILE = "config.json"
+
+
+@dataclass
+class TrainResult:
+    run_dir: str
+    best_checkpoint: str
+    best_metrics: dict
+    result: ray.train.Result
+
+
+def resolve_storage(storage: str, name: str) -> tuple[str, Path]:
+    """(storage_path for RunConfig, the run dir on this machine). The one place storage URIs are handled.
+
+    Local paths only for now: Ray Train needs an absolute path, and the driver writes best.json, the
+    metrics file and the plots into the run dir directly.
+    """
+    if "://" in storage and not storage.startswith("file://"):
+        raise ValueError(f"--storage {storage!r}: only local paths are supported by this version of train()")
+    root = Path(storage.removeprefix("file://")).expanduser().resolve()
+    run_dir = root / name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return str(root), run_dir
+
+
+class RunLog(UserCallback):
+    """Runs on the Train controller (the driver's node) after every report of all workers.
+
+    Appends one JSON line per report to metrics.jsonl (rank 0's metrics plus the total chars/s of all
+    workers), copies each checkpoint's samples to samples.jsonl, and keeps best.json pointing at the best
+    checkpoint so far, so a server can follow the run while it trains.
+    """
+
+    def __init__(self, run_dir: str) -> None:
+        self.run_dir = run_dir
+
+    def _best_so_far(self) -> float:
+        best = Path(self.run_dir) / BEST
+        try:
+            return float(json.loads(best.read_text())["metrics"]["val_bpc"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return math.inf
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        run_dir = Path(self.run_dir)
+        line = dict(metrics[0])
+        line["chars_per_s_total"] = sum(float(m.get("chars_per_s", 0.0)) for m in metrics)
+        line["preds_per_s_total"] = sum(float(m.get("preds_per_s", 0.0)) for m in metrics)
+        line["time"] = time.time()
+        if checkpoint is not None:
+            ckpt_dir = Path(checkpoint.path)
+            line["checkpoint"] = ckpt_dir.name
+            samples = ckpt_dir / SAMPLES_FILE
+            if samples.exists():
+                with open(run_dir / SAMPLES_LOG, "a") as f:
+                    f.write(json.dumps(json.loads(samples.read_text())) + "\n")
+            bpc = float(line.get("val_bpc", math.inf))
+            if bpc < self._best_so_far():
+                write_best(run_dir, ckpt_dir.name, _plain(line))
+        with open(run_dir / METRICS_FILE, "a") as f:
+            f.write(json.dumps(_plain(line)) + "\n")
+
+
+def _plain(d: dict[str, Any]) -> dict[str, Any]:
+    """JSON-safe copy (NaN/inf become null, numpy scalars become Python numbers)."""
+    out = {}
+    for k, v in d.items():
+        if hasattr(v, "item"):
+            v = v.item()
+        if isinstance(v, float) and not math.isfinite(v):
+            v = None
+        out[k] = v
+    return out
+
+
+def default_run_name(cfg: Config) -> str:
+    return f"{cfg.model.kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def train(
+    cfg: Config,
+    storage: str = "runs",
+    name: str | None = None,
+    address: str | None = None,
+    ray_init_kwargs: dict | None = None,
+) -> TrainResult:
+    """Train `cfg` on its data sources with Ray Train; returns where the run and its best checkpoint are."""
+    from raylstm.data import load_splits, window_dataset
+    from raylstm.ray_env import ensure_ray
+
+    if not ray.is_initialized():
+        ensure_ray(address, **(ray_init_kwargs or {}))
+    splits = load_splits(cfg.data)
+    train_ds = window_dataset(splits.train, splits.vocab, cfg.data)
+    val_ds = window_dataset(splits.val, splits.vocab, cfg.data)
+    return fit_windows(cfg, splits.vocab, train_ds, val_ds, storage=storage, name=name,
+                       manifest=getattr(splits, "manifest", None))
+
+
+def fit_windows(
+    cfg: Config,
+    vocab: CharVocab,
+    train_ds: ray.data.Dataset,
+    val_ds: ray.data.Dataset,
+    storage: str = "runs",
+    name: str | None = None,
+    manifest: dict | None = None,
+) -> TrainResult:
+    """Run TorchTrainer on ready window datasets (rows {"ids": int32[...]}) and write the run's outputs."""
+    cfg.model.vocab_size = len(vocab)
+    tcfg = cfg.train
+    name = name or default_run_name(cfg)
+    storage_path, run_dir = resolve_storage(storage, name)
+
+    if cfg.data.materialize:
+        train_ds, val_ds = train_ds.materialize(), val_ds.materialize()
+    n_val = val_ds.count()
+    if n_val == 0:
+        raise ValueError("the validation split has no windows: use more data, a larger data.val_fraction "
+                         "or a shorter data.seq_len")
+    steps_per_epoch = None
+    if cfg.data.materialize or tcfg.max_steps <= 0:
+        n_train = train_ds.count()
+        steps_per_epoch = (n_train // tcfg.num_workers) // tcfg.batch_size
+        if steps_per_epoch == 0:
+            raise ValueError(
+                f"{n_train} training windows cannot fill one batch of train.batch_size={tcfg.batch_size} on "
+                f"each of train.num_workers={tcfg.num_workers}: lower the batch size or add data"
+            )
+    total_steps = tcfg.max_steps if tcfg.max_steps > 0 else tcfg.epochs * steps_per_epoch
+
+    print(f"[raylstm] run dir {run_dir}\n[raylstm] resolved config:\n{cfg.to_json()}", flush=True)
+    (run_dir / CONFIG_FILE).write_text(cfg.to_json())
+    if manifest:
+        (run_dir / "data_manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
+
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "config": cfg.to_dict(),
+            "vocab": vocab.to_dict(),
+            "total_steps": total_steps,
+            "steps_per_epoch": steps_per_epoch,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=tcfg.num_workers,
+            use_gpu=tcfg.use_gpu,
+            resources_per_worker=None if tcfg.use_gpu else {"CPU": tcfg.cpus_per_worker},
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage_path,
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=tcfg.keep_checkpoints,
+                checkpoint_score_attribute="val_bpc",
+                checkpoint_score_order="min",
+            ),
+            failure_config=FailureConfig(max_failures=tcfg.max_failures),
+            callbacks=[RunLog(str(run_dir))],
+        ),
+        datasets={"train": train_ds, "val": val_ds},
+        # Only train is split: every worker reads the whole val set and evaluates its stride of it, so
+        # val bpc is over the same windows whatever the worker count (see train_loop.evaluate).
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+    )
+    result = trainer.fit()
+    return finish_run(cfg, run_dir, result)
+
+
+def finish_run(cfg: Config, run_dir: Path, result: ray.train.Result) -> TrainResult:
+    """best.json from the kept checkpoints, the learning curve, and samples from the best checkpoint."""
+    scored = [(c, m) for c, m in (result.best_checkpoints or []) if m.get("val_bpc") is not None]
+    if not scored:
+        raise RuntimeError(f"{run_dir}: the run finished without a checkpoint carrying val_bpc")
+    best_ckpt, best_metrics = min(scored, key=lambda cm: cm[1]["val_bpc"])
+    best_dir = Path(best_ckpt.path)
+    write_best(run_dir, best_dir.name, _plain(dict(best_metrics)))
+    plot_learning_curve(run_dir / METRICS_FILE, run_dir / CURVE_FILE)
+
+    loaded = load_checkpoint(best_dir)
+    tcfg = cfg.train
+    window = cfg.data.seed_context if cfg.data.window_mode == "seed" else None
+    samples = generate_samples(loaded.model, loaded.vocab, tcfg.sample_prime, tcfg.sample_chars,
+                               tcfg.temperatures, seed=tcfg.seed, window=window)
+    text = [f"best checkpoint {best_dir.name} (step {loaded.step}), val bpc {best_metrics['val_bpc']:.4f}\n"]
+    for t, s in samples.items():
+        text.append(f"--- temperature {t} ---\n{tcfg.sample_prime}{s}\n")
+    (run_dir / SAMPLES_TXT).write_text("\n".join(text))
+    print("[raylstm] " + "\n".join(text), flush=True)
+    return TrainResult(str(run_dir), str(best_dir), dict(best_metrics), result)
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The lines of a run's metrics.jsonl (a run dir or the file itself)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / METRICS_FILE
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_learning_curve(metrics_path: Path, out_png: Path) -> Path | None:
+    """Train loss and val loss (bits per char) against step; None when there is nothing to plot."""
+    if not metrics_path.exists():
+        return None
+    rows = read_metrics(metrics_path)
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    tr = [(r["step"], r["train_loss"] / math.log(2)) for r in rows if r.get("train_loss") and r.get("step")]
+    va = [(r["step"], r["val_bpc"]) for r in rows if r.get("val_bpc") is not None]
+    if tr:
+        ax.plot(*zip(*tr), label="train (bits/char)", alpha=0.7)
+    if va:
+        ax.plot(*zip(*va), "o-", label="val (bits/char)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("bits per character")
+    ax.set_title(metrics_path.parent.name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+    return out_png

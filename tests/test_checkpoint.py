@@ -1,0 +1,105 @@
+"""Checkpoints: identical logits after a round trip, exact resume of the optimizer, corrupt ones refused."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from ray.train import Checkpoint
+
+from raylstm.checkpoint import CheckpointError, load_checkpoint, load_training_state, read_meta, save_checkpoint
+from raylstm.config import Config
+from raylstm.model import build_model
+from raylstm.train_loop import _restore, loss_sum_and_count, make_optimizer, make_scheduler
+from raylstm.vocab import CharVocab
+
+TEXT = "Great strings, they stay in tune for weeks.\nToo bright for my taste.\n"
+VOCAB = CharVocab.from_counts({c: TEXT.count(c) for c in set(TEXT)})
+IDS = torch.as_tensor(VOCAB.encode(TEXT * 3), dtype=torch.long).reshape(3, -1)
+
+
+def make() -> tuple[Config, torch.nn.Module]:
+    cfg = Config()
+    cfg.model.vocab_size, cfg.model.embed_dim, cfg.model.hidden_size, cfg.model.dropout = len(VOCAB), 8, 16, 0.0
+    cfg.train.warmup_steps, cfg.train.max_steps = 2, 10
+    torch.manual_seed(1)
+    return cfg, build_model(cfg.model)
+
+
+def steps(model, opt, sched, n):
+    for _ in range(n):
+        s, c = loss_sum_and_count(model, IDS, "full")
+        opt.zero_grad()
+        (s / c).backward()
+        opt.step()
+        sched.step()
+
+
+def test_round_trip_gives_identical_logits_and_exact_resume(tmp_path: Path):
+    cfg, model = make()
+    opt = make_optimizer(model, cfg.train)
+    sched = make_scheduler(opt, cfg.train, 10)
+    steps(model, opt, sched, 3)
+    path = save_checkpoint(tmp_path / "c", model, VOCAB, cfg, step=3, epoch=0, metrics={"val_bpc": 2.5},
+                           optimizer=opt, scheduler=sched, data_position={"batch_in_epoch": 3})
+    loaded = load_checkpoint(path)
+    model.eval()
+    torch.testing.assert_close(loaded.model(IDS)[0], model(IDS)[0], rtol=0, atol=0)
+    assert (loaded.step, loaded.metrics["val_bpc"], loaded.data_position) == (3, 2.5, {"batch_in_epoch": 3})
+
+    # Resuming (weights + optimizer + scheduler) and training on equals never having stopped.
+    model.train()
+    steps(model, opt, sched, 4)
+    resumed = loaded.model.train()
+    opt2 = make_optimizer(resumed, cfg.train)
+    sched2 = make_scheduler(opt2, cfg.train, 10)
+    state = load_training_state(path)
+    opt2.load_state_dict(state["optimizer"])
+    sched2.load_state_dict(state["scheduler"])
+    steps(resumed, opt2, sched2, 4)
+    for (k, a), (_, b) in zip(model.state_dict().items(), resumed.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
+
+
+@pytest.fixture()
+def ckpt(tmp_path: Path) -> Path:
+    cfg, model = make()
+    opt = make_optimizer(model, cfg.train)
+    return save_checkpoint(tmp_path / "c", model, VOCAB, cfg, step=1, optimizer=opt,
+                           scheduler=make_scheduler(opt, cfg.train, 10))
+
+
+def test_a_flipped_byte_in_the_weights_is_refused(ckpt: Path):
+    f = ckpt / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    f.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors.*checksum"):
+        load_checkpoint(ckpt)
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "optimizer.pt", "vocab.json"])
+def test_a_deleted_file_is_refused_by_name(ckpt: Path, name: str):
+    (ckpt / name).unlink()
+    with pytest.raises(CheckpointError, match=name.replace(".", r"\.") + ".*missing"):
+        read_meta(ckpt)
+
+
+def test_missing_or_corrupt_meta_is_refused(ckpt: Path):
+    (ckpt / "meta.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="meta.json"):
+        load_checkpoint(ckpt)
+    (ckpt / "meta.json").unlink()
+    with pytest.raises(CheckpointError):
+        load_checkpoint(ckpt)
+
+
+def test_resuming_a_run_with_another_vocabulary_is_refused(ckpt: Path):
+    cfg, model = make()
+    other = CharVocab([*VOCAB.chars, "Z"])
+    with pytest.raises(CheckpointError, match="different vocabulary"):
+        _restore(model, Checkpoint.from_directory(str(ckpt)), other)
+    info, state = _restore(model, Checkpoint.from_directory(str(ckpt)), VOCAB)
+    assert info["step"] == 1 and "optimizer" in state and json.loads((ckpt / "meta.json").read_text())["step"] == 1
