@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,9 +166,15 @@ def _unwrap_data_error(e: BaseException) -> BaseException | None:
     seen = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
-        if isinstance(e, DataError):
-            return DataError(str(e).splitlines()[-1] if "\n" in str(e) else str(e))
-        cause = getattr(e, "cause", None)
+        cause = getattr(e, "cause", None)  # RayTaskError keeps the original exception here
+        if isinstance(cause, DataError) and type(cause) is DataError:
+            return DataError(*cause.args)
+        if type(e) is DataError:
+            return e
+        if isinstance(e, DataError):  # a Ray wrapper class derived from DataError
+            m = re.search(r"DataError: (.+)", str(e))
+            if m:
+                return DataError(m.group(1))
         e = cause if isinstance(cause, BaseException) else (e.__cause__ or e.__context__)
     return None
 

@@ -1,0 +1,105 @@
+"""`raylstm prepare SOURCE... --out DIR`: clean, dedupe and split once; train many times.
+
+    DIR/train/*.parquet  DIR/val/*.parquet  DIR/test/*.parquet   rows {text, key, rating}
+    DIR/vocab.json                                               CharVocab of the train split
+    DIR/manifest.json    rows and chars per split, rows skipped per reason, each source file with size
+                         and sha256, and the data config that made it (written last: marks completion)
+
+`load_splits` recognises DIR by its manifest.json and reads it back without re-cleaning. DIR may be a local
+path or an s3:// URI.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+from raylstm.config import DataConfig
+from raylstm.data import SPLITS, is_prepared_dir, load_splits
+
+MANIFEST_VERSION = 1
+
+
+def _fs(out_dir: str) -> tuple[pafs.FileSystem, str]:
+    if "://" in out_dir:
+        return pafs.FileSystem.from_uri(out_dir)
+    return pafs.LocalFileSystem(), str(Path(out_dir).resolve())
+
+
+def file_sha256(path: str, fs: pafs.FileSystem | None = None) -> str:
+    """sha256 of a file's stored bytes (compressed files are hashed as stored), streamed."""
+    if fs is None:
+        fs, path = (pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), path))
+    h = hashlib.sha256()
+    with fs.open_input_stream(path) as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _clear_previous(fs: pafs.FileSystem, root: str, out_dir: str) -> None:
+    """Reuse an output dir only if it is empty or an earlier `prepare` output (never a stranger's dir)."""
+    info = fs.get_file_info(root)
+    if info.type == pafs.FileType.NotFound:
+        return
+    if info.type != pafs.FileType.Directory:
+        raise FileExistsError(f"--out {out_dir} exists and is not a directory")
+    entries = fs.get_file_info(pafs.FileSelector(root))
+    if not entries:
+        return
+    names = {e.base_name for e in entries}
+    if "manifest.json" not in names or not names <= {*SPLITS, "vocab.json", "manifest.json"}:
+        raise FileExistsError(f"--out {out_dir} is not empty and not an earlier prepare output; "
+                              "choose a new directory")
+    fs.delete_file(f"{root}/manifest.json")  # first, so a half-rewritten dir never looks complete
+    for e in entries:
+        if e.base_name in SPLITS:
+            fs.delete_dir(e.path)
+        elif e.base_name == "vocab.json":
+            fs.delete_file(e.path)
+
+
+def prepare(data_cfg: DataConfig, out_dir: str | Path, override_num_blocks: int | None = None) -> dict:
+    """Read, clean, dedupe and split `data_cfg.sources` into `out_dir`; returns the manifest."""
+    from raylstm.ray_env import ensure_ray
+
+    ensure_ray()
+    out_dir = str(out_dir)
+    if data_cfg.sources and is_prepared_dir(list(data_cfg.sources)):
+        raise ValueError(f"{data_cfg.sources[0]} is already a prepared directory; train on it directly")
+    t0 = time.perf_counter()
+    splits = load_splits(data_cfg, override_num_blocks=override_num_blocks)
+    fs, root = _fs(out_dir)
+    _clear_previous(fs, root, out_dir)
+    fs.create_dir(root, recursive=True)
+    for split in SPLITS:
+        ds = getattr(splits, split)
+        if splits.manifest["splits"][split]["rows"]:
+            # Shards of at least ~50k reviews: enough files to parallelise reads, not thousands of tiny ones.
+            ds.write_parquet(f"{out_dir.rstrip('/')}/{split}", min_rows_per_file=50_000)
+    manifest = dict(splits.manifest)
+    manifest["version"] = MANIFEST_VERSION
+    manifest["files"] = [{**f, "sha256": file_sha256(f["path"], _source_fs(f["path"], data_cfg))}
+                         for f in manifest["files"]]
+    manifest["vocab_fingerprint"] = splits.vocab.fingerprint()
+    manifest["seconds"] = round(time.perf_counter() - t0, 3)
+    with fs.open_output_stream(f"{root}/vocab.json") as f:
+        f.write(splits.vocab.to_json().encode("utf-8"))
+    with fs.open_output_stream(f"{root}/manifest.json") as f:
+        f.write(json.dumps(manifest, indent=2, sort_keys=True).encode("utf-8"))
+    return manifest
+
+
+def _source_fs(path: str, cfg: DataConfig) -> pafs.FileSystem:
+    """The filesystem a resolved source path lives on (resolve_files drops the scheme of s3:// URIs)."""
+    for src in cfg.sources:
+        if "://" in src:
+            fs, base = pafs.FileSystem.from_uri(src)
+            bucket = base.split("/", 1)[0]
+            if path.startswith(bucket):
+                return fs
+    return pafs.LocalFileSystem()

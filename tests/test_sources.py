@@ -1,0 +1,217 @@
+"""Readers: every format, bad rows counted by reason and skipped, good rows all survive, clear errors."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from raylstm.config import DataConfig
+from raylstm.data import load_splits
+from raylstm.sources import DataError, format_from_name, resolve_files, sniff_format
+
+TSV_HEADER = ("marketplace\tcustomer_id\treview_id\tproduct_id\tproduct_parent\tproduct_title\tproduct_category\t"
+              "star_rating\thelpful_votes\ttotal_votes\tvine\tverified_purchase\treview_headline\treview_body\t"
+              "review_date")
+
+
+def cfg(sources, **kw) -> DataConfig:
+    # Counting tests keep every row the reader accepts: no length filter, no dedupe.
+    kw.setdefault("min_chars", 0)
+    kw.setdefault("dedupe", False)
+    return DataConfig(sources=[str(s) for s in sources], **kw)
+
+
+def all_texts(splits) -> list[str]:
+    return sorted(r["text"] for ds in (splits.train, splits.val, splits.test) for r in ds.take_all())
+
+
+def j2014(rid: str, text, **extra) -> bytes:
+    rec = {"reviewerID": rid, "asin": "B00TEST", "reviewText": text, "overall": 4.0, "summary": "s", **extra}
+    return json.dumps(rec).encode()
+
+
+@pytest.fixture(scope="module")
+def bad_json(tmp_path_factory):
+    p = tmp_path_factory.mktemp("bad") / "bad.json"
+    lines = [
+        j2014("R1", "good review one"),  # 1
+        b'{"reviewerID": "R2", "reviewText": "cut off',  # 2 invalid_json
+        j2014("R3", "XX").replace(b"XX", b"bad \xff byte"),  # 3 invalid_utf8
+        j2014("R4", "XX").replace(b"XX", b"nul \x00 byte"),  # 4 nul_byte (raw)
+        b'{"reviewerID": "R5", "summary": "no text field"}',  # 5 missing_text
+        j2014("R6", "   "),  # 6 empty_text
+        j2014("R7", 42),  # 7 bad_text_type
+        j2014("R8", "y" * 3000),  # 8 too_long (max_row_bytes=1000)
+        b"",  # 9 blank: not a record
+        j2014("R10", "good review two"),  # 10
+        b"[1, 2, 3]",  # 11 invalid_json (not an object)
+        j2014("R12", "escaped \u0000 nul"),  # 12 nul_byte (JSON escape)
+        j2014("R13", "good review three"),  # 13, no trailing newline
+    ]
+    p.write_bytes(b"\n".join(lines))
+    return p
+
+
+def test_bad_json_rows_counted_and_good_rows_survive(ray_session, bad_json):
+    s = load_splits(cfg([bad_json], max_row_bytes=1000))
+    assert s.manifest["skipped"] == {"invalid_json": 2, "invalid_utf8": 1, "nul_byte": 2, "missing_text": 1,
+                                     "empty_text": 1, "bad_text_type": 1, "too_long": 1}
+    assert s.manifest["rows"]["records"] == 12 and s.manifest["rows"]["parsed"] == 3
+    assert all_texts(s) == ["good review one", "good review three", "good review two"]
+
+
+def test_strict_mode_names_file_and_line(ray_session, bad_json):
+    with pytest.raises(DataError, match=r"bad\.json: line 2: invalid_json"):
+        load_splits(cfg([bad_json], strict=True))
+
+
+def test_tsv_wrong_columns_and_blank_tail(ray_session, tmp_path):
+    def row(i, body, n_fields=15):
+        f = ["US", str(i), f"RID{i}", "P1", "1", "Gift", "Gift Card", "5", "0", "0", "N", "Y", f"head {i}", body,
+             "2015-08-31"]
+        return "\t".join((f + ["extra"] * 3)[:n_fields])
+
+    lines = [TSV_HEADER, row(1, "first body"), row(2, "short row", 14), row(3, "second body"),
+             row(4, "long row", 16), row(5, "third body"), "", ""]
+    p = tmp_path / "amazon_reviews_us_Test_v1_00.tsv"
+    p.write_text("\n".join(lines))
+    s = load_splits(cfg([p]))
+    assert s.manifest["skipped"] == {"wrong_columns": 2}
+    assert s.manifest["rows"]["records"] == 5
+    assert all_texts(s) == ["first body", "second body", "third body"]
+    with pytest.raises(DataError, match=r"Test_v1_00\.tsv: line 3: wrong_columns"):
+        load_splits(cfg([p], strict=True))
+    # title prepended on request; key is review_id
+    s = load_splits(cfg([p], include_title=True))
+    assert "head 1. first body" in all_texts(s)
+    assert sorted(r["key"] for r in s.train.take_all() + s.val.take_all() + s.test.take_all()) == [
+        "RID1", "RID3", "RID5"]
+
+
+def test_csv_multiline_quoting_and_bad_rows(ray_session, tmp_path):
+    header = "reviewerID,asin,reviewerName,helpful,reviewText,overall,summary,unixReviewTime,reviewTime"
+    body = [
+        b'A1,B1,Ann,"[0, 0]","Plain review, with a comma",5.0,ok,1,"01 1, 2014"',  # line 2
+        b'A2,B1,Bob,"[1, 2]","Spans\ntwo lines and has ""quotes""",4.0,ok,1,"01 1, 2014"',  # lines 3-4
+        b'A3,B1,Cy,"[0, 0]",too few fields',  # line 5: wrong_columns
+        b'A4,B1,Di,"[0, 0]","bad \xff utf8",3.0,ok,1,"01 1, 2014"',  # line 6: invalid_utf8
+        b'A5,B1,Ed,"[0, 0]",,1.0,empty,1,"01 1, 2014"',  # line 7: empty_text
+        b'A6,B1,Fa,"[0, 0]","last one",2.0,ok,1,"01 1, 2014"',  # line 8
+    ]
+    p = tmp_path / "kaggle.csv"
+    p.write_bytes(header.encode() + b"\n" + b"\n".join(body) + b"\n")
+    s = load_splits(cfg([p]))
+    assert s.manifest["skipped"] == {"wrong_columns": 1, "invalid_utf8": 1, "empty_text": 1}
+    assert s.manifest["rows"]["records"] == 6
+    assert all_texts(s) == ["Plain review, with a comma", "Spans two lines and has \"quotes\"", "last one"]
+    with pytest.raises(DataError, match=r"kaggle\.csv: line 5: wrong_columns"):
+        load_splits(cfg([p], strict=True))
+
+
+def test_truncated_gzip_names_the_file(ray_session, tmp_path):
+    data = gzip.compress(b"\n".join(j2014(f"R{i}", f"review number {i} " * 20) for i in range(2000)))
+    p = tmp_path / "cut.json.gz"
+    p.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match=r"cut\.json\.gz: cannot read"):
+        load_splits(cfg([p]))
+
+
+def test_missing_and_unreadable_sources_name_the_path(ray_session, tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        load_splits(cfg([tmp_path / "nope.json"]))
+    link = tmp_path / "dangling.json"
+    link.symlink_to(tmp_path / "gone.json")
+    with pytest.raises(FileNotFoundError, match="dangling.json"):
+        load_splits(cfg([link]))
+
+
+def test_json2023_schema_key_and_verified_filter(ray_session, tmp_path):
+    recs = [
+        {"rating": 5.0, "title": "t1", "text": "verified one", "user_id": "U1", "asin": "A", "timestamp": 1,
+         "verified_purchase": True},
+        {"rating": 1.0, "title": "t2", "text": "unverified two", "user_id": "U2", "asin": "A", "timestamp": 2,
+         "verified_purchase": False},
+        {"rating": 3.0, "title": "t3", "text": "verified three", "user_id": "U3", "asin": "B", "timestamp": 3,
+         "verified_purchase": True},
+    ]
+    p = tmp_path / "Musical_Instruments.jsonl"
+    p.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    s = load_splits(cfg([p], verified_only=True))
+    assert s.manifest["skipped"] == {"unverified": 1}
+    rows = s.train.take_all() + s.val.take_all() + s.test.take_all()
+    assert sorted(r["key"] for r in rows) == ["U1|A|1", "U3|B|3"]
+
+
+def test_text_parquet_dir_and_glob(ray_session, tmp_path):
+    d = tmp_path / "mixed"
+    d.mkdir()
+    (d / "sentences.txt").write_text("A fine phone indeed.\t1\nTerrible battery life.\t0\n\nNo label line\n")
+    pq.write_table(pa.table({"body": ["parquet one", None, "parquet two"], "review_id": ["p1", "p2", "p3"]}),
+                   d / "part.parquet")
+    (d / "SOURCES.md").write_text("# not a review file\n")
+    (d / ".hidden.json").write_text("{not json\n")
+    s = load_splits(cfg([d], text_column="body"))
+    assert s.manifest["skipped"] == {"missing_text": 1}
+    assert all_texts(s) == ["A fine phone indeed.", "No label line", "Terrible battery life.", "parquet one",
+                            "parquet two"]
+    assert len(s.manifest["files"]) == 2
+    s = load_splits(cfg([str(d / "*.txt")]))
+    assert s.manifest["rows"]["records"] == 3
+
+
+def test_format_detection():
+    assert format_from_name("x/amazon_reviews_us_Gift_Card_v1_00.tsv.gz") == "tsv"
+    assert format_from_name("Appliances_5.json.gz") == "json"
+    assert format_from_name("a.review.gz") == "blitzer"
+    assert format_from_name("README") is None
+    assert sniff_format(b'  {"reviewText": 1}') == "json"
+    assert sniff_format(TSV_HEADER.encode()) == "tsv"
+    assert sniff_format(b"<review>\n<unique_id>") == "blitzer"
+    assert sniff_format(b"hello there") == "text"
+
+
+# --- the real files in ../shared/data/amazon (counts from its SOURCES.md) ------------------------------
+@pytest.mark.parametrize(
+    "name, records",
+    [
+        ("Musical_instruments_reviews.csv.gz", 10_261),
+        ("Musical_Instruments_5.reconstructed.json.gz", 10_261),
+        ("Musical_Instruments_5.json", 50),
+        ("amazon_reviews_us_Gift_Card_v1_00.tsv", 1_452),
+        ("reviews.tsv", 49),
+        ("amazon_cells_labelled.txt", 1_000),
+        ("sorted_data_acl/books/negative.review.gz", 1_000),
+        ("AMAZON_FASHION_5.json.gz", 3_176),
+    ],
+)
+def test_real_files_record_counts(ray_session, amazon_dir, name, records):
+    s = load_splits(cfg([amazon_dir / name]))
+    m = s.manifest
+    assert m["rows"]["records"] == records
+    # Everything read is either kept or skipped for a named reason.
+    assert m["rows"]["records"] == m["rows"]["kept"] + sum(m["skipped"].values())
+
+
+def test_real_musical_instruments_empty_texts(ray_session, amazon_dir):
+    # SOURCES.md: 7 rows have an empty reviewText; FASHION misses reviewText in 16 records.
+    s = load_splits(cfg([amazon_dir / "Musical_instruments_reviews.csv.gz"]))
+    assert s.manifest["skipped"] == {"empty_text": 7}
+    s = load_splits(cfg([amazon_dir / "AMAZON_FASHION_5.json.gz"]))
+    assert s.manifest["skipped"].get("missing_text") == 16
+
+
+def test_real_appliances_dedupe(ray_session, amazon_dir):
+    s = load_splits(cfg([amazon_dir / "Appliances_5.json.gz"], dedupe=True))
+    assert s.manifest["rows"]["records"] == 2_277
+    assert s.manifest["rows"]["kept"] == 144
+    assert s.manifest["skipped"]["duplicate"] == 2_277 - 144
+
+
+def test_resolve_files_directory_skips_non_reviews(amazon_dir):
+    files = [p for _, p, _ in resolve_files([str(amazon_dir)])]
+    assert not any(p.endswith("SOURCES.md") for p in files)
+    assert len(files) == 17

@@ -1,0 +1,57 @@
+"""Cleaning: pure functions, no Ray."""
+
+import pytest
+
+from raylstm.text import clean_text, collapse_whitespace, fold_ascii, join_title, reject_reason, strip_html
+
+
+@pytest.mark.parametrize(
+    "raw, want",
+    [
+        ("I love it &#34;a lot&#34;", 'I love it "a lot"'),
+        ("line one<br />line two", "line one line two"),
+        ("a<br/>b<BR>c", "a b c"),
+        ("double &amp;#34;escaped&amp;#34;", 'double "escaped"'),
+        ("Tom &amp; Jerry", "Tom & Jerry"),
+        ("<p>para</p><div class='x'>div</div>", "para div"),
+        ("5 < 6 and 7 > 3", "5 < 6 and 7 > 3"),  # comparison signs are not tags
+    ],
+)
+def test_html(raw, want):
+    assert clean_text(raw) == want
+
+
+def test_whitespace_and_newlines_collapse():
+    assert clean_text("  a\n\nb\t c \r\n d  ") == "a b c d"
+    assert "\n" not in clean_text("one\ntwo\u2028three\u0085four")
+
+
+def test_nfkc_and_invisibles():
+    assert clean_text("ｆｕｌｌ width ﬁne\u00a0space") == "full width fine space"
+    assert clean_text("zero\u200bwidth\ufeff") == "zerowidth"
+
+
+def test_lowercase_and_ascii_folding():
+    assert clean_text("Café “Déjà” Vu—great…", lowercase=True, ascii_only=True) == 'cafe "deja" vu-great...'
+    assert fold_ascii("naïve 日本 ok") == "naive  ok"
+    assert clean_text("naïve 日本 ok", ascii_only=True) == "naive ok"
+
+
+def test_idempotent():
+    raw = "A &#34;good&#34;<br />  product\n\nreally &amp; truly ﬁne"
+    once = clean_text(raw, lowercase=True)
+    assert clean_text(once, lowercase=True) == once
+
+
+def test_join_title():
+    assert join_title("Great strings", "Loved them.") == "Great strings. Loved them."
+    assert join_title("Wow!", "Loved them.") == "Wow! Loved them."
+    assert join_title(None, "Body") == "Body"
+
+
+def test_reject_reason():
+    assert reject_reason("", 40) == "empty_after_clean"
+    assert reject_reason("short", 40) == "too_short"
+    assert reject_reason("x" * 40, 40) is None
+    assert strip_html("&lt;b&gt;") == " "  # unescaped to a tag, then removed
+    assert collapse_whitespace(" a  b ") == "a b"
