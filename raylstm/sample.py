@@ -205,7 +205,11 @@ class Sampler:
         """Prompt -> ids [1, T] (unknown characters become the vocabulary's unk id) and those characters."""
         if not prompt:
             raise ValueError("prompt must contain at least one character")
-        ids = torch.from_numpy(self.vocab.encode(prompt).astype(np.int64))[None, :]
+        try:
+            enc = self.vocab.encode(prompt)
+        except UnicodeEncodeError:  # a lone surrogate: look characters up one by one (it becomes unk)
+            enc = np.array([self.vocab.stoi.get(c, self.vocab.unk_id) for c in prompt])
+        ids = torch.from_numpy(enc.astype(np.int64))[None, :]
         return ids.to(self.device), self.vocab.unknown_chars(prompt)
 
     @torch.inference_mode()
