@@ -196,7 +196,7 @@ def _read_remote_text(uri: str) -> str:
     import pyarrow.fs as pafs
 
     fs, path = pafs.FileSystem.from_uri(uri)
-    with fs.open_input_stream(path) as f:
+    with fs.open_input_stream(path, compression=None) as f:
         return f.readall().decode("utf-8")
 
 
@@ -270,7 +270,7 @@ def _build_splits(cfg: DataConfig, sources: list[str], override_num_blocks: int 
     cleaned_rows = reasons.get("", 0)
     kept = sum(v["rows"] for v in split_stats.values())
     skipped = {r: n for r, n in sorted(reasons.items()) if r}
-    if cfg.dedupe:
+    if cleaned_rows - kept:
         skipped["duplicate"] = cleaned_rows - kept
     manifest = {
         "splits": split_stats,

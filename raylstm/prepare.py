@@ -35,7 +35,8 @@ def file_sha256(path: str, fs: pafs.FileSystem | None = None) -> str:
     if fs is None:
         fs, path = (pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), path))
     h = hashlib.sha256()
-    with fs.open_input_stream(path) as f:
+    # compression=None: pyarrow would otherwise gunzip .gz files ("detect") and hash the wrong bytes.
+    with fs.open_input_stream(path, compression=None) as f:
         while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()
