@@ -249,7 +249,7 @@ def baselines(test: str, train: str = "") -> dict[str, dict[str, Any]]:
     return out
 
 
-def _texts(ds: Any) -> list[tuple[str, str, str]]:
+def split_rows(ds: Any) -> list[tuple[str, str, str]]:
     """(key, text, source) of every row, sorted by key: one order on every machine and block layout."""
     cols = [c for c in ("key", "text", "source") if c in ds.schema().names]
     rows = ds.select_columns(cols).take_all()
@@ -284,7 +284,7 @@ def evaluate(
         ds = getattr(splits, split)
     else:
         raise ValueError(f"split must be one of train, val, test, all; got {split!r}")
-    rows = _texts(ds)
+    rows = split_rows(ds)
     if not rows:
         raise ValueError(f"the {split!r} split of {cfg.sources or 'the demo corpus'} is empty")
     texts = [t for _, t, _ in rows]
@@ -326,7 +326,7 @@ def evaluate(
         "per_source": per_source,
     }
     if compressors:
-        train = join_reviews(t for _, t, _ in _texts(splits.train)) if split != "train" else ""
+        train = join_reviews(t for _, t, _ in split_rows(splits.train)) if split != "train" else ""
         context = train[-max_context_chars:]
         result["train_context_chars"] = len(context)
         result["baselines"] = baselines(test, context)
