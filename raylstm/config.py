@@ -83,6 +83,9 @@ class TrainConfig:
     use_gpu: bool = False
     # CPUs reserved per worker. 1 on real machines; the tests use less so Ray Data keeps a CPU (2-core hang).
     cpus_per_worker: float = 1.0
+    # Where Ray puts the workers: "PACK" fills one node first (cheapest collectives); "SPREAD" prefers, and
+    # "STRICT_SPREAD" requires, a different node for each worker (e.g. one per machine of a CPU cluster).
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"
     # Windows per worker per step; the global batch is batch_size * num_workers.
     batch_size: int = 64
     lr: float = 2e-3

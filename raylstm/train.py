@@ -183,6 +183,7 @@ def fit_windows(
             num_workers=tcfg.num_workers,
             use_gpu=tcfg.use_gpu,
             resources_per_worker=None if tcfg.use_gpu else {"CPU": tcfg.cpus_per_worker},
+            placement_strategy=tcfg.placement_strategy,
         ),
         run_config=RunConfig(
             name=name,
