@@ -42,6 +42,10 @@ from raylstm.model import CharLSTM, build_model, unwrap
 from raylstm.vocab import CharVocab
 
 LN2 = math.log(2.0)
+# Ray Train's controller takes one report off each worker's queue (of size 1) per health-check interval
+# (2 s by default): reporting faster than that blocks training in ray.train.report. Metrics reports are
+# therefore sent at most this often (and asynchronously); the interval's averages still cover every step.
+MIN_REPORT_INTERVAL_S = float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2.0"))
 SAMPLES_FILE = "samples.json"  # written into each checkpoint dir next to the checkpoint's own files
 
 
@@ -269,6 +273,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # Interval accumulators (reset at every report).
     loss_acc, loss_n, chars_acc, preds_acc = 0.0, 0, 0, 0
     t_mark, paused = time.perf_counter(), 0.0
+
+    def agree(flag: bool) -> bool:
+        """Rank 0's decision on every rank: all ranks must call report() the same number of times."""
+        if world == 1:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=device)
+        torch.distributed.broadcast(t, src=0)
+        return bool(t.item())
     last_ckpt_step = step if restored is not None else 0
 
     def report(with_eval: bool) -> None:
@@ -316,8 +328,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if rank == 0:
             _print_progress(metrics, total_steps)
         # Every rank reports the same number of times (a barrier); only rank 0 hands over a checkpoint.
-        ray.train.report(metrics, checkpoint=checkpoint,
-                         checkpoint_dir_name=f"checkpoint_{step:07d}" if with_eval else None)
+        # Checkpoint reports upload synchronously (the temp dir is removed next); metrics-only reports are
+        # queued in the background so training never waits for the controller to collect them.
+        if with_eval:
+            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{step:07d}")
+        else:
+            ray.train.report(metrics, checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC)
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)  # persisted to storage by now (synchronous upload)
         loss_acc, loss_n, chars_acc, preds_acc = 0.0, 0, 0, 0
@@ -362,7 +378,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             preds_acc += n
             if step % tcfg.eval_every == 0 or step == total_steps:
                 report(with_eval=True)
-            elif step % tcfg.log_every == 0 or step == first_step:
+            elif step == first_step or (
+                step % tcfg.log_every == 0 and agree(time.perf_counter() - t_mark >= MIN_REPORT_INTERVAL_S)
+            ):
                 report(with_eval=False)
         if step >= total_steps:
             break
