@@ -26,6 +26,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Iterable, Sequence
@@ -263,8 +264,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     first_step = step + 1  # the first update this attempt makes: checkpoint step + 1 after a restart
     if rank == 0:
         how = f"resumed from checkpoint step {step}" if restored is not None else "fresh start"
-        print(f"[raylstm] {world} worker(s) on {device}, {unwrap(model).num_parameters():,} parameters, "
-              f"{how}; training to step {total_steps}", flush=True)
+        _say(f"[raylstm] {world} worker(s) on {device}, {unwrap(model).num_parameters():,} parameters, "
+             f"{how}; training to step {total_steps}")
 
     train_shard = ray.train.get_dataset_shard("train")
     val_iter = ray.train.get_dataset_shard("val")
@@ -391,15 +392,21 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         report(with_eval=True)
 
 
+def _say(message: str) -> None:
+    """One console line from rank 0. Straight to the process's stdout: Ray Train's patched print() would
+    both tee it and log it, so every line would show twice on the driver."""
+    print(message, file=sys.__stdout__, flush=True)
+
+
 def _print_progress(m: dict[str, Any], total_steps: int) -> None:
     parts = [f"step {m['step']}/{total_steps}", f"ep {m['epoch']}", f"loss {m['train_loss']:.3f}"]
     if "val_bpc" in m:
         parts.append(f"val {m['val_loss']:.3f} ({m['val_bpc']:.3f} bpc)")
     parts += [f"lr {m['lr']:.2e}", f"{m['chars_per_s'] / 1000:.1f}k chars/s/worker x{m['world_size']}"]
-    print("[raylstm] " + " | ".join(parts), flush=True)
+    _say("[raylstm] " + " | ".join(parts))
 
 
 def _print_samples(step: int, prime: str, samples: dict[str, str]) -> None:
     for t, text in samples.items():
         snippet = (prime + text).replace("\n", " / ")[:160]
-        print(f"[raylstm] sample step {step} T={t}: {snippet}", flush=True)
+        _say(f"[raylstm] sample step {step} T={t}: {snippet}")
