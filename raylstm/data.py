@@ -2,7 +2,7 @@
 
     sources.read_reviews          rows {text, title, key, rating, verified, source, row, reason}
       -> clean (map_batches)      text.clean_text; too short / unverified rows get a reason
-      -> dedupe (groupby hash)    one row per distinct cleaned text: the smallest (key, source, row)
+      -> dedupe (groupby text)    one row per distinct cleaned text: the smallest (key, source, row)
       -> split (map_batches)      split_of(key): a stable hash, so the same on every run and block count
       -> vocab                    per-block char counts of the train split, summed; CharVocab.from_counts
       -> window_dataset           encode + "\\n" per review, concatenate, cut seq_len+1 windows
@@ -18,6 +18,7 @@ import hashlib
 import json
 import re
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
+from ray.data.aggregate import Min
+from ray.data.context import DataContext, ShuffleStrategy
 
 from raylstm.config import DataConfig
 from raylstm.sources import DataError, ReadOptions, read_reviews
@@ -61,22 +64,16 @@ def split_of(key: str, val_fraction: float, test_fraction: float) -> str:
     return "train"
 
 
-def _text_hash(text: str) -> int:
-    return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(),
-                          "big", signed=True)
-
-
 # --- per-batch functions (run in Ray tasks) ------------------------------------------------------------
 def _clean_batch(batch: pa.Table, cfg: DataConfig) -> pa.Table:
     texts = batch.column("text").to_pylist()
     titles = batch.column("title").to_pylist()
     verified = batch.column("verified").to_pylist()
     reasons = batch.column("reason").to_pylist()
-    out_text, hashes = [], []
+    out_text = []
     for i, raw in enumerate(texts):
         if reasons[i] is not None:
             out_text.append(None)
-            hashes.append(0)
             continue
         text = clean_text(raw, cfg.lowercase, cfg.ascii_only)
         if cfg.include_title and titles[i]:
@@ -86,10 +83,8 @@ def _clean_batch(batch: pa.Table, cfg: DataConfig) -> pa.Table:
             reason = "unverified"  # rows whose format records no verified flag are kept
         reasons[i] = reason
         out_text.append(text if reason is None else None)
-        hashes.append(_text_hash(text) if reason is None else 0)
     batch = batch.set_column(batch.schema.get_field_index("text"), "text", pa.array(out_text, pa.string()))
-    batch = batch.set_column(batch.schema.get_field_index("reason"), "reason", pa.array(reasons, pa.string()))
-    return batch.append_column("th", pa.array(hashes, pa.int64()))
+    return batch.set_column(batch.schema.get_field_index("reason"), "reason", pa.array(reasons, pa.string()))
 
 
 def _reason_summary(batch: pa.Table) -> dict[str, list]:
@@ -103,16 +98,26 @@ def _only_good(batch: pa.Table) -> pa.Table:
     return batch.filter(pc.is_null(batch.column("reason")))
 
 
-def _keep_first(group: pa.Table) -> pa.Table:
-    """Of rows with the same cleaned-text hash, keep one per distinct text: the smallest (key, source,
-    row), so the survivor does not depend on block order or count."""
-    if group.num_rows == 1:
-        return group
-    group = group.sort_by([("text", "ascending"), ("key", "ascending"), ("source", "ascending"),
-                           ("row", "ascending")])
-    texts = group.column("text").to_pylist()
-    keep = [i for i in range(len(texts)) if i == 0 or texts[i] != texts[i - 1]]
-    return group.take(keep)
+_SEP = "\x1f"  # ASCII unit separator: joins the fields of a dedupe candidate into one sortable string
+
+
+def _dedupe_candidates(batch: pa.Table) -> pa.Table:
+    """Rows -> {text, w}: w = "key<US>source<US>row<US>rating", so min(w) per text picks the smallest
+    (key, source, row) whichever block or order it arrives in, using a vectorised Ray aggregation."""
+    row = pc.utf8_lpad(pc.cast(batch.column("row"), pa.string()), 12, "0")
+    rating = pc.fill_null(pc.cast(batch.column("rating"), pa.string()), "")
+    w = pc.binary_join_element_wise(batch.column("key"), batch.column("source"), row, rating, _SEP)
+    return pa.table({"text": batch.column("text"), "w": w})
+
+
+def _dedupe_winners(batch: pa.Table) -> pa.Table:
+    texts = batch.column("text")
+    keys, ratings = [], []
+    for w in batch.column(batch.column_names[1]).to_pylist():
+        key, _source, _row, rating = w.rsplit(_SEP, 3)  # split from the right: a key may hold anything
+        keys.append(key)
+        ratings.append(float(rating) if rating else None)
+    return pa.table({"text": texts, "key": pa.array(keys, pa.string()), "rating": pa.array(ratings, pa.float64())})
 
 
 def _assign_split(batch: pa.Table, val_fraction: float, test_fraction: float) -> pa.Table:
@@ -127,15 +132,23 @@ def _split_summary(batch: pa.Table) -> dict[str, list]:
     stats: dict[str, Any] = {}
     texts = batch.column("text").to_pylist()
     splits = batch.column("split").to_pylist()
-    train_chars: Counter = Counter()
     for s in SPLITS:
         stats[s] = {"rows": 0, "chars": 0}
     for t, s in zip(texts, splits):
         stats[s]["rows"] += 1
         stats[s]["chars"] += len(t)
     train_text = "".join(t for t, s in zip(texts, splits) if s == "train")
-    train_chars.update(train_text)
-    return {"stats": [json.dumps(stats)], "chars": [json.dumps(train_chars)]}
+    return {"stats": [json.dumps(stats)], "chars": [json.dumps(char_counts(train_text))]}
+
+
+def char_counts(text: str) -> dict[str, int]:
+    """Character -> count, vectorised (bincount over code points; ~20x faster than Counter(str))."""
+    if not text:
+        return {}
+    codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+    counts = np.bincount(codes)
+    nz = np.flatnonzero(counts)
+    return {chr(int(c)): int(counts[c]) for c in nz}
 
 
 def _select_split(batch: pa.Table, split: str) -> pa.Table:
@@ -228,12 +241,27 @@ def load_splits(cfg: DataConfig, override_num_blocks: int | None = None) -> Revi
     if is_prepared_dir(sources):
         return _load_prepared(sources[0])
     try:
-        return _build_splits(cfg, sources, override_num_blocks)
+        with _task_based_shuffle():
+            return _build_splits(cfg, sources, override_num_blocks)
     except Exception as e:
         err = _unwrap_data_error(e)
         if err is not None and err is not e:
             raise err from None
         raise
+
+
+@contextmanager
+def _task_based_shuffle():
+    """Run the dedupe shuffle as plain tasks (sort-based, pull) rather than Ray 2.60's default hash
+    shuffle, which starts fresh aggregator actors on every run: measured 6-9 s vs ~2 s for the dedupe of
+    10k reviews on 2 cores. Restored afterwards, so other Ray Data users in the process are unaffected."""
+    ctx = DataContext.get_current()
+    old = ctx.shuffle_strategy
+    ctx.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+    try:
+        yield
+    finally:
+        ctx.shuffle_strategy = old
 
 
 def _build_splits(cfg: DataConfig, sources: list[str], override_num_blocks: int | None) -> ReviewSplits:
@@ -247,7 +275,14 @@ def _build_splits(cfg: DataConfig, sources: list[str], override_num_blocks: int 
     cleaned_rows_hint = reasons.get("", 0)
     good = cleaned.map_batches(_only_good, batch_format="pyarrow", batch_size=None)
     if cfg.dedupe:
-        good = good.groupby("th", num_partitions=_partitions(cleaned_rows_hint)).map_groups(_keep_first, batch_format="pyarrow")
+        # Global exact dedupe: hash-shuffle by text, keep min(candidate) per text. A vectorised aggregate,
+        # not map_groups: one Python call per group costs ~4x more on 10k reviews.
+        good = (
+            good.map_batches(_dedupe_candidates, batch_format="pyarrow", batch_size=None)
+            .groupby("text", num_partitions=_partitions(cleaned_rows_hint))
+            .aggregate(Min("w"))
+            .map_batches(_dedupe_winners, batch_format="pyarrow", batch_size=BATCH_ROWS)
+        )
     split = good.map_batches(
         _assign_split,
         fn_kwargs={"val_fraction": cfg.val_fraction, "test_fraction": cfg.test_fraction},
