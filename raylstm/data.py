@@ -31,7 +31,7 @@ from ray.data.aggregate import Min
 from ray.data.context import DataContext, ShuffleStrategy
 
 from raylstm.config import DataConfig
-from raylstm.sources import DataError, ReadOptions, read_reviews
+from raylstm.sources import DataError, ReadOptions, read_parquet, read_reviews
 from raylstm.text import clean_text, join_title, reject_reason
 from raylstm.vocab import CharVocab
 
@@ -227,7 +227,7 @@ def _load_prepared(root: str) -> ReviewSplits:
                               "rating": pa.array([], pa.float64())})
             parts[split] = ray.data.from_arrow(empty)
         else:
-            parts[split] = ray.data.read_parquet(f"{root.rstrip('/')}/{split}")
+            parts[split] = read_parquet(f"{root.rstrip('/')}/{split}")
     return ReviewSplits(parts["train"], parts["val"], parts["test"], vocab, manifest)
 
 
