@@ -178,6 +178,11 @@ def cache_dir() -> Path:
     return Path(os.environ.get("RAYLSTM_CACHE") or Path.home() / ".cache" / "raylstm").expanduser()
 
 
+def cache_key(uri: str) -> str:
+    """A directory name for a URI: "s3://b/runs/x" -> "b_runs_x" (scheme dropped, separators flattened)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(uri).split("://", 1)[-1]).strip("_")
+
+
 def best_checkpoint_uri(run_or_checkpoint: str) -> str:
     """For a remote run dir, the checkpoint its best.json names (as a URI); a checkpoint URI unchanged."""
     if exists(join(run_or_checkpoint, "meta.json")):
@@ -204,8 +209,7 @@ def localize_checkpoint(path: str | os.PathLike[str], cache: str | os.PathLike[s
     if not is_remote(path):
         return Path(str(path).removeprefix("file://"))
     uri = best_checkpoint_uri(str(path))
-    key = re.sub(r"[^A-Za-z0-9._-]+", "_", uri.split("://", 1)[1]).strip("_")
-    dest = Path(cache or cache_dir()) / "checkpoints" / key
+    dest = Path(cache or cache_dir()) / "checkpoints" / cache_key(uri)
     if not (dest / "meta.json").exists():
         download_dir(uri, dest)
     return dest
