@@ -29,7 +29,7 @@ VOCAB = 100  # a typical cased review vocabulary (~100 characters)
 
 def shapes(tiny: bool) -> dict:
     if tiny:
-        return dict(embed=8, hidden=32, layers=1, seq=16, batch=4, steps=40, iters=5, device="cpu")
+        return dict(embed=8, hidden=32, layers=1, seq=16, batch=4, steps=600, iters=5, device="cpu")
     return dict(embed=128, hidden=1024, layers=3, seq=256, batch=256, steps=300, iters=20, device="cuda")
 
 
@@ -132,6 +132,8 @@ def run(tiny: bool) -> str:
     import torch
 
     s = shapes(tiny)
+    if tiny:
+        torch.set_num_threads(1)  # tiny shapes: thread start-up costs more than the work
     if not tiny and not torch.cuda.is_available():
         raise SystemExit("gpu_train: no CUDA device visible to torch (use --tiny for the CPU smoke test)")
     name = torch.cuda.get_device_name(0) if not tiny else "CPU (smoke test, tiny shapes)"

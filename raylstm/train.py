@@ -151,6 +151,11 @@ def fit_windows(
 
     if cfg.data.materialize:
         train_ds, val_ds = train_ds.materialize(), val_ds.materialize()
+    for ds in (train_ds, val_ds):
+        # Each epoch and each evaluation is a new execution of these datasets: without this, Ray Data
+        # prints its execution plan to the console every time (100 times in a demo run).
+        ds.context.print_on_execution_start = False
+        ds.context.enable_progress_bars = False
     n_val = val_ds.count()
     if n_val == 0:
         raise ValueError("the validation split has no windows: use more data, a larger data.val_fraction "
