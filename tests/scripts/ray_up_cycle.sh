@@ -16,7 +16,8 @@ set -euo pipefail
 
 if [[ "${1:-}" != "--inside" ]]; then
     WORK=$(realpath "$1"); shift
-    exec unshare --pid --fork --net --mount --mount-proc bash "$(realpath "$0")" --inside "$WORK" "$@"
+    # --kill-child: if this script is killed (a test timeout), the namespace and all in it go too.
+    exec unshare --pid --fork --kill-child --net --mount --mount-proc bash "$(realpath "$0")" --inside "$WORK" "$@"
 fi
 shift
 WORK=$1; CLUSTER_YAML=$2; shift 2
