@@ -311,7 +311,8 @@ def _build_splits(cfg: DataConfig, sources: list[str], override_num_blocks: int 
         "splits": split_stats,
         "skipped": skipped,
         "rows": {"records": records, "parsed": parsed, "cleaned": cleaned_rows, "kept": kept},
-        "files": [{**f, "records": per_source.get(f["path"], 0)} for f in files],
+        "files": [{"path": f["path"], "size": f["size"], "records": per_source.get(f["source"], 0)}
+                  for f in files],
         "vocab_size": len(vocab),
         "config": _config_dict(cfg),
     }

@@ -84,8 +84,7 @@ def prepare(data_cfg: DataConfig, out_dir: str | Path, override_num_blocks: int 
             ds.write_parquet(f"{out_dir.rstrip('/')}/{split}", min_rows_per_file=50_000)
     manifest = dict(splits.manifest)
     manifest["version"] = MANIFEST_VERSION
-    manifest["files"] = [{**f, "sha256": file_sha256(f["path"], _source_fs(f["path"], data_cfg))}
-                         for f in manifest["files"]]
+    manifest["files"] = [{**f, "sha256": file_sha256(f["path"])} for f in manifest["files"]]
     manifest["vocab_fingerprint"] = splits.vocab.fingerprint()
     manifest["seconds"] = round(time.perf_counter() - t0, 3)
     with fs.open_output_stream(f"{root}/vocab.json") as f:
@@ -93,14 +92,3 @@ def prepare(data_cfg: DataConfig, out_dir: str | Path, override_num_blocks: int 
     with fs.open_output_stream(f"{root}/manifest.json") as f:
         f.write(json.dumps(manifest, indent=2, sort_keys=True).encode("utf-8"))
     return manifest
-
-
-def _source_fs(path: str, cfg: DataConfig) -> pafs.FileSystem:
-    """The filesystem a resolved source path lives on (resolve_files drops the scheme of s3:// URIs)."""
-    for src in cfg.sources:
-        if "://" in src:
-            fs, base = pafs.FileSystem.from_uri(src)
-            bucket = base.split("/", 1)[0]
-            if path.startswith(bucket):
-                return fs
-    return pafs.LocalFileSystem()

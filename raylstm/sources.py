@@ -586,7 +586,9 @@ def read_parquet(paths, **kwargs):
 def read_reviews(sources: list[str], opts: ReadOptions, override_num_blocks: int | None = None):
     """All rows of all sources as one Ray Dataset of `ROW_SCHEMA` rows (bad rows included, with a reason).
 
-    Returns (dataset, files) where files lists {"path", "size"} of every file read.
+    Returns (dataset, files): files lists {"path", "size", "source"} of every file read, where path is
+    what a user would pass again (a local path or an s3:// URI) and source is the value of the rows'
+    `source` column (the filesystem's own path, without scheme).
     """
     import ray
 
@@ -608,4 +610,7 @@ def read_reviews(sources: list[str], opts: ReadOptions, override_num_blocks: int
                                           override_num_blocks=override_num_blocks)
         datasets.append(ds)
     ds = datasets[0] if len(datasets) == 1 else datasets[0].union(*datasets[1:])
-    return ds, [{"path": p, "size": s} for _, p, s in files]
+    def uri(fs: pafs.FileSystem, path: str) -> str:
+        return path if isinstance(fs, pafs.LocalFileSystem) else f"{fs.type_name}://{path}"
+
+    return ds, [{"path": uri(fs, p), "size": s, "source": p} for fs, p, s in files]

@@ -215,3 +215,59 @@ def test_resolve_files_directory_skips_non_reviews(amazon_dir):
     files = [p for _, p, _ in resolve_files([str(amazon_dir)])]
     assert not any(p.endswith("SOURCES.md") for p in files)
     assert len(files) == 17
+
+
+# --- object storage: s3:// sources and a prepared dir on S3 (moto's real S3-protocol server) ----------
+S3_SCRIPT = r"""
+import json, sys
+import ray
+ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+from raylstm.config import DataConfig
+from raylstm.data import load_splits
+from raylstm.prepare import prepare
+bucket = sys.argv[1]
+cfg = DataConfig(sources=[f"s3://{bucket}/reviews/"], min_chars=0, dedupe=False)
+fresh = load_splits(cfg)
+manifest = prepare(cfg, f"s3://{bucket}/prepared")
+back = load_splits(DataConfig(sources=[f"s3://{bucket}/prepared"]))
+texts = lambda s: sorted(r["text"] for d in (s.train, s.val, s.test) for r in d.take_all())
+print("RESULT " + json.dumps({"fresh": fresh.manifest["rows"], "skipped": fresh.manifest["skipped"],
+      "files": manifest["files"], "same": texts(fresh) == texts(back), "texts": texts(back),
+      "vocab_same": fresh.vocab == back.vocab}))
+"""
+
+
+@pytest.mark.slow
+def test_s3_sources_and_prepared_dir_on_s3(tmp_path):
+    import hashlib
+    import os
+    import subprocess
+    import sys
+
+    import pyarrow.fs as pafs
+
+    from moto_s3 import s3_server
+
+    bucket = "raylstm-data"
+    json_bytes = b"\n".join([j2014("S1", "from s3 one"), b"{broken", j2014("S2", "from s3 two")]) + b"\n"
+    tsv_bytes = (TSV_HEADER + "\n" + "\t".join(["US", "1", "RID9", "P", "1", "t", "c", "5", "0", "0", "N", "Y",
+                                                "h", "tsv on s3", "2015-08-31"]) + "\n").encode()
+    with s3_server(bucket) as env:
+        fs = pafs.S3FileSystem(endpoint_override=env["AWS_ENDPOINT_URL"], access_key="testing",
+                               secret_key="testing", region="us-east-1", scheme="http")
+        for name, data in [("a.json.gz", gzip.compress(json_bytes)), ("b.tsv", tsv_bytes),
+                           ("SOURCES.md", b"# not reviews\n")]:
+            with fs.open_output_stream(f"{bucket}/reviews/{name}", compression=None) as f:
+                f.write(data)
+        script = tmp_path / "s3_job.py"
+        script.write_text(S3_SCRIPT)
+        proc = subprocess.run([sys.executable, str(script), bucket], capture_output=True, text=True, timeout=300,
+                              env={**os.environ, **env, "RAY_AUTH_MODE": "disabled"})
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+    assert line, proc.stdout[-2000:] + proc.stderr[-4000:]
+    got = json.loads(line[len("RESULT "):])
+    assert got["fresh"]["records"] == 4 and got["skipped"] == {"invalid_json": 1}
+    assert got["same"] and got["vocab_same"] and got["texts"] == ["from s3 one", "from s3 two", "tsv on s3"]
+    files = {f["path"]: f for f in got["files"]}
+    assert set(files) == {f"s3://{bucket}/reviews/a.json.gz", f"s3://{bucket}/reviews/b.tsv"}
+    assert files[f"s3://{bucket}/reviews/b.tsv"]["sha256"] == hashlib.sha256(tsv_bytes).hexdigest()
