@@ -155,17 +155,24 @@ def _preset(name: str):
     return cfg
 
 
-def train_torch(preset: str, text: PeerText, seconds: float, seed: int = 0) -> dict:
-    """A bare loop over raylstm's model with the preset's model/optimizer settings, for `seconds`."""
+def train_torch(preset: str, text: PeerText, seconds: float, seed: int = 0, device: str = "cpu",
+                overrides: list[str] | None = None) -> dict:
+    """A bare loop over raylstm's model with the preset's model/optimizer settings, for `seconds`.
+    On CUDA it runs under bf16 autocast, as raylstm's training loop does."""
     import torch
+
+    from raylstm.config import apply_override
 
     from raylstm.model import build_model
 
     cfg = _preset(preset)
+    for item in overrides or []:
+        apply_override(cfg, item)
     cfg.model.vocab_size = len(text.vocab)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    model = build_model(cfg.model)
+    model = build_model(cfg.model).to(device)
+    cuda = device.startswith("cuda")
     tc = cfg.train
     params = [p for p in model.parameters()]
     if tc.optimizer == "rmsprop":
@@ -175,7 +182,7 @@ def train_torch(preset: str, text: PeerText, seconds: float, seed: int = 0) -> d
         opt = torch.optim.AdamW(params, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
     seed_mode = cfg.data.window_mode == "seed"
     T, B = cfg.data.seq_len, tc.batch_size
-    ids = torch.from_numpy(text.train_ids)
+    ids = torch.from_numpy(text.train_ids).to(device)
     n_full = (len(ids) - 1) // T
     curve, windows, preds, losses, step = [], 0, 0, [], 0
     model.train()
@@ -183,15 +190,17 @@ def train_torch(preset: str, text: PeerText, seconds: float, seed: int = 0) -> d
     def one_step(lr: float) -> float:
         for g in opt.param_groups:
             g["lr"] = lr
-        if seed_mode:
-            x, y = seed_batches(text.train_ids, B, rng)
-            logits, _ = model(torch.from_numpy(x))
-            loss = torch.nn.functional.cross_entropy(logits[:, -1], torch.from_numpy(y))
-        else:
-            starts = torch.from_numpy(rng.integers(0, n_full, size=B) * T)
-            win = ids[starts[:, None] + torch.arange(T + 1)]
-            logits, _ = model(win[:, :-1])
-            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), win[:, 1:].reshape(-1))
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+            if seed_mode:
+                x, y = seed_batches(text.train_ids, B, rng)
+                logits, _ = model(torch.from_numpy(x).to(device))
+                loss = torch.nn.functional.cross_entropy(logits[:, -1].float(), torch.from_numpy(y).to(device))
+            else:
+                starts = torch.from_numpy(rng.integers(0, n_full, size=B) * T).to(device)
+                win = ids[starts[:, None] + torch.arange(T + 1, device=device)]
+                logits, _ = model(win[:, :-1])
+                loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                                                         win[:, 1:].reshape(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if tc.grad_clip > 0:
@@ -200,6 +209,8 @@ def train_torch(preset: str, text: PeerText, seconds: float, seed: int = 0) -> d
         return float(loss.detach())
 
     one_step(0.0)  # allocate outside the clock (lr 0: no update)
+    if cuda:
+        torch.cuda.synchronize()
     t0 = time.perf_counter()
     while (elapsed := time.perf_counter() - t0) < seconds:
         # The preset's warmup + cosine, stretched over the time budget instead of max_steps.
@@ -212,27 +223,30 @@ def train_torch(preset: str, text: PeerText, seconds: float, seed: int = 0) -> d
         preds += B if seed_mode else B * T
         if step % 20 == 0:
             curve.append((elapsed, preds, float(np.mean(losses[-20:])) / math.log(2)))
+    if cuda:
+        torch.cuda.synchronize()
     elapsed = time.perf_counter() - t0
     return {"model": model.eval(), "seconds": elapsed, "windows": windows, "preds": preds,
             "input_chars": windows * (CONTEXT if seed_mode else T), "curve": curve, "seed_mode": seed_mode,
             "config": cfg}
 
 
-def torch_bpc(result: dict, text: PeerText, eval_reviews: list[str], eval_text: str) -> float:
+def torch_bpc(result: dict, text: PeerText, eval_reviews: list[str], eval_text: str, device: str = "cpu") -> float:
     import torch
 
     from raylstm.evaluate import score_reviews
 
     model = result["model"]
     if not result["seed_mode"]:
-        bits, chars, _ = score_reviews(model, text.vocab, eval_reviews)
+        bits, chars, _ = score_reviews(model, text.vocab, eval_reviews, device=device)
         return bits / chars
     x, y = _stream_windows(eval_text, text.vocab, "\n")
     bits = 0.0
     with torch.inference_mode():
         for i in range(0, len(y), 2048):
-            logits, _ = model(torch.from_numpy(np.ascontiguousarray(x[i : i + 2048])))
-            nll = torch.nn.functional.cross_entropy(logits[:, -1], torch.from_numpy(y[i : i + 2048]), reduction="sum")
+            logits, _ = model(torch.from_numpy(np.ascontiguousarray(x[i : i + 2048])).to(device))
+            nll = torch.nn.functional.cross_entropy(logits[:, -1].float(), torch.from_numpy(y[i : i + 2048]).to(device),
+                                                    reduction="sum")
             bits += float(nll) / math.log(2)
     return bits / len(y)
 
@@ -251,10 +265,13 @@ def _eval_set(text: PeerText, eval_chars: int) -> tuple[list[str], str]:
     return out, join_reviews(out)
 
 
-def compare(text: PeerText, seconds: float, eval_chars: int) -> dict[str, Any]:
+def compare(text: PeerText, seconds: float, eval_chars: int, device: str = "cpu") -> dict[str, Any]:
+    """Keras peer, raylstm seed, raylstm default: each trained `seconds`, scored on the same text.
+    Keras picks its device itself (the torch backend uses CUDA when torch sees a GPU)."""
     import torch
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    if device == "cpu":
+        torch.set_num_threads(os.cpu_count() or 1)
     eval_reviews, eval_text = _eval_set(text, eval_chars)
     rows: dict[str, Any] = {}
     kr = train_keras(text, seconds)
@@ -262,13 +279,13 @@ def compare(text: PeerText, seconds: float, eval_chars: int) -> dict[str, Any]:
     kr["bpc"] = keras_bpc(kr.pop("model"), x, y)
     rows["keras (peer)"] = kr
     for preset in ("seed", "default"):
-        r = train_torch(preset, text, seconds)
-        r["bpc"] = torch_bpc(r, text, eval_reviews, eval_text)
+        r = train_torch(preset, text, seconds, device=device)
+        r["bpc"] = torch_bpc(r, text, eval_reviews, eval_text, device=device)
         r.pop("model")
         r.pop("config")
         rows[f"raylstm {preset}"] = r
     return {"rows": rows, "eval_chars": len(eval_text), "eval_reviews": len(eval_reviews),
-            "train_chars": int(len(text.train_ids)), "source": text.source, "seconds": seconds}
+            "train_chars": int(len(text.train_ids)), "source": text.source, "seconds": seconds, "device": device}
 
 
 def to_markdown(res: dict[str, Any], command: str) -> str:
@@ -308,7 +325,7 @@ def run(out_dir: Path, quick: bool = False, seconds: float | None = None) -> str
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="10 s per model, a quarter of the text")
     ap.add_argument("--seconds", type=float, default=None, help="wall time per model (default 45, quick 10)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "out"))

@@ -164,3 +164,73 @@ def test_unknown_chars_are_counted() -> None:
     vocab, model = _tiny_vocab_and_model(["abc abc"])
     _, chars, unknown = ev.score_reviews(model, vocab, ["abz", "zz"])
     assert (chars, unknown) == (7, 3)
+
+
+# --- evaluate() and `raylstm evaluate` on a real checkpoint ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained_checkpoint(ray_session, tmp_path_factory) -> Path:
+    """A small CharLSTM trained briefly on the demo corpus's train split, saved as a real checkpoint."""
+    import numpy as np
+    import torch
+
+    from raylstm.checkpoint import save_checkpoint
+    from raylstm.config import Config
+    from raylstm.data import load_splits
+    from raylstm.model import build_model
+
+    cfg = Config()
+    cfg.model.embed_dim, cfg.model.hidden_size, cfg.model.num_layers, cfg.model.dropout = 16, 64, 1, 0.0
+    splits = load_splits(cfg.data)
+    cfg.model.vocab_size = len(splits.vocab)
+    stream = ev.join_reviews(t for _, t, _ in ev.split_rows(splits.train))
+    ids = torch.from_numpy(splits.vocab.encode(stream).astype(np.int64))
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(120):
+        starts = torch.randint(0, len(ids) - 65, (16,), generator=gen)
+        win = ids[starts[:, None] + torch.arange(65)]
+        logits, _ = model(win[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), win[:, 1:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return save_checkpoint(tmp_path_factory.mktemp("eval") / "ckpt", model, splits.vocab, cfg, step=120)
+
+
+@pytest.mark.slow
+def test_evaluate_reports_model_and_baselines_on_the_same_text(trained_checkpoint: Path, tmp_path: Path,
+                                                                capsys) -> None:
+    from raylstm.cli import main
+    from raylstm.config import DataConfig
+    from raylstm.data import load_splits
+
+    res = ev.evaluate(trained_checkpoint, split="test")
+    splits = load_splits(DataConfig())
+    test = ev.join_reviews(t for _, t, _ in ev.split_rows(splits.test))
+    train = ev.join_reviews(t for _, t, _ in ev.split_rows(splits.train))
+    assert res["chars"] == len(test) == res["model"]["chars"]
+    # The baselines were computed on exactly that string, given exactly the training split.
+    assert res["baselines"]["xz"]["bpc"] == pytest.approx(ev.compressor_bpc(test, train, ["xz"])["xz"])
+    assert res["baselines"]["unigram"]["bpc"] == pytest.approx(ev.unigram_entropy_bpc(test))
+    assert set(res["baselines"]) >= {"unigram", "gzip", "bz2", "xz", "ppmd"}
+    # 120 steps of a small LSTM already beat any order-0 model of the held-out text.
+    assert res["model"]["bpc"] < res["baselines"]["unigram"]["bpc"]
+
+    out = tmp_path / "eval.json"
+    assert main(["evaluate", "--checkpoint", str(trained_checkpoint), "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    for name in ("model", "unigram", "gzip", "bz2", "xz", "ppmd"):
+        assert f"\n{name} " in printed
+    import json
+
+    assert json.loads(out.read_text())["model"]["bpc"] == pytest.approx(res["model"]["bpc"])
+
+
+def test_evaluate_refuses_a_missing_checkpoint(tmp_path: Path) -> None:
+    from raylstm.cli import main
+
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "nope")]) == 2
