@@ -29,7 +29,7 @@ VOCAB = 100  # a typical cased review vocabulary (~100 characters)
 
 def shapes(tiny: bool) -> dict:
     if tiny:
-        return dict(embed=8, hidden=32, layers=1, seq=16, batch=4, steps=600, iters=5, device="cpu")
+        return dict(embed=8, hidden=32, layers=1, seq=16, batch=4, steps=2000, iters=5, device="cpu")
     return dict(embed=128, hidden=1024, layers=3, seq=256, batch=256, steps=300, iters=20, device="cuda")
 
 
@@ -107,7 +107,7 @@ def ray_step(s: dict, tiny: bool) -> dict:
                  num_cpus=4 if tiny else None)
     vocab = CharVocab([chr(c) for c in range(32, 32 + VOCAB - 1)])
     rng = np.random.default_rng(0)
-    n_train = s["batch"] * 40
+    n_train = s["batch"] * (400 if tiny else 40)
     make = lambda n: ray.data.from_numpy(rng.integers(1, VOCAB, (n, s["seq"] + 1), dtype=np.int32)).rename_columns(
         {"data": "ids"})
     cfg = load_config(ROOT / "configs" / "amazon-gpu.toml", [
@@ -122,9 +122,10 @@ def ray_step(s: dict, tiny: bool) -> dict:
         t0 = time.perf_counter()
         res = fit_windows(cfg, vocab, make(n_train), make(s["batch"] * 2), storage=tmp, name="gpu-bench")
         wall = time.perf_counter() - t0
-        rows = [r for r in read_metrics(res.run_dir) if r.get("val_bpc") is None][2:]
+        reports = [r for r in read_metrics(res.run_dir) if r.get("val_bpc") is None]
+    rows = reports[2:] or reports[1:]  # drop start-up and warm-up reports when there are enough
     if not rows:
-        raise RuntimeError("too few metrics reports for a steady-state figure")
+        raise RuntimeError(f"{len(reports)} metrics reports: too few for a steady-state figure")
     return {"chars_per_s": statistics.median(r["chars_per_s"] for r in rows), "reports": len(rows), "wall_s": wall}
 
 
