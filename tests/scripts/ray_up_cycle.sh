@@ -66,6 +66,8 @@ MaxSessions 50
 MaxStartups 50
 EOF
 /usr/sbin/sshd -f "$WORK/sshd_config" -E "$WORK/sshd.log"
+# sshd forks into the background before it binds its socket: wait until it accepts connections.
+for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/22) 2>/dev/null && break; sleep 0.1; done
 ssh -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o BatchMode=yes -o LogLevel=ERROR \
     root@127.0.0.1 'echo "ssh ok: $(whoami)@$(hostname) PATH has ray: $(command -v ray)"'
 
