@@ -31,7 +31,7 @@ from ray.data.aggregate import Min
 from ray.data.context import DataContext, ShuffleStrategy
 
 from raylstm.config import DataConfig
-from raylstm.sources import DataError, ReadOptions, read_parquet, read_reviews
+from raylstm.sources import BAD_REASONS, DataError, ReadOptions, read_parquet, read_reviews
 from raylstm.text import clean_text, join_title, reject_reason
 from raylstm.vocab import CharVocab
 
@@ -275,8 +275,8 @@ def _build_splits(cfg: DataConfig, sources: list[str], override_num_blocks: int 
     cleaned_rows_hint = reasons.get("", 0)
     good = cleaned.map_batches(_only_good, batch_format="pyarrow", batch_size=None)
     if cfg.dedupe:
-        # Global exact dedupe: hash-shuffle by text, keep min(candidate) per text. A vectorised aggregate,
-        # not map_groups: one Python call per group costs ~4x more on 10k reviews.
+        # Global exact dedupe: shuffle by text, keep min(candidate) per text. A vectorised aggregate, not
+        # map_groups: one Python call per group cost ~4x more on 10k reviews.
         good = (
             good.map_batches(_dedupe_candidates, batch_format="pyarrow", batch_size=None)
             .groupby("text", num_partitions=_partitions(cleaned_rows_hint))
@@ -301,7 +301,7 @@ def _build_splits(cfg: DataConfig, sources: list[str], override_num_blocks: int 
     vocab = build_vocab(char_counts, split_stats["train"]["rows"], cfg.min_char_count)
 
     records = sum(reasons.values())
-    parsed = records - sum(n for r, n in reasons.items() if r in _MALFORMED)
+    parsed = records - sum(n for r, n in reasons.items() if r in BAD_REASONS)
     cleaned_rows = reasons.get("", 0)
     kept = sum(v["rows"] for v in split_stats.values())
     skipped = {r: n for r, n in sorted(reasons.items()) if r}
@@ -327,10 +327,6 @@ def _partitions(rows: int) -> int:
     # One shuffle partition per ~250k reviews: the default (hundreds) makes hundreds of tiny tasks,
     # which on a 2-core machine costs far more than the dedupe itself.
     return max(1, min(64, -(-rows // 250_000)))
-
-
-_MALFORMED = {"invalid_json", "invalid_utf8", "nul_byte", "missing_text", "empty_text", "bad_text_type",
-              "too_long", "wrong_columns", "csv_error"}
 
 
 def _config_dict(cfg: DataConfig) -> dict:
