@@ -33,7 +33,7 @@ def _config(args: argparse.Namespace):
 def _prepare_parser(p: argparse.ArgumentParser) -> Command:
     p.add_argument("sources", nargs="*", help="review files, dirs, globs or s3:// URIs (default: demo corpus)")
     p.add_argument("--out", required=True, help="output directory (Parquet shards, vocab.json, manifest.json)")
-    p.add_argument("--format", help="force a format: tsv, json2014, json2023, csv, parquet, text")
+    p.add_argument("--format", help="force a format: tsv, json, json2014, json2023, csv, parquet, text, blitzer")
     p.add_argument("--strict", action="store_true", help="fail on the first malformed row, naming file and line")
     _add_config_args(p)
 
