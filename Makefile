@@ -33,8 +33,9 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow and not cluster" -p no:cacheprovider
 
+# Flags through BENCH_ARGS, e.g. `make bench BENCH_ARGS="--quick"` or `BENCH_ARGS="--with-quality"`.
 bench: install
-	$(BIN)/python -m bench.run_all
+	$(BIN)/python -m bench.run_all $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info runs bench/out
