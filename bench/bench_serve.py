@@ -147,6 +147,7 @@ def run(out_dir: Path, quick: bool = False) -> str:
     from raylstm.serve import build_app, start_server
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    load_before = os.getloadavg()[0]
     torch.set_num_threads(1)  # as in the replicas; the driver's threads would fight Serve for 2 cores
     ckpt, what = _checkpoint(out_dir)
     # Batching off is ~10x slower per request, so it gets fewer requests (same 32 clients).
@@ -183,6 +184,8 @@ def run(out_dir: Path, quick: bool = False) -> str:
         f"Model: {what}. Requests: {REQ_CHARS} new characters after a {len(PROMPT)}-character prompt, "
         f"temperature 1, distinct seeds; {CLIENTS} concurrent HTTP clients; one replica (0.5 CPU, 1 torch "
         f"thread); {os.cpu_count()} cores. Total HTTP requests: {on['requests'] + off['requests']}.",
+        f"Host load average (1 min) {load_before:.1f} at start, {os.getloadavg()[0]:.1f} at end: other work "
+        "on a shared host slows every row, so compare rows of the same run, not runs.",
         "",
         "| mode | requests | errors | requests/s | chars/s | p50 ms | p99 ms |",
         "|---|---:|---:|---:|---:|---:|---:|",
@@ -198,7 +201,7 @@ def run(out_dir: Path, quick: bool = False) -> str:
         f"| Serve batched / library batched throughput | {on['rps'] / lib32['rps']:.2f} |",
         f"| Serve unbatched / library one-at-a-time throughput | {off['rps'] / lib1['rps']:.2f} |",
         f"| one request alone: HTTP p50 / in-process p50 | {seq_http:.0f} ms / {seq_direct:.0f} ms "
-        f"(+{seq_http - seq_direct:.0f} ms Serve overhead) |",
+        f"(difference {seq_http - seq_direct:+.0f} ms) |",
         "",
         "Rerun: `.venv/bin/python -m bench.bench_serve` (quick: `run(out, quick=True)`).",
         "",

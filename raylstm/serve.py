@@ -36,7 +36,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, HTTPException
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -44,8 +44,8 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_vali
 from ray import serve
 
 from raylstm.checkpoint import BEST, META, CheckpointError, resolve_checkpoint
-from raylstm.config import Config, ServeConfig
-from raylstm.sample import MAX_SEED, Completion, Engine, Event, Job, SampleParams, Sampler
+from raylstm.config import Config, ServeConfig, load_config
+from raylstm.sample import MAX_SEED, Engine, Event, Job, SampleParams, Sampler
 
 log = logging.getLogger("ray.serve")
 
@@ -489,11 +489,8 @@ def app_builder(args: dict[str, Any]) -> serve.Application:
     if not source:
         raise ValueError("serve_config.yaml: application args need `run: RUN_DIR` or `checkpoint: CKPT_DIR`")
     cfg_path = args.pop("config", None)
-    cfg = Config().serve if cfg_path is None else __import__("raylstm.config").config.load_config(cfg_path).serve
-    for k, v in args.items():
-        if not hasattr(cfg, k):
-            raise ValueError(f"serve_config.yaml: unknown serve field {k!r}")
-        setattr(cfg, k, type(getattr(cfg, k))(v))
+    # Through the config layer, so the YAML's fields get the same checks and errors as --set overrides.
+    cfg = load_config(cfg_path, [f"serve.{k}={json.dumps(v)}" for k, v in args.items()]).serve
     return build_app(source, cfg)
 
 
