@@ -24,6 +24,10 @@ from raylstm.data import SPLITS, is_prepared_dir, load_splits
 MANIFEST_VERSION = 1
 
 
+class OutputDirError(FileExistsError, ValueError):
+    """--out names something prepare must not overwrite (a ValueError too: the CLI prints it plainly)."""
+
+
 def _fs(out_dir: str) -> tuple[pafs.FileSystem, str]:
     if "://" in out_dir:
         return pafs.FileSystem.from_uri(out_dir)
@@ -48,13 +52,13 @@ def _clear_previous(fs: pafs.FileSystem, root: str, out_dir: str) -> None:
     if info.type == pafs.FileType.NotFound:
         return
     if info.type != pafs.FileType.Directory:
-        raise FileExistsError(f"--out {out_dir} exists and is not a directory")
+        raise OutputDirError(f"--out {out_dir} exists and is not a directory")
     entries = fs.get_file_info(pafs.FileSelector(root))
     if not entries:
         return
     names = {e.base_name for e in entries}
     if "manifest.json" not in names or not names <= {*SPLITS, "vocab.json", "manifest.json"}:
-        raise FileExistsError(f"--out {out_dir} is not empty and not an earlier prepare output; "
+        raise OutputDirError(f"--out {out_dir} is not empty and not an earlier prepare output; "
                               "choose a new directory")
     fs.delete_file(f"{root}/manifest.json")  # first, so a half-rewritten dir never looks complete
     for e in entries:

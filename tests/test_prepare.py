@@ -57,6 +57,7 @@ def test_prepare_refuses_foreign_dir_and_rewrites_its_own(ray_session, tmp_path,
     with pytest.raises(FileExistsError, match="not empty"):
         prepare(DataConfig(), foreign)
     assert (foreign / "notes.txt").read_text() == "keep me"
+    assert main(["prepare", "--out", str(foreign)]) == 2  # a plain message from the CLI, no traceback
     with pytest.raises(ValueError, match="already a prepared directory"):
         prepare(DataConfig(sources=[str(prepared[1])]), tmp_path / "again")
 
