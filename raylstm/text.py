@@ -74,7 +74,18 @@ class CleanOptions:
 
 
 def clean_text(text: str, lowercase: bool = False, ascii_only: bool = False) -> str:
-    """The full cleaning chain for one review body (or title). Idempotent."""
+    """The full cleaning chain for one review body (or title). Idempotent: markup that only appears
+    after a pass (triple-escaped entities, a full-width `＆amp;` that NFKC turns into `&amp;`) is
+    cleaned by repeating the chain, which only happens when a pass leaves `&` or `<` behind."""
+    for _ in range(4):
+        cleaned = _clean_once(text, lowercase, ascii_only)
+        if cleaned == text or ("&" not in cleaned and "<" not in cleaned):
+            return cleaned
+        text = cleaned
+    return text
+
+
+def _clean_once(text: str, lowercase: bool, ascii_only: bool) -> str:
     text = strip_html(text)
     text = normalize_unicode(text)
     if ascii_only:

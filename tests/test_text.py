@@ -37,8 +37,9 @@ def test_lowercase_and_ascii_folding():
     assert clean_text("naïve 日本 ok", ascii_only=True) == "naive ok"
 
 
-def test_idempotent():
-    raw = "A &#34;good&#34;<br />  product\n\nreally &amp; truly ﬁne"
+@pytest.mark.parametrize("raw", ["A &#34;good&#34;<br />  product\n\nreally &amp; truly ﬁne",
+                                 "&amp;amp;amp;#34;deep&amp;amp;amp;#34;", "\uff06amp;lt;b&gt;x"])
+def test_idempotent(raw):
     once = clean_text(raw, lowercase=True)
     assert clean_text(once, lowercase=True) == once
 
@@ -55,3 +56,17 @@ def test_reject_reason():
     assert reject_reason("x" * 40, 40) is None
     assert strip_html("&lt;b&gt;") == " "  # unescaped to a tag, then removed
     assert collapse_whitespace(" a  b ") == "a b"
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(), st.booleans(), st.booleans())
+def test_clean_is_idempotent_and_never_leaves_a_newline(raw, lower, ascii_only):
+    once = clean_text(raw, lowercase=lower, ascii_only=ascii_only)
+    assert "\n" not in once and once == once.strip()
+    assert clean_text(once, lowercase=lower, ascii_only=ascii_only) == once
+    if ascii_only:
+        assert once.isascii()
