@@ -560,15 +560,15 @@ def run_server(args: Any, cfg: Config) -> int:
         sc.num_gpus = 1.0
     source = args.run or args.checkpoint
     ensure_ray(args.address)
-    handle = start_server(source, sc, follow=bool(args.run))
-    auth = "on" if os.environ.get(sc.token_env) else f"off (set {sc.token_env} to require a bearer token)"
-    print(f"raylstm serving {resolve_checkpoint(source)}\n  {handle.url}/  (web page)\n  {handle.url}/docs"
-          f"  (OpenAPI)\n  auth: {auth}\nCtrl-C to stop.", flush=True)
     try:
+        handle = start_server(source, sc, follow=bool(args.run))
+        auth = "on" if os.environ.get(sc.token_env) else f"off (set {sc.token_env} to require a bearer token)"
+        print(f"raylstm serving {resolve_checkpoint(source)}\n  {handle.url}/  (web page)\n  {handle.url}/docs"
+              f"  (OpenAPI)\n  auth: {auth}\nCtrl-C to stop.", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
         print("shutting down Serve", flush=True)
     finally:
-        handle.shutdown()
+        serve.shutdown()  # also when Ctrl-C comes during startup
     return 0

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import httpx
@@ -19,8 +21,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 def test_cli_serve_with_token_then_ctrl_c(tmp_path_factory, tmp_path):
     run = run_dir(tmp_path_factory)
     port = free_port()
-    env = {**os.environ, "RAYLSTM_API_TOKEN": "cli-token", "RAY_AUTH_MODE": "disabled",
-           "RAY_TMPDIR": str(tmp_path)}
+    ray_tmp = tempfile.mkdtemp(prefix="rls", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    env = {**os.environ, "RAYLSTM_API_TOKEN": "cli-token", "RAY_AUTH_MODE": "disabled", "RAY_TMPDIR": ray_tmp}
     log = open(tmp_path / "serve.log", "w+")
     proc = subprocess.Popen(
         [sys.executable, "-m", "raylstm.cli", "serve", "--run", str(run), "--port", str(port),
@@ -38,6 +40,9 @@ def test_cli_serve_with_token_then_ctrl_c(tmp_path_factory, tmp_path):
                 pass
             assert time.monotonic() < deadline, "raylstm serve never became healthy"
             time.sleep(0.5)
+        while "Ctrl-C to stop" not in (tmp_path / "serve.log").read_text():  # startup finished
+            assert time.monotonic() < deadline and proc.poll() is None, "no ready message"
+            time.sleep(0.2)
         body = {"prompt": "I bought ", "max_chars": 20, "temperature": 0, "seed": 1}
         assert httpx.post(f"{url}/v1/generate", json=body, timeout=60).status_code == 401
         ok = httpx.post(f"{url}/v1/generate", json=body, timeout=60,
@@ -57,3 +62,4 @@ def test_cli_serve_with_token_then_ctrl_c(tmp_path_factory, tmp_path):
         except ProcessLookupError:
             pass
         log.close()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
