@@ -264,6 +264,7 @@ def evaluate(
     split: str = "test",
     *,
     compressors: bool = True,
+    per_file: bool = True,
     max_context_chars: int = 64 << 20,
 ) -> dict[str, Any]:
     """Held-out bpc of `checkpoint` on `split` of `data_cfg` (default: the data it was trained on), with
@@ -309,13 +310,7 @@ def evaluate(
         "step": ckpt.step,
     }
 
-    per_source: dict[str, dict[str, Any]] = {}
-    sources = sorted({s for _, _, s in rows})
-    if len(sources) > 1:
-        for src in sources:
-            sub = [t for _, t, s in rows if s == src]
-            b, c, _ = score_reviews(ckpt.model, ckpt.vocab, sub)
-            per_source[src] = {"bpc": b / c, "chars": c, "reviews": len(sub)}
+    per_source = _per_source_bpc(ckpt, cfg, split) if per_file else {}
 
     result: dict[str, Any] = {
         "split": split,
@@ -333,6 +328,38 @@ def evaluate(
     return result
 
 
+def _per_source_bpc(ckpt: Any, cfg: Any, split: str) -> dict[str, dict[str, Any]]:
+    """Model bpc of each local source file's own `split`, when the sources expand to several files.
+
+    The split is a hash of each review's key, so a file's held-out reviews are the same whether it is
+    read alone or with others (except reviews that dedupe removed in favour of a copy in another file).
+    Remote (s3://) sources are skipped: per-file figures there would re-read the whole bucket per file.
+    """
+    import dataclasses
+
+    import pyarrow.fs as pafs
+
+    from raylstm.data import is_prepared_dir, load_splits
+    from raylstm.sources import resolve_files
+
+    if not cfg.sources or is_prepared_dir(list(cfg.sources)):
+        return {}
+    files = resolve_files(list(cfg.sources))
+    if len(files) < 2 or not all(isinstance(fs, pafs.LocalFileSystem) for fs, _, _ in files):
+        return {}
+    out: dict[str, dict[str, Any]] = {}
+    for _, path, _ in files:
+        sp = load_splits(dataclasses.replace(cfg, sources=[path]))
+        ds = sp.train.union(sp.val, sp.test) if split == "all" else getattr(sp, split)
+        texts = [t for _, t, _ in split_rows(ds)]
+        if not texts:
+            out[path] = {"bpc": None, "chars": 0, "reviews": 0}
+            continue
+        b, c, _ = score_reviews(ckpt.model, ckpt.vocab, texts)
+        out[path] = {"bpc": b / c, "chars": c, "reviews": len(texts)}
+    return out
+
+
 def format_table(result: dict[str, Any]) -> str:
     """The evaluation as an aligned text table, model first, then baselines best-first."""
     m = result["model"]
@@ -347,8 +374,11 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append(f"{name:<14} {b['bpc']:>7.4f}  {b['bpc'] / m['bpc']:>7.2f}x  {b['setting']}")
     if m["unknown_chars"]:
         lines.append(f"({m['unknown_chars']:,} held-out chars are outside the model's vocabulary)")
+    if result.get("per_source"):
+        lines.append("per source file (model bpc on that file's own held-out reviews):")
     for src, s in result.get("per_source", {}).items():
-        lines.append(f"  {src}: {s['bpc']:.4f} bpc over {s['chars']:,} chars")
+        bpc = "   n/a" if s["bpc"] is None else f"{s['bpc']:.4f}"
+        lines.append(f"  {bpc}  {s['chars']:>10,} chars  {src}")
     return "\n".join(lines)
 
 

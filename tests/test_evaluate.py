@@ -234,3 +234,24 @@ def test_evaluate_refuses_a_missing_checkpoint(tmp_path: Path) -> None:
     from raylstm.cli import main
 
     assert main(["evaluate", "--checkpoint", str(tmp_path / "nope")]) == 2
+
+
+@pytest.mark.slow
+def test_evaluate_reports_each_source_file(trained_checkpoint: Path, tmp_path: Path) -> None:
+    import json
+
+    from raylstm.config import DataConfig
+    from raylstm.data import DEMO_CORPUS
+
+    extra = tmp_path / "more_reviews.json"
+    with open(extra, "w") as f:
+        for i, text in enumerate(t for t in _review_text(80, seed=9) if len(t) >= 40):
+            f.write(json.dumps({"reviewerID": f"U{i}", "asin": "B0TEST", "reviewText": text, "overall": 4.0,
+                                "summary": "fine"}) + "\n")
+    res = ev.evaluate(trained_checkpoint, DataConfig(sources=[str(DEMO_CORPUS), str(extra)]), split="all",
+                      compressors=False)
+    assert set(res["per_source"]) == {str(DEMO_CORPUS), str(extra)}
+    # Every held-out char belongs to exactly one file (no review is in both).
+    assert sum(s["chars"] for s in res["per_source"].values()) == res["chars"]
+    # The model was trained on the demo corpus, not on shuffled word salad: it must do better there.
+    assert res["per_source"][str(DEMO_CORPUS)]["bpc"] < res["per_source"][str(extra)]["bpc"]
