@@ -162,7 +162,9 @@ def run(out_dir: Path, quick: bool = False) -> str:
     if own_ray:
         ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="ERROR",
                  log_to_driver=False, object_store_memory=512 * 1024**2)
-    steps = 120 if quick else 300
+    # Steps per Ray run (1 worker, 2 workers) and per bare-loop run: enough for >= 4 steady-state reports
+    # (reports come every ~2 s) while each fit() stays around a minute on 2 cores, start-up included.
+    steps, steps_two, steps_bare = (100, 80, 40) if quick else (200, 120, 70)
     tmp = Path(tempfile.mkdtemp(prefix="bench-train-"))
     try:
         sources, what = _sources(tmp, 1500)
@@ -176,12 +178,12 @@ def run(out_dir: Path, quick: bool = False) -> str:
         vocab = splits.vocab
         # The bare loop runs before and after the Ray run and the two are averaged, so a change in load
         # on a shared machine during the benchmark does not favour either side.
-        bare_before = bare_loop(ids, len(vocab), steps, blocks=6)
+        bare_before = bare_loop(ids, len(vocab), steps_bare, blocks=6)
         one = ray_pipeline((train_ds, val_ds), vocab, 1, steps, str(tmp / "runs"))
-        bare_after = bare_loop(ids, len(vocab), steps, blocks=6)
+        bare_after = bare_loop(ids, len(vocab), steps_bare, blocks=6)
         bare = (bare_before + bare_after) / 2
-        two = ray_pipeline((train_ds, val_ds), vocab, 2, steps, str(tmp / "runs"))
-        sup = supervision(ids[:, :-1].reshape(-1), len(vocab), seconds=4.0 if quick else 10.0)
+        two = ray_pipeline((train_ds, val_ds), vocab, 2, steps_two, str(tmp / "runs"))
+        sup = supervision(ids[:, :-1].reshape(-1), len(vocab), seconds=3.0 if quick else 6.0)
     finally:
         if own_ray:
             ray.shutdown()
@@ -191,7 +193,7 @@ def run(out_dir: Path, quick: bool = False) -> str:
         "",
         f"Data: {what}, {ids.shape[0]:,} training windows of 128 chars. Model: the demo preset's LSTM "
         f"(embed 32, 1x192), batch 32, AdamW, warmup+cosine, clipping; {THREADS} torch thread per worker; "
-        f"{steps} steps per Ray run. Machine: {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, "
+        f"{steps} steps (1 worker) and {steps_two} steps (2 workers) per Ray run. Machine: {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, "
         f"Python {sys.version.split()[0]}.",
         "",
         "| measurement | chars/s | ratio |",
@@ -204,7 +206,7 @@ def run(out_dir: Path, quick: bool = False) -> str:
         f"| {two['total'] / one['total']:.2f} x 1 worker |",
         "",
         f"Wall time of each `fit()` including Ray Train start-up, evaluation and checkpoints: 1 worker "
-        f"{one['wall_s']:.0f} s, 2 workers {two['wall_s']:.0f} s for {steps} steps (start-up is excluded from "
+        f"{one['wall_s']:.0f} s for {steps} steps, 2 workers {two['wall_s']:.0f} s for {steps_two} steps (start-up is excluded from "
         "the chars/s figures above).",
         "",
         "| supervision (seed model: Embedding 128 -> LSTM 128 -> Dense 256, RMSprop) | predictions/s | ratio |",
