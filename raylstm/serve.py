@@ -43,6 +43,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 from ray import serve
 
+from raylstm import storage as store
 from raylstm.checkpoint import BEST, META, CheckpointError, resolve_checkpoint
 from raylstm.config import Config, ServeConfig, load_config
 from raylstm.sample import MAX_SEED, Engine, Event, Job, SampleParams, Sampler
@@ -205,6 +206,10 @@ class LSTMServer:
         # Small-batch LSTM steps gain nothing from a thread pool, and on a busy host it spins.
         torch.set_num_threads(max(1, int(self.cfg.num_cpus)))
         self.device = "cuda" if self.cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+        if store.is_remote(source):
+            # On object storage: each replica copies the best (or given) checkpoint into its own node's
+            # cache and serves that verified copy; following best.json in a bucket is not supported.
+            source, follow = str(store.localize_checkpoint(source)), False
         self.source = source
         self.follow = follow
         self.sampler = Sampler.load(source, self.device)
@@ -463,8 +468,12 @@ def build_app(source: str | Path, cfg: ServeConfig | None = None, *, follow: boo
               token: str | None = None) -> serve.Application:
     """The Serve application for a checkpoint dir or a run dir (a run dir is followed via best.json)."""
     cfg = cfg or ServeConfig()
-    source = Path(source).resolve()
-    resolve_checkpoint(source)  # fail here, in the driver, with a clear message
+    if store.is_remote(source):
+        store.best_checkpoint_uri(str(source))  # fail here, in the driver, with a clear message
+        follow = False
+    else:
+        source = Path(source).resolve()
+        resolve_checkpoint(source)  # fail here, in the driver, with a clear message
     if follow is None:
         follow = (source / BEST).exists() and not (source / META).exists()
     opts: dict[str, Any] = {
@@ -560,10 +569,12 @@ def run_server(args: Any, cfg: Config) -> int:
         sc.num_gpus = 1.0
     source = args.run or args.checkpoint
     ensure_ray(args.address)
+    remote = store.is_remote(source)  # s3://...: served from a copy, not followed (see LSTMServer)
     try:
-        handle = start_server(source, sc, follow=bool(args.run))
+        handle = start_server(source, sc, follow=bool(args.run) and not remote)
         auth = "on" if os.environ.get(sc.token_env) else f"off (set {sc.token_env} to require a bearer token)"
-        print(f"raylstm serving {resolve_checkpoint(source)}\n  {handle.url}/  (web page)\n  {handle.url}/docs"
+        serving = store.best_checkpoint_uri(source) if remote else resolve_checkpoint(source)
+        print(f"raylstm serving {serving}\n  {handle.url}/  (web page)\n  {handle.url}/docs"
               f"  (OpenAPI)\n  auth: {auth}\nCtrl-C to stop.", flush=True)
         while True:
             time.sleep(3600)

@@ -26,6 +26,7 @@ import ray.train
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
 from ray.train.torch import TorchTrainer
 
+from raylstm import storage as store
 from raylstm.checkpoint import BEST, load_checkpoint, write_best
 from raylstm.config import Config
 from raylstm.train_loop import SAMPLES_FILE, generate_samples, train_loop_per_worker
@@ -49,15 +50,24 @@ class TrainResult:
 def resolve_storage(storage: str, name: str) -> tuple[str, Path]:
     """(storage_path for RunConfig, the run dir on this machine). The one place storage URIs are handled.
 
-    Local paths only for now: Ray Train needs an absolute path, and the driver writes best.json, the
-    metrics file and the plots into the run dir directly.
+    Local: Ray Train needs an absolute path, and the driver writes best.json, the metrics file and the
+    plots into the run dir directly. Object storage (s3://...): Ray Train writes the checkpoints straight
+    to the bucket, the run's small files are written to a local mirror (under storage.cache_dir()) and
+    copied to storage/name as they change (best.json) and at the end (see `run_uri`).
     """
-    if "://" in storage and not storage.startswith("file://"):
-        raise ValueError(f"--storage {storage!r}: only local paths are supported by this version of train()")
+    if store.is_remote(storage):
+        run_dir = store.cache_dir() / "runs" / store.cache_key(store.join(storage, name))
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return storage.rstrip("/"), run_dir
     root = Path(storage.removeprefix("file://")).expanduser().resolve()
     run_dir = root / name
     run_dir.mkdir(parents=True, exist_ok=True)
     return str(root), run_dir
+
+
+def run_uri(storage_path: str, name: str) -> str | None:
+    """The run's URI when it lives on object storage, else None (the local run dir is the run)."""
+    return store.join(storage_path, name) if store.is_remote(storage_path) else None
 
 
 class RunLog(UserCallback):
@@ -68,8 +78,9 @@ class RunLog(UserCallback):
     checkpoint so far, so a server can follow the run while it trains.
     """
 
-    def __init__(self, run_dir: str) -> None:
+    def __init__(self, run_dir: str, run_uri: str | None = None) -> None:
         self.run_dir = run_dir
+        self.run_uri = run_uri
 
     def _best_so_far(self) -> float:
         best = Path(self.run_dir) / BEST
@@ -88,12 +99,16 @@ class RunLog(UserCallback):
             ckpt_dir = Path(checkpoint.path)
             line["checkpoint"] = ckpt_dir.name
             samples = ckpt_dir / SAMPLES_FILE
-            if samples.exists():
+            if self.run_uri:  # the checkpoint is in the bucket
+                samples = store.join(store.to_uri(checkpoint.filesystem, checkpoint.path), SAMPLES_FILE)
+            if store.exists(samples):
                 with open(run_dir / SAMPLES_LOG, "a") as f:
-                    f.write(json.dumps(json.loads(samples.read_text())) + "\n")
+                    f.write(json.dumps(json.loads(store.read_text(samples))) + "\n")
             bpc = float(line.get("val_bpc", math.inf))
             if bpc < self._best_so_far():
-                write_best(run_dir, ckpt_dir.name, _plain(line))
+                best = write_best(run_dir, ckpt_dir.name, _plain(line))
+                if self.run_uri:  # a server following the run reads it from the bucket
+                    store.write_bytes(store.join(self.run_uri, BEST), best.read_bytes())
         with open(run_dir / METRICS_FILE, "a") as f:
             f.write(json.dumps(_plain(line)) + "\n")
 
@@ -199,7 +214,7 @@ def fit_windows(
                 checkpoint_score_order="min",
             ),
             failure_config=FailureConfig(max_failures=tcfg.max_failures),
-            callbacks=[RunLog(str(run_dir))],
+            callbacks=[RunLog(str(run_dir), run_uri(storage_path, name))],
         ),
         datasets={"train": train_ds, "val": val_ds},
         # Only train is split: every worker reads the whole val set and evaluates its stride of it, so
@@ -207,11 +222,14 @@ def fit_windows(
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
     result = trainer.fit()
-    return finish_run(cfg, run_dir, result)
+    return finish_run(cfg, run_dir, result, run_uri(storage_path, name))
 
 
-def finish_run(cfg: Config, run_dir: Path, result: ray.train.Result) -> TrainResult:
-    """best.json from the kept checkpoints, the learning curve, and samples from the best checkpoint."""
+def finish_run(cfg: Config, run_dir: Path, result: ray.train.Result, run_uri: str | None = None) -> TrainResult:
+    """best.json from the kept checkpoints, the learning curve, and samples from the best checkpoint.
+
+    With `run_uri` (object storage), the best checkpoint is copied down (verified) to sample from, and the
+    run's small files are copied up next to the checkpoints; the result names the URIs."""
     scored = [(c, m) for c, m in (result.best_checkpoints or []) if m.get("val_bpc") is not None]
     if not scored:
         raise RuntimeError(f"{run_dir}: the run finished without a checkpoint carrying val_bpc")
@@ -220,7 +238,7 @@ def finish_run(cfg: Config, run_dir: Path, result: ray.train.Result) -> TrainRes
     write_best(run_dir, best_dir.name, _plain(dict(best_metrics)))
     plot_learning_curve(run_dir / METRICS_FILE, run_dir / CURVE_FILE)
 
-    loaded = load_checkpoint(best_dir)
+    loaded = load_checkpoint(store.localize_checkpoint(store.join(run_uri, best_dir.name)) if run_uri else best_dir)
     tcfg = cfg.train
     window = cfg.data.seed_context if cfg.data.window_mode == "seed" else None
     samples = generate_samples(loaded.model, loaded.vocab, tcfg.sample_prime, tcfg.sample_chars,
@@ -230,6 +248,11 @@ def finish_run(cfg: Config, run_dir: Path, result: ray.train.Result) -> TrainRes
         text.append(f"--- temperature {t} ---\n{tcfg.sample_prime}{s}\n")
     (run_dir / SAMPLES_TXT).write_text("\n".join(text))
     print("[raylstm] " + "\n".join(text), flush=True)
+    if run_uri:
+        for f in sorted(run_dir.iterdir()):
+            if f.is_file() and not f.name.startswith("."):
+                store.write_bytes(store.join(run_uri, f.name), f.read_bytes())
+        return TrainResult(run_uri, store.join(run_uri, best_dir.name), dict(best_metrics), result)
     return TrainResult(str(run_dir), str(best_dir), dict(best_metrics), result)
 
 

@@ -129,3 +129,15 @@ def test_local_paths_pass_through(tmp_path):
     assert storage.to_uri(pafs.S3FileSystem(anonymous=True, region="us-east-1"), "bkt/runs/x") == "s3://bkt/runs/x"
     assert storage.join("s3://b/runs/", "/x/", "best.json") == "s3://b/runs/x/best.json"
     assert storage.is_remote("s3://b/k") and not storage.is_remote("file:///tmp/x") and not storage.is_remote("/tmp")
+
+
+def test_train_keeps_an_s3_run_on_s3(tmp_path, monkeypatch):
+    # Ray Train gets the bucket URI itself (checkpoints go straight there); the driver's small files go to a
+    # local mirror under the cache, copied up as they change.
+    from raylstm import train
+
+    monkeypatch.setenv("RAYLSTM_CACHE", str(tmp_path))
+    storage_path, run_dir = train.resolve_storage("s3://bkt/runs/", "x")
+    assert storage_path == "s3://bkt/runs" and run_dir.is_dir() and run_dir.is_relative_to(tmp_path)
+    assert train.run_uri(storage_path, "x") == "s3://bkt/runs/x"
+    assert train.run_uri(str(tmp_path / "runs"), "x") is None
