@@ -162,7 +162,8 @@ def quality(plan: Plan, out_dir: Path) -> str:
     base = baselines(held, join_reviews(text.train_reviews))
     plan.bare_chars_per_s = r["preds"] / r["seconds"]
     bpc = bits / chars
-    rows = [f"| **amazon-gpu model, {r['seconds']:.0f} s** | bare loop, bf16 | **{bpc:.3f}** | 1.00x |"]
+    precision = "bf16 autocast" if plan.device == "cuda" else "fp32"
+    rows = [f"| **amazon-gpu model, {r['seconds']:.0f} s** | bare loop, {precision} | **{bpc:.3f}** | 1.00x |"]
     rows += [f"| {n} | {b['setting']} | {b['bpc']:.3f} | {b['bpc'] / bpc:.2f}x |"
              for n, b in sorted(base.items(), key=lambda kv: kv[1]["bpc"])]
     (out_dir / "gpu_quality.json").write_text(json.dumps(

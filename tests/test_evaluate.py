@@ -255,3 +255,19 @@ def test_evaluate_reports_each_source_file(trained_checkpoint: Path, tmp_path: P
     assert sum(s["chars"] for s in res["per_source"].values()) == res["chars"]
     # The model was trained on the demo corpus, not on shuffled word salad: it must do better there.
     assert res["per_source"][str(DEMO_CORPUS)]["bpc"] < res["per_source"][str(extra)]["bpc"]
+
+
+@pytest.mark.slow
+def test_ray_data_scoring_matches_driver_scoring(trained_checkpoint: Path) -> None:
+    """Large splits are scored by parallel Ray Data actors: per-review scoring makes the sum identical."""
+    from raylstm.checkpoint import load_checkpoint
+    from raylstm.config import DataConfig
+    from raylstm.data import load_splits
+
+    splits = load_splits(DataConfig())
+    ckpt = load_checkpoint(trained_checkpoint)
+    texts = [t for _, t, _ in ev.split_rows(splits.train)]
+    bits, chars, unknown = ev.ray_model_bpc(trained_checkpoint, splits.train.repartition(3), concurrency=2)
+    d_bits, d_chars, d_unknown = ev.score_reviews(ckpt.model, ckpt.vocab, texts)
+    assert (chars, unknown) == (d_chars, d_unknown)
+    assert bits == pytest.approx(d_bits, rel=1e-4)
