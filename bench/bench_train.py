@@ -215,6 +215,10 @@ def run(out_dir: Path, quick: bool = False) -> str:
         f"| full: 128-char windows, a prediction at every position (batch 32) | {sup['full']:,.0f} "
         f"| **{sup['full'] / sup['seed']:.1f}x** |",
         "",
+        "The workers' chars/s covers training steps, data loading and metrics reports; evaluation and "
+        "checkpoint pauses are excluded (the run's only evaluation is its last step) and show in the wall "
+        "times. On 2 cores, 2 workers share the same cores as 1 worker's thread plus Ray Data.",
+        "",
         "Rerun: `.venv/bin/python -m bench.bench_train` (`--quick` for a shorter run).",
         "",
     ]
