@@ -63,6 +63,7 @@ def test_presets_load_with_what_they_promise():
             seed.model.dropout) == ("seed", 128, 128, 256, 0.5)
     assert (seed.data.window_mode, seed.data.seed_context, seed.data.seed_step) == ("seed", 40, 3)
     assert seed.data.lowercase and seed.data.ascii_only and seed.train.optimizer == "rmsprop"
+    assert seed.train.sample_prime == seed.train.sample_prime.lower()  # no unknown chars in its samples
 
     gpu = load_config(ROOT / "configs" / "amazon-gpu.toml")
     assert (gpu.model.num_layers, gpu.model.hidden_size, gpu.data.seq_len) == (3, 1024, 256)
