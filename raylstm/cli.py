@@ -107,10 +107,10 @@ def _sample_parser(p: argparse.ArgumentParser) -> Command:
     p.add_argument("--prime", default="I bought these ", help="text to start from")
     p.add_argument("--temperature", type=float, nargs="+", default=[0.5], help="0 = argmax; several allowed")
     p.add_argument("--length", type=int, default=300, help="characters to generate")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--n", type=int, default=1, help="samples per temperature")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely characters (0 = all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: smallest set reaching p (1 = off)")
+    p.add_argument("--stop", action="append", default=[], help="stop string: the text ends before it (repeatable)")
+    p.add_argument("--n", type=int, default=1, help="samples per temperature (sample i uses seed + i)")
     p.add_argument("--seed", type=int, default=None, help="makes output reproducible")
 
     def run(args: argparse.Namespace) -> int:

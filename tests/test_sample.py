@@ -162,3 +162,16 @@ def test_cli_prints_seeded_text(run, capsys):
     want = sampler.complete("I bought ", SampleParams(temperature=1.0, max_chars=30, seed=3)).text
     assert "I bought " + want in out
     assert "I bought " + argmax_text(sampler, "I bought ", 30) in out
+
+
+def test_cli_main_reports_unknown_chars_and_bad_values(run, capsys):
+    from raylstm.cli import main
+
+    assert main(["sample", "--checkpoint", str(run), "--prime", "I bought \u00e9", "--length", "5",
+                 "--temperature", "0"]) == 0
+    captured = capsys.readouterr()
+    assert "outside the vocabulary" in captured.err and "\u00e9" in captured.err
+    assert main(["sample", "--checkpoint", str(run), "--top-p", "1.5"]) == 2
+    assert "top_p" in capsys.readouterr().err
+    assert main(["sample", "--checkpoint", str(run / "missing")]) == 2
+    assert "missing" in capsys.readouterr().err
