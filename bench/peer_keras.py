@@ -135,8 +135,8 @@ def train_keras(text: PeerText, seconds: float, batch: int = 128, lr: float = 1e
         x, y = seed_batches(text.train_ids, batch, rng)
         losses.append(float(model.train_on_batch(x.astype(np.int32), y.astype(np.int32))))
         samples += batch
-        if len(losses) % 20 == 0:
-            curve.append((elapsed, samples, float(np.mean(losses[-20:])) / math.log(2)))
+        if len(losses) % 5 == 0:
+            curve.append((elapsed, samples, float(np.mean(losses[-10:])) / math.log(2)))
     elapsed = time.perf_counter() - t0
     return {"model": model, "seconds": elapsed, "windows": samples, "preds": samples,
             "input_chars": samples * CONTEXT, "curve": curve}
@@ -221,8 +221,8 @@ def train_torch(preset: str, text: PeerText, seconds: float, seed: int = 0, devi
         step += 1
         windows += B
         preds += B if seed_mode else B * T
-        if step % 20 == 0:
-            curve.append((elapsed, preds, float(np.mean(losses[-20:])) / math.log(2)))
+        if step % 5 == 0:
+            curve.append((elapsed, preds, float(np.mean(losses[-10:])) / math.log(2)))
     if cuda:
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - t0

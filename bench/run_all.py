@@ -189,6 +189,10 @@ def plot_throughput(out_dir: Path, png: Path) -> Path | None:
     ax.set_yticks(range(len(bars)), labels)
     ax.invert_yaxis()
     ax.set_xscale("log")
+    # A log axis has no zero: start well below the smallest bar so lengths are not read as ratios of 0.
+    ax.set_xlim(left=min(values) / 10, right=max(values) * 3)
+    for i, v in enumerate(values):
+        ax.text(v, i, f" {v:,.0f}", va="center", fontsize=8)
     ax.set_xlabel("supervised predictions (chars) per second, log scale")
     ax.set_title("Throughput on this machine")
     ax.grid(axis="x", alpha=0.3)
@@ -269,8 +273,9 @@ def main(argv: list[str] | None = None) -> int:
         r["command"] = command_for(name, args.quick)
         results.append(r)
     report = Path(args.report).resolve()
-    plots = [p for p in (plot_learning_curves(out_dir, BENCH / "learning_curves.png"),
-                         plot_throughput(out_dir, BENCH / "throughput.png")) if p is not None]
+    # The PNGs sit beside the report (bench/ by default) so its relative links work wherever it is written.
+    plots = [p for p in (plot_learning_curves(out_dir, report.parent / "learning_curves.png"),
+                         plot_throughput(out_dir, report.parent / "throughput.png")) if p is not None]
     passed = sys.argv[1:] if argv is None else argv
     write_report(results, info, passed, out_dir, report, plots)
     print(f"[bench] wrote {report}")
