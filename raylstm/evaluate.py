@@ -17,12 +17,14 @@ review followed by "\\n" (the end-of-review marker), in a deterministic order (b
 
 Compressor settings (fixed, the strongest usual levels): gzip -9 (deflate via zlib, gzip container),
 bzip2 -9, xz -9e (LZMA2, 64 MiB dictionary), and PPMd var. H (the 7-Zip PPMd) at order 6 / 16 MiB
-(7-Zip's default) and at order 16 / 192 MiB (7-Zip's -mx9-like "ultra").
+(7-Zip's default) and at order 16 / 192 MiB (a large setting; order 32 scores the same here).
 
-Model scoring is a plain torch loop on the driver over length-sorted, padded batches of reviews: a
-held-out split of a few MB takes seconds to a minute on 2 cores. For a larger split, `ray_model_bpc`
-scores blocks of the Ray Dataset in parallel Ray tasks and sums the bits (same numbers: scoring is
-per review), used by `evaluate` above `RAY_SCORE_MIN_CHARS`.
+Model scoring is a plain torch loop on the driver over length-sorted, padded batches of whole reviews
+(each review in one forward pass, no chunking: reviews are at most a few thousand chars): a held-out
+split of a few MB takes seconds to a minute on 2 cores. Above `RAY_SCORE_MIN_CHARS` the model is run
+by `ray_model_bpc` as parallel Ray Data actors over blocks of the split, and the bits are summed (the
+same numbers: scoring is per review). The compressors need the held-out and training text as strings
+on the driver in any case; the training context is capped at its last 64 MiB (xz's dictionary size).
 """
 
 from __future__ import annotations
