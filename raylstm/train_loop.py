@@ -259,7 +259,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if opt_state.get("scheduler") is not None:
             scheduler.load_state_dict(opt_state["scheduler"])
         step, epoch = restored["step"], restored["epoch"]
-        batch_in_epoch = int(restored["data_position"].get("batch_in_epoch", 0))
+        position = restored["data_position"]
+        # Batches are per worker: resumed on a different worker count, the same fraction of the epoch
+        # is a different number of batches.
+        batch_in_epoch = int(position.get("batch_in_epoch", 0)) * int(position.get("world_size", world)) // world
     restored_from = step if restored is not None else -1
     first_step = step + 1  # the first update this attempt makes: checkpoint step + 1 after a restart
     if rank == 0:
@@ -282,6 +285,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         t = torch.tensor([1.0 if flag else 0.0], device=device)
         torch.distributed.broadcast(t, src=0)
         return bool(t.item())
+
     last_ckpt_step = step if restored is not None else 0
 
     def report(with_eval: bool) -> None:
