@@ -31,20 +31,20 @@ def windows(ray_session):
     return make_windows(review_sources())
 
 
-def one_step(windows, workers: int, batch: int, storage: Path, name: str) -> dict[str, torch.Tensor]:
+def one_step(windows, workers: int, batch: int, storage: Path, name: str) -> tuple[dict[str, torch.Tensor], dict]:
     rows = windows.train.take(2 * B)
     train = ray.data.from_items([{"ids": np.asarray(r["ids"], np.int32)} for r in rows])
     val = ray.data.from_items([{"ids": np.asarray(r["ids"], np.int32)} for r in windows.val.take(8)])
     cfg = tiny_config(num_workers=workers, batch_size=batch, max_steps=1, eval_every=1, warmup_steps=0,
                       lr=1e-3, sample_chars=0, grad_clip=1.0)
     result = fit_windows(cfg, windows.vocab, train, val, storage=str(storage), name=name)
-    return load_file(str(Path(result.best_checkpoint) / "model.safetensors"))
+    return load_file(str(Path(result.best_checkpoint) / "model.safetensors")), result.best_metrics
 
 
 @pytest.mark.slow
 def test_two_workers_at_b_equal_one_worker_at_2b(windows, tmp_path: Path):
-    one = one_step(windows, workers=1, batch=2 * B, storage=tmp_path, name="one")
-    two = one_step(windows, workers=2, batch=B, storage=tmp_path, name="two")
+    one, m1 = one_step(windows, workers=1, batch=2 * B, storage=tmp_path, name="one")
+    two, m2 = one_step(windows, workers=2, batch=B, storage=tmp_path, name="two")
     cfg = tiny_config()
     cfg.model.vocab_size = len(windows.vocab)
     torch.manual_seed(cfg.train.seed)
@@ -54,3 +54,8 @@ def test_two_workers_at_b_equal_one_worker_at_2b(windows, tmp_path: Path):
     for k in one:
         diff = (one[k] - two[k]).abs().max().item()
         assert diff <= 1e-5, f"{k}: 2x{B} DDP and 1x{2 * B} differ by {diff:.2e}"
+
+    # Validation is over the whole val set on both (each worker evaluates its stride, sums all-reduced):
+    # same windows counted, same loss from the same weights.
+    assert m1["val_count"] == m2["val_count"] == 8 * 64
+    assert m2["val_bpc"] == pytest.approx(m1["val_bpc"], rel=1e-5)
