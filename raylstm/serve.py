@@ -229,6 +229,11 @@ class LSTMServer:
         self._reload_lock: asyncio.Lock | None = None
         self.reloads = 0
         self.created = int(time.time())
+        try:  # Serve builds replicas on their event loop: start the loop and the best.json poller now
+            asyncio.get_running_loop()
+            self._ensure_started()
+        except RuntimeError:  # no loop here: the first request starts them
+            pass
 
     # --- engine loop ------------------------------------------------------------------------------------
     def _ensure_started(self) -> None:
@@ -303,6 +308,7 @@ class LSTMServer:
     # --- routes -------------------------------------------------------------------------------------------
     @app.get("/healthz", summary="liveness: 200 once the replica has loaded a checkpoint")
     async def healthz(self) -> dict:
+        self._ensure_started()
         return {"status": "ok", "checkpoint": str(self.sampler.path)}
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -316,8 +322,11 @@ class LSTMServer:
 
     @app.get("/v1/model", dependencies=AUTH, summary="the served checkpoint: path, step, val bpc, vocab, config")
     async def model_info(self) -> dict:
+        self._ensure_started()
         info = self.sampler.info()
         info.update(model_id=self.cfg.model_id, source=self.source, follow=self.follow, reloads=self.reloads,
+                    replica=serve.get_replica_context().replica_id.unique_id,
+                    active_rows=sum(len(j.rows) for j in self.engine.active), waiting=len(self.engine.waiting),
                     max_batch_size=self.cfg.max_batch_size,
                     mean_rows_per_step=self.engine.rows_stepped / max(1, self.engine.steps))
         return info

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import threading
@@ -44,8 +45,11 @@ def srv(ray_session, tmp_path_factory):
     serve.run(build_app(base, cfg, token=TOKEN), name="secure", route_prefix="/secure", blocking=False)
     reload_run = _copy_run(base, tmp_path_factory.mktemp("reload_run"))
     serve.run(build_app(reload_run, cfg, token=""), name="reload", route_prefix="/reload", blocking=False)
+    multi_run = _copy_run(base, tmp_path_factory.mktemp("multi_run"))
+    multi_cfg = dataclasses.replace(cfg, num_replicas=2, max_replicas=2)
+    serve.run(build_app(multi_run, multi_cfg, token=""), name="multi", route_prefix="/multi", blocking=False)
     client = httpx.Client(base_url=handle.url, timeout=60)
-    yield SimpleNamespace(url=handle.url, run=base, reload_run=reload_run, http=client,
+    yield SimpleNamespace(url=handle.url, run=base, reload_run=reload_run, multi_run=multi_run, http=client,
                           sampler=Sampler.load(base))
     client.close()
     handle.shutdown()
@@ -306,3 +310,21 @@ def test_hot_reload_under_load_fails_no_request(srv):
     bad = httpx.post(f"{url}/admin/reload", json={"checkpoint": str(run / "nope")}, timeout=60)
     assert bad.status_code == 409 and "nope" in bad.json()["detail"]
     assert httpx.get(f"{url}/v1/model").json()["checkpoint"].endswith("ckpt_a")
+
+
+def test_every_replica_follows_best_json(srv):
+    def infos(k: int) -> list[dict]:
+        return [srv.http.get("/multi/v1/model").json() for _ in range(k)]
+
+    first = infos(30)
+    assert len({i["replica"] for i in first}) == 2  # two replicas really answer
+    assert all(i["checkpoint"].endswith("ckpt_a") for i in first)
+    write_best(srv.multi_run, "ckpt_b", {"val_bpc": 0.9})
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        seen = infos(20)
+        if all(i["checkpoint"].endswith("ckpt_b") for i in seen) and len({i["replica"] for i in seen}) == 2:
+            break
+        time.sleep(0.3)
+    assert all(i["checkpoint"].endswith("ckpt_b") and i["reloads"] == 1 for i in seen)
+    assert len({i["replica"] for i in seen}) == 2

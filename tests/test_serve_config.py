@@ -34,3 +34,17 @@ def test_app_builder_names_bad_args(tmp_path_factory):
         app_builder({"run": str(run_dir(tmp_path_factory)), "max_batchsize": 4})
     with pytest.raises(ValueError, match="no such checkpoint"):
         app_builder({"run": "/nonexistent/run"})
+
+
+def test_replicas_resources_and_autoscaling_come_from_config(tmp_path_factory):
+    from raylstm.config import ServeConfig
+    from raylstm.serve import build_app
+
+    run = run_dir(tmp_path_factory)
+    fixed = build_app(run, ServeConfig(num_replicas=2, max_replicas=2, num_cpus=0.25))._bound_deployment
+    assert fixed.num_replicas == 2 and fixed.ray_actor_options == {"num_cpus": 0.25, "num_gpus": 0.0}
+    assert fixed.max_ongoing_requests >= 32  # a full batch fits on one replica
+    auto = build_app(run, ServeConfig(num_replicas=1, max_replicas=3, num_gpus=1.0))._bound_deployment
+    scaling = auto._deployment_config.autoscaling_config
+    assert (scaling.min_replicas, scaling.max_replicas) == (1, 3)
+    assert auto.ray_actor_options["num_gpus"] == 1.0
