@@ -271,3 +271,43 @@ def test_ray_data_scoring_matches_driver_scoring(trained_checkpoint: Path) -> No
     d_bits, d_chars, d_unknown = ev.score_reviews(ckpt.model, ckpt.vocab, texts)
     assert (chars, unknown) == (d_chars, d_unknown)
     assert bits == pytest.approx(d_bits, rel=1e-4)
+
+
+# --- the Keras peer (bench/peer_keras.py) ------------------------------------------------------------------
+
+
+def test_peer_stream_windows_predict_every_char_from_the_40_before() -> None:
+    from bench.peer_keras import CONTEXT, _stream_windows
+    from raylstm.vocab import CharVocab
+
+    text = ev.join_reviews(_review_text(5, seed=1))
+    vocab = CharVocab.from_counts(Counter(text + "tail of the training text\n"))
+    x, y = _stream_windows(text, vocab, context_text="tail of the training text\n" * 3)
+    assert len(y) == len(text)  # every held-out char is predicted once
+    for i in (0, 17, len(text) - 1):
+        ctx = ("tail of the training text\n" * 3)[-CONTEXT:] + text
+        assert vocab.decode(x[i]) == ctx[i : i + CONTEXT]
+        assert vocab.decode([y[i]]) == text[i]
+
+
+@pytest.mark.slow
+def test_keras_peer_learns_and_scores() -> None:
+    import os
+
+    os.environ.setdefault("KERAS_BACKEND", "torch")  # before keras is first imported
+    pytest.importorskip("keras")
+    import numpy as np
+
+    from bench.peer_keras import build_keras, keras_bpc, seed_batches
+    from raylstm.vocab import CharVocab
+
+    text = ev.join_reviews(_review_text(200, seed=2))
+    vocab = CharVocab.from_counts(Counter(text))
+    ids = vocab.encode(text).astype(np.int64)
+    model = build_keras(len(vocab), lr=1e-2)
+    x, y = seed_batches(ids, 64, np.random.default_rng(0))
+    before = keras_bpc(model, x, y)
+    assert before == pytest.approx(math.log2(len(vocab)), abs=0.5)  # untrained: near uniform
+    for _ in range(40):  # memorising one batch: a check that the model trains, not of its quality
+        model.train_on_batch(x.astype(np.int32), y.astype(np.int32))
+    assert keras_bpc(model, x, y) < before - 1.0
