@@ -255,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(args.out).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # private local clusters only; never touches ~/.ray
+    os.environ.setdefault("KERAS_BACKEND", "torch")  # the peer's backend; also what machine() reports
 
     if args.one:
         try:
