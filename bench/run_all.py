@@ -209,7 +209,7 @@ def write_report(results: list[dict[str, Any]], info: dict[str, str], argv: list
     produced = f"`{invocation}`"
     if invocation is None:
         produced = f"`{PY} -m bench.run_all" + ("" if not argv else " " + " ".join(argv)) + "`"
-        produced += " (`make bench` runs it without flags)"
+        produced += " (= `make bench`)" if not argv else f" (= `make bench BENCH_ARGS=\"{' '.join(argv)}\"`)"
     lines = [
         f"# {title}",
         "",
