@@ -87,7 +87,15 @@ def to_markdown(q: dict[str, Any], command: str) -> str:
     for name, r in sorted(b.items(), key=lambda kv: kv[1]["bpc"]):
         lines.append(f"| {name} | {r['setting']} | {r['bpc']:.3f} | {r['bpc'] / m['bpc']:.2f}x |")
     ref = q["reference"]
+
+    def verdict(name: str) -> str:
+        d = b[name]["bpc"] - m["bpc"]
+        return f"{'beats' if d > 0 else 'does not beat'} {name} ({b[name]['bpc']:.3f}) by {abs(d):.3f} bpc"
+
     lines += [
+        "",
+        f"Verdict on the same held-out text: the model {verdict('xz')}; it {verdict('ppmd')}; "
+        f"it {verdict('ppmd-o16')}.",
         "",
         "Reference figures reproduced on the raw CSV `reviewText` (last 10% of reviews given the first 90%, "
         f"file order): xz -9e **{ref['xz']:.3f}** (published 2.10), PPMd o6/16 MiB **{ref['ppmd']:.3f}** "
