@@ -90,7 +90,9 @@ def to_markdown(q: dict[str, Any], command: str) -> str:
 
     def verdict(name: str) -> str:
         d = b[name]["bpc"] - m["bpc"]
-        return f"{'beats' if d > 0 else 'does not beat'} {name} ({b[name]['bpc']:.3f}) by {abs(d):.3f} bpc"
+        if d > 0:
+            return f"beats {name} ({b[name]['bpc']:.3f}) by {d:.3f} bpc"
+        return f"is {-d:.3f} bpc worse than {name} ({b[name]['bpc']:.3f})"
 
     lines += [
         "",
