@@ -145,9 +145,12 @@ def _serve_parser(p: argparse.ArgumentParser) -> Command:
 def _evaluate_parser(p: argparse.ArgumentParser) -> Command:
     p.add_argument("--checkpoint", required=True, help="a run dir (uses best.json) or a checkpoint dir")
     p.add_argument("--data", nargs="*", default=None, help="review sources or a prepared dir")
-    p.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
+    p.add_argument("--split", default="test", choices=["train", "val", "test", "all"],
+                   help="which split to score (default test: held out from training)")
     p.add_argument("--json", dest="json_out", help="also write the results as JSON here")
-    p.add_argument("--address", default=None)
+    p.add_argument("--no-baselines", action="store_true",
+                   help="model bpc only: skip unigram and the compressors (xz/PPMd take ~10 s per 5 MB)")
+    p.add_argument("--address", default=None, help="Ray address to join (default: RAY_ADDRESS or a local Ray)")
 
     def run(args: argparse.Namespace) -> int:
         from raylstm.evaluate import run_evaluate_cli

@@ -394,7 +394,7 @@ def run_evaluate_cli(args: Any) -> int:
     if args.data:
         cfg.sources = list(args.data)
     ensure_ray(args.address)
-    result = evaluate(args.checkpoint, cfg, args.split)
+    result = evaluate(args.checkpoint, cfg, args.split, compressors=not getattr(args, "no_baselines", False))
     print(format_table(result))
     if args.json_out:
         Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
