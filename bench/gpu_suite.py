@@ -25,7 +25,7 @@ import statistics
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"

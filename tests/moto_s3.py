@@ -6,6 +6,7 @@ or MinIO. The environment it hands back is what a user exports for any S3-compat
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -48,3 +49,19 @@ def s3_server(bucket: str = "raylstm-test") -> Iterator[dict[str, str]]:
         yield env
     finally:
         server.stop()
+
+
+@contextmanager
+def exported_s3_server(bucket: str = "raylstm-test") -> Iterator[dict[str, str]]:
+    """`s3_server`, with its env also exported into this process (and restored afterwards)."""
+    with s3_server(bucket) as env:
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            yield env
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v

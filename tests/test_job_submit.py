@@ -8,7 +8,6 @@ reach the session Ray or anyone else's cluster.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import httpx
 import pytest
 import yaml
 
-from moto_s3 import free_port, s3_server
+from moto_s3 import exported_s3_server, free_port
 from ray_head import local_head, namespaces_unavailable
 from raylstm import storage
 
@@ -74,17 +73,8 @@ def test_job_runs_the_working_dir_code(head):
 @pytest.fixture(scope="module")
 def s3(head):
     """moto's S3 server; its endpoint and credentials reach the jobs through their runtime env only."""
-    with s3_server(BUCKET) as env:
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)  # for this process's own reads/writes (raylstm.storage)
-        try:
-            yield env
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+    with exported_s3_server(BUCKET) as env:
+        yield env
 
 
 def test_submit_training_then_serve_the_best_checkpoint(head, s3, amazon_dir):

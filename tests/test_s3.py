@@ -8,17 +8,12 @@ environment: the session Ray of the other tests was started without it.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pyarrow.fs as pafs
 import pytest
 
-from moto_s3 import free_port, s3_server
+from moto_s3 import exported_s3_server
 from raylstm import storage
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,17 +23,8 @@ BUCKET = "raylstm-test"
 @pytest.fixture(scope="module")
 def s3env():
     """The moto server's env, also exported into this process for the storage tests."""
-    with s3_server(BUCKET) as env:
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        try:
-            yield env
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+    with exported_s3_server(BUCKET) as env:
+        yield env
 
 
 def _tiny_checkpoint(tmp: Path, step: int, val_bpc: float) -> Path:

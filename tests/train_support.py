@@ -14,7 +14,7 @@ from pathlib import Path
 
 import ray
 
-from raylstm.config import Config, DataConfig, load_config
+from raylstm.config import Config, load_config
 from raylstm.vocab import CharVocab
 
 ROOT = Path(__file__).resolve().parents[1]
