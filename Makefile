@@ -9,7 +9,7 @@ BIN         = $(VENV)/bin
 # Tests never touch ~/.ray: Ray's token file and temp dirs go under the build tree.
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: install demo test test-fast test-cluster bench clean
+.PHONY: install demo lint format test test-fast test-cluster bench clean
 
 $(BIN)/raylstm: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +26,17 @@ demo: install
 # The whole suite: unit + integration on one session Ray, then the tests that start their own Ray
 # processes (ray start / ray up / several nodes), last and separately, because `ray stop` ends every
 # Ray process it can see.
-test: install
+# ruff: the formatter's output is the style (`make format` applies it), and the linter's rules are in
+# pyproject.toml. Part of `make test`, so CI fails on unformatted or lint-failing code.
+lint: install
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+test: install lint
 	$(BIN)/python -m pytest -q -m "not cluster" -p no:cacheprovider
 	$(BIN)/python -m pytest -q -m cluster -p no:cacheprovider
 

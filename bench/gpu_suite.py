@@ -24,8 +24,8 @@ import json
 import statistics
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
@@ -94,12 +94,12 @@ def kernels(plan: Plan, out_dir: Path) -> str:
         emb = torch.randn(B, T, E, device=dev, requires_grad=True)
         autocast = torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda")
 
-        def lstm_only() -> None:
+        def lstm_only(model=model, emb=emb, autocast=autocast) -> None:
             with autocast:
                 out, _ = model.lstm(emb)
             out.float().sum().backward()
 
-        def full_step() -> None:
+        def full_step(model=model, ids=ids, opt=opt, autocast=autocast) -> None:
             with autocast:
                 logits, _ = model(ids[:, :-1])
                 loss = torch.nn.functional.cross_entropy(logits.reshape(-1, V).float(), ids[:, 1:].reshape(-1))

@@ -108,8 +108,10 @@ def ray_step(s: dict, tiny: bool) -> dict:
     vocab = CharVocab([chr(c) for c in range(32, 32 + VOCAB - 1)])
     rng = np.random.default_rng(0)
     n_train = s["batch"] * (400 if tiny else 40)
-    make = lambda n: ray.data.from_numpy(rng.integers(1, VOCAB, (n, s["seq"] + 1), dtype=np.int32)).rename_columns(
-        {"data": "ids"})
+    def make(n: int):
+        ids = rng.integers(1, VOCAB, (n, s["seq"] + 1), dtype=np.int32)
+        return ray.data.from_numpy(ids).rename_columns({"data": "ids"})
+
     cfg = load_config(ROOT / "configs" / "amazon-gpu.toml", [
         "train.num_workers=1", f"train.use_gpu={'false' if tiny else 'true'}",
         f"train.batch_size={s['batch']}", f"data.seq_len={s['seq']}", f"model.embed_dim={s['embed']}",

@@ -162,7 +162,6 @@ def train_torch(preset: str, text: PeerText, seconds: float, seed: int = 0, devi
     import torch
 
     from raylstm.config import apply_override
-
     from raylstm.model import build_model
 
     cfg = _preset(preset)

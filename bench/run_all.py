@@ -93,7 +93,7 @@ def machine() -> dict[str, str]:
             if line.startswith("model name"):
                 info["CPU"] = line.split(":", 1)[1].strip()
                 break
-        mem_kb = int(next(l for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemTotal")).split()[1])
+        mem_kb = int(next(ln for ln in Path("/proc/meminfo").read_text().splitlines() if ln.startswith("MemTotal")).split()[1])
         info["memory"] = f"{mem_kb / 2**20:.1f} GiB"
         info["load average at start"] = " ".join(Path("/proc/loadavg").read_text().split()[:3])
     except (OSError, StopIteration, ValueError):

@@ -79,7 +79,7 @@ class Row:
 
     _ids = itertools.count()
 
-    def __init__(self, sampler: "Sampler", params: SampleParams, seed: int, index: int,
+    def __init__(self, sampler: Sampler, params: SampleParams, seed: int, index: int,
                  state: tuple[torch.Tensor, torch.Tensor], logits: torch.Tensor) -> None:
         self.id = next(Row._ids)
         self.sampler = sampler
@@ -178,7 +178,7 @@ class Sampler:
         self._rows_in_cache: list[Row] = []
 
     @classmethod
-    def load(cls, path: str | Path, device: str = "cpu") -> "Sampler":
+    def load(cls, path: str | Path, device: str = "cpu") -> Sampler:
         """A run dir (its best.json) or a checkpoint dir."""
         return cls(load_checkpoint(path, map_location=device), device)
 

@@ -90,7 +90,7 @@ class ReadOptions:
     rows_per_block: int = 8192
 
     @classmethod
-    def from_config(cls, cfg) -> "ReadOptions":
+    def from_config(cls, cfg) -> ReadOptions:
         if cfg.format not in FORMATS:
             raise DataError(f"data.format must be one of {FORMATS}, got {cfg.format!r}")
         return cls(format=cfg.format, text_column=cfg.text_column, max_row_bytes=cfg.max_row_bytes,
@@ -334,7 +334,6 @@ def _parse_tsv(f, path: str, opts: ReadOptions, rows: _Rows) -> Iterator[pa.Tabl
             if text_col is None:
                 raise DataError(f"{path}: TSV header has no review_body or {opts.text_column!r} column: {header[:15]}")
             i_text = header.index(text_col)
-            idx = {name: header.index(name) for name in header}
             continue
         line = _decode(rows, lineno, raw)
         if line is not None:
@@ -342,10 +341,10 @@ def _parse_tsv(f, path: str, opts: ReadOptions, rows: _Rows) -> Iterator[pa.Tabl
             if len(fields) != len(header):
                 rows.bad(lineno, "wrong_columns", f"expected {len(header)} tab-separated fields, got {len(fields)}")
             elif _check_text(rows, lineno, fields[i_text]):
-                get = lambda name: fields[idx[name]] if name in idx else None  # noqa: E731
-                vp = get("verified_purchase")
-                rows.good(lineno, fields[i_text], get("review_id"), get("review_headline"),
-                          get("star_rating"), None if vp is None else vp.upper() == "Y")
+                rec = dict(zip(header, fields))
+                vp = rec.get("verified_purchase")
+                rows.good(lineno, fields[i_text], rec.get("review_id"), rec.get("review_headline"),
+                          rec.get("star_rating"), None if vp is None else vp.upper() == "Y")
         if rows.full():
             yield rows.take()
 

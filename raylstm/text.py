@@ -69,7 +69,7 @@ class CleanOptions:
     min_chars: int = 0
 
     @classmethod
-    def from_config(cls, cfg) -> "CleanOptions":
+    def from_config(cls, cfg) -> CleanOptions:
         return cls(lowercase=cfg.lowercase, ascii_only=cfg.ascii_only, min_chars=cfg.min_chars)
 
 

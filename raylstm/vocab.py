@@ -38,7 +38,7 @@ class CharVocab:
                 self._table[ord(c)] = i
 
     @classmethod
-    def from_counts(cls, counts: Mapping[str, int], min_count: int = 1) -> "CharVocab":
+    def from_counts(cls, counts: Mapping[str, int], min_count: int = 1) -> CharVocab:
         """Keep characters seen at least `min_count` times, most frequent first (ties by code point)."""
         kept = [c for c, n in counts.items() if n >= min_count and len(c) == 1 and c != UNK]
         kept.sort(key=lambda c: (-counts[c], ord(c)))
@@ -77,7 +77,7 @@ class CharVocab:
         return json.dumps(self.to_dict(), ensure_ascii=True, indent=0)
 
     @classmethod
-    def from_dict(cls, d: Mapping) -> "CharVocab":
+    def from_dict(cls, d: Mapping) -> CharVocab:
         if d.get("version") != 1 or not isinstance(d.get("chars"), list):
             raise ValueError("not a raylstm vocabulary (expected version 1 with a 'chars' list)")
         return cls(d["chars"], d.get("counts") or {})
@@ -86,7 +86,7 @@ class CharVocab:
         Path(path).write_text(self.to_json())
 
     @classmethod
-    def load(cls, path: str | Path) -> "CharVocab":
+    def load(cls, path: str | Path) -> CharVocab:
         try:
             return cls.from_dict(json.loads(Path(path).read_text()))
         except (json.JSONDecodeError, ValueError) as e:

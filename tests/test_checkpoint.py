@@ -9,7 +9,13 @@ import pytest
 import torch
 from ray.train import Checkpoint
 
-from raylstm.checkpoint import CheckpointError, load_checkpoint, load_training_state, read_meta, save_checkpoint
+from raylstm.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    load_training_state,
+    read_meta,
+    save_checkpoint,
+)
 from raylstm.config import Config
 from raylstm.model import build_model
 from raylstm.train_loop import _restore, loss_sum_and_count, make_optimizer, make_scheduler

@@ -14,9 +14,9 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-
 from moto_s3 import exported_s3_server, free_port
 from ray_head import local_head, namespaces_unavailable
+
 from raylstm import storage
 
 ROOT = Path(__file__).resolve().parents[1]

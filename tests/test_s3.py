@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 import pytest
-
 from moto_s3 import exported_s3_server
+
 from raylstm import storage
 
 ROOT = Path(__file__).resolve().parents[1]

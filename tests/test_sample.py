@@ -6,9 +6,9 @@ import argparse
 
 import pytest
 import torch
+from test_serve_support import one_thread, run_dir
 
 from raylstm.sample import Engine, Job, SampleParams, Sampler, choose_next, run_sample_cli
-from test_serve_support import one_thread, run_dir
 
 
 @pytest.fixture(scope="module", autouse=True)

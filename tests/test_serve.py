@@ -13,13 +13,13 @@ from types import SimpleNamespace
 import httpx
 import pytest
 from ray import serve
+from test_sample import argmax_text
+from test_serve_support import free_port, one_thread, run_dir
 
 from raylstm.checkpoint import write_best
 from raylstm.config import ServeConfig
 from raylstm.sample import SampleParams, Sampler, run_sample_cli
 from raylstm.serve import build_app, start_server
-from test_sample import argmax_text
-from test_serve_support import free_port, one_thread, run_dir
 
 pytestmark = pytest.mark.slow
 TOKEN = "s3cret-token"

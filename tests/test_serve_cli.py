@@ -12,7 +12,6 @@ import time
 
 import httpx
 import pytest
-
 from test_serve_support import free_port, run_dir
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]

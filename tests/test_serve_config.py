@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_serve_support import run_dir
 
 from raylstm.serve import app_builder
-from test_serve_support import run_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from test_serve_support import free_port, run_dir
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
@@ -66,7 +65,7 @@ python {tmp_path}/check.py http://127.0.0.1:{port}
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
-    line = next(l for l in out.stdout.splitlines() if l.startswith("DEPLOY_TEXT="))
+    line = next(ln for ln in out.stdout.splitlines() if ln.startswith("DEPLOY_TEXT="))
     text = __import__("json").loads(line.split("=", 1)[1])
 
     from raylstm.sample import SampleParams, Sampler

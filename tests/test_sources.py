@@ -245,7 +245,6 @@ def test_s3_sources_and_prepared_dir_on_s3(tmp_path):
     import sys
 
     import pyarrow.fs as pafs
-
     from moto_s3 import s3_server
 
     bucket = "raylstm-data"

@@ -8,11 +8,11 @@ import json
 from pathlib import Path
 
 import pytest
+from train_support import ROOT, make_windows, review_sources, tiny_config
 
 from raylstm.checkpoint import load_checkpoint, resolve_checkpoint
 from raylstm.config import load_config
 from raylstm.train import fit_windows, read_metrics
-from train_support import ROOT, make_windows, review_sources, tiny_config
 
 
 @pytest.fixture(scope="module")

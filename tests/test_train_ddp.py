@@ -18,10 +18,10 @@ import pytest
 import ray
 import torch
 from safetensors.torch import load_file
+from train_support import make_windows, review_sources, tiny_config
 
 from raylstm.model import build_model
 from raylstm.train import fit_windows
-from train_support import make_windows, review_sources, tiny_config
 
 B = 8
 

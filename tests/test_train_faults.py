@@ -15,9 +15,9 @@ import threading
 from pathlib import Path
 
 import pytest
+from train_support import ROOT, make_windows, metrics_lines, review_sources, tiny_config, wait_for
 
 from raylstm.train import fit_windows
-from train_support import ROOT, make_windows, metrics_lines, review_sources, tiny_config, wait_for
 
 
 @pytest.fixture(scope="module")

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+from test_serve_support import free_port, one_thread, run_dir
 
 from raylstm.config import ServeConfig
 from raylstm.serve import start_server
-from test_serve_support import free_port, one_thread, run_dir
 
 pytestmark = pytest.mark.slow
 CHROMIUM = Path("/usr/bin/chromium")
