@@ -53,7 +53,9 @@ def plain_python(path: Path, out_dir: Path, min_chars: int, val: float, test: fl
     for split, items in rows.items():
         d = out_dir / split
         d.mkdir(parents=True, exist_ok=True)
-        pq.write_table(pa.table({"text": [t for t, _ in items], "key": [k for _, k in items]}), d / "0.parquet")
+        pq.write_table(
+            pa.table({"text": [t for t, _ in items], "key": [k for _, k in items]}), d / "0.parquet"
+        )
     return {"records": records, "kept": sum(len(v) for v in rows.values()), "vocab_chars": len(chars)}
 
 
@@ -94,36 +96,39 @@ def run(out_dir: Path, quick: bool = False) -> str:
     cpus = int(ray.cluster_resources().get("CPU", 0))
 
     def line(name: str, s: float) -> str:
-        return (f"| {name} | {s:.2f} | {raw_bytes / 1e6 / s:.2f} | {stored / 1e6 / s:.2f} | "
-                f"{records / s:,.0f} |")
+        return (
+            f"| {name} | {s:.2f} | {raw_bytes / 1e6 / s:.2f} | {stored / 1e6 / s:.2f} | {records / s:,.0f} |"
+        )
 
     same = "yes" if (base["kept"] == manifest["rows"]["kept"] and base["records"] == records) else "NO"
-    return "\n".join([
-        "## Data pipeline: `prepare` vs plain Python",
-        "",
-        f"File: `Musical_instruments_reviews.csv.gz` ({records:,} reviews, {raw_bytes / 1e6:.2f} MB CSV, "
-        f"{stored / 1e6:.2f} MB gzipped). Both sides read, parse, clean, drop short and duplicate reviews, "
-        "split by key hash, count vocabulary characters and write Parquet per split. "
-        f"Median of {repeats} run(s); machine: {os.cpu_count()} cores ({platform.machine()}), "
-        f"Ray with {cpus} logical CPUs, started beforehand ({ray_start:.1f} s, not counted).",
-        "",
-        "| pipeline | seconds | MB/s (CSV) | MB/s (gz) | rows/s |",
-        "|---|---:|---:|---:|---:|",
-        line("`raylstm prepare` (Ray Data)", r_med),
-        line("plain single-process Python", p_med),
-        line("`prepare`, first (cold) run", cold),
-        "",
-        f"Ratio prepare / plain: **{r_med / p_med:.2f}x** the time. Same rows kept on both sides: {same} "
-        f"({manifest['rows']['kept']:,} vs {base['kept']:,}).",
-        "",
-        "Reading: a 6 MB file is one read task, so Ray's per-stage scheduling, the shuffle for the global "
-        "dedupe and the materialisations are fixed costs that a single process does not pay; the Ray "
-        "pipeline's value is that the same code streams corpora that do not fit one process (many files "
-        "read in parallel, s3:// sources, several nodes), not speed on one small file.",
-        "",
-        "Rerun: `.venv/bin/python -m bench.bench_data`",
-        "",
-    ])
+    return "\n".join(
+        [
+            "## Data pipeline: `prepare` vs plain Python",
+            "",
+            f"File: `Musical_instruments_reviews.csv.gz` ({records:,} reviews, {raw_bytes / 1e6:.2f} MB CSV, "
+            f"{stored / 1e6:.2f} MB gzipped). Both sides read, parse, clean, drop short and duplicate reviews, "
+            "split by key hash, count vocabulary characters and write Parquet per split. "
+            f"Median of {repeats} run(s); machine: {os.cpu_count()} cores ({platform.machine()}), "
+            f"Ray with {cpus} logical CPUs, started beforehand ({ray_start:.1f} s, not counted).",
+            "",
+            "| pipeline | seconds | MB/s (CSV) | MB/s (gz) | rows/s |",
+            "|---|---:|---:|---:|---:|",
+            line("`raylstm prepare` (Ray Data)", r_med),
+            line("plain single-process Python", p_med),
+            line("`prepare`, first (cold) run", cold),
+            "",
+            f"Ratio prepare / plain: **{r_med / p_med:.2f}x** the time. Same rows kept on both sides: {same} "
+            f"({manifest['rows']['kept']:,} vs {base['kept']:,}).",
+            "",
+            "Reading: a 6 MB file is one read task, so Ray's per-stage scheduling, the shuffle for the global "
+            "dedupe and the materialisations are fixed costs that a single process does not pay; the Ray "
+            "pipeline's value is that the same code streams corpora that do not fit one process (many files "
+            "read in parallel, s3:// sources, several nodes), not speed on one small file.",
+            "",
+            "Rerun: `.venv/bin/python -m bench.bench_data`",
+            "",
+        ]
+    )
 
 
 if __name__ == "__main__":

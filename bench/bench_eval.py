@@ -32,7 +32,7 @@ def compressor_table(quick: bool) -> tuple[list[str], dict]:
 
     texts = _csv_texts(AMAZON_CSV)
     if quick:  # the last 20% of the file: 10% context, 10% test; same measure, smaller context
-        texts = texts[int(len(texts) * 0.8):]
+        texts = texts[int(len(texts) * 0.8) :]
     k = int(len(texts) * 0.9)
     train, test = join_reviews(texts[:k]), join_reviews(texts[k:])
     rows, data = [], {}
@@ -50,7 +50,7 @@ def compressor_table(quick: bool) -> tuple[list[str], dict]:
     head = [
         f"Raw `reviewText` of {AMAZON_CSV.name}, file order: test = the last 10% of "
         f"{'the last 20% of ' if quick else ''}the reviews ({len(test):,} chars), context = the "
-        f"{len(train):,} chars before it; each review + \"\\n\". Published: xz 2.10, PPMd 1.79. "
+        f'{len(train):,} chars before it; each review + "\\n". Published: xz 2.10, PPMd 1.79. '
         "The published xz figure is the conditional one (first column); PPMd at 7-Zip's default order 6 / "
         "16 MiB gives 1.79 on the *whole* file (third column; full mode), and less on the conditional measure.",
         "",
@@ -71,7 +71,7 @@ def scoring_table(quick: bool) -> tuple[list[str], dict]:
     from raylstm.text import clean_text
     from raylstm.vocab import CharVocab
 
-    texts = [clean_text(t) for t in _csv_texts(AMAZON_CSV)[-(12 if quick else 40):]]
+    texts = [clean_text(t) for t in _csv_texts(AMAZON_CSV)[-(12 if quick else 40) :]]
     texts = [t for t in texts if t]
     from collections import Counter
 
@@ -112,11 +112,28 @@ def run(out_dir: Path, quick: bool = False) -> str:
         raise FileNotFoundError(f"bench_eval needs {AMAZON_CSV} (../shared/data/amazon)")
     comp_lines, comp = compressor_table(quick)
     score_lines, speed = scoring_table(quick)
-    (out_dir / "eval.json").write_text(json.dumps(
-        {"compressors": comp, "throughput": {f"scoring {k}": v for k, v in speed.items()}}, indent=2))
+    (out_dir / "eval.json").write_text(
+        json.dumps(
+            {"compressors": comp, "throughput": {f"scoring {k}": v for k, v in speed.items()}}, indent=2
+        )
+    )
     cmd = ".venv/bin/python -m bench.bench_eval" + (" --quick" if quick else "")
-    return "\n".join(["## Evaluation: baselines and scoring cost", "", "### Compressors on the reference split", "",
-                      *comp_lines, "", "### Scoring held-out text", "", *score_lines, "", f"Rerun: `{cmd}`", ""])
+    return "\n".join(
+        [
+            "## Evaluation: baselines and scoring cost",
+            "",
+            "### Compressors on the reference split",
+            "",
+            *comp_lines,
+            "",
+            "### Scoring held-out text",
+            "",
+            *score_lines,
+            "",
+            f"Rerun: `{cmd}`",
+            "",
+        ]
+    )
 
 
 def main() -> None:

@@ -96,8 +96,15 @@ async def _load(url: str, total: int, clients: int) -> dict:
         t0 = time.perf_counter()
         await asyncio.gather(*(client(c) for _ in range(clients)))
         wall = time.perf_counter() - t0
-    return {"requests": total, "errors": errors, "wall_s": wall, "rps": (total - errors) / wall,
-            "cps": chars / wall, "p50_ms": 1e3 * _pct(lat, 0.5), "p99_ms": 1e3 * _pct(lat, 0.99)}
+    return {
+        "requests": total,
+        "errors": errors,
+        "wall_s": wall,
+        "rps": (total - errors) / wall,
+        "cps": chars / wall,
+        "p50_ms": 1e3 * _pct(lat, 0.5),
+        "p99_ms": 1e3 * _pct(lat, 0.99),
+    }
 
 
 def _direct(ckpt: Path, total: int, batch: int) -> dict:
@@ -115,8 +122,15 @@ def _direct(ckpt: Path, total: int, batch: int) -> dict:
         lat += [time.perf_counter() - t1] * k
         chars += sum(len(g[0].text) for g in out)
     wall = time.perf_counter() - t0
-    return {"requests": total, "errors": 0, "wall_s": wall, "rps": total / wall, "cps": chars / wall,
-            "p50_ms": 1e3 * _pct(lat, 0.5), "p99_ms": 1e3 * _pct(lat, 0.99)}
+    return {
+        "requests": total,
+        "errors": 0,
+        "wall_s": wall,
+        "rps": total / wall,
+        "cps": chars / wall,
+        "p50_ms": 1e3 * _pct(lat, 0.5),
+        "p99_ms": 1e3 * _pct(lat, 0.99),
+    }
 
 
 def _sequential_overhead(url: str, ckpt: Path, n: int) -> tuple[float, float]:
@@ -154,8 +168,9 @@ def run(out_dir: Path, quick: bool = False) -> str:
     n_on, n_off, n_direct, n_seq = (256, 64, 256, 8) if quick else (2048, 256, 1024, 20)
     started_ray = not ray.is_initialized()
     if started_ray:
-        ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING",
-                 log_to_driver=False)
+        ray.init(
+            address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING", log_to_driver=False
+        )
     on_cfg = ServeConfig(max_batch_size=CLIENTS, batch_wait_timeout_s=0.01, reload_poll_s=0)
     off_cfg = ServeConfig(max_batch_size=1, batch_wait_timeout_s=0.0, reload_poll_s=0)
     handle = start_server(ckpt, on_cfg, port=free_port(), name="bench-on")
@@ -191,8 +206,10 @@ def run(out_dir: Path, quick: bool = False) -> str:
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name, r in rows.items():
-        lines.append(f"| {name} | {r['requests']} | {r['errors']} | {r['rps']:.1f} | {r['cps']:.0f} | "
-                     f"{r['p50_ms']:.0f} | {r['p99_ms']:.0f} |")
+        lines.append(
+            f"| {name} | {r['requests']} | {r['errors']} | {r['rps']:.1f} | {r['cps']:.0f} | "
+            f"{r['p50_ms']:.0f} | {r['p99_ms']:.0f} |"
+        )
     lines += [
         "",
         "| ratio | value |",

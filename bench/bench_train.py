@@ -48,12 +48,24 @@ def _sources(tmp: Path, n_reviews: int) -> tuple[list[str], str]:
 def _config(workers: int, steps: int):
     from raylstm.config import load_config
 
-    return load_config(ROOT / "configs" / "demo.toml", [
-        "data.dedupe=false", "data.seq_len=128", "model.hidden_size=192", "model.num_layers=1",
-        f"train.num_workers={workers}", f"train.cpus_per_worker={THREADS}.0", "train.batch_size=32",
-        f"train.max_steps={steps}", f"train.eval_every={steps}", "train.log_every=5", "train.sample_chars=0",
-        "train.max_val_batches=4", "train.max_failures=0",
-    ])
+    return load_config(
+        ROOT / "configs" / "demo.toml",
+        [
+            "data.dedupe=false",
+            "data.seq_len=128",
+            "model.hidden_size=192",
+            "model.num_layers=1",
+            f"train.num_workers={workers}",
+            f"train.cpus_per_worker={THREADS}.0",
+            "train.batch_size=32",
+            f"train.max_steps={steps}",
+            f"train.eval_every={steps}",
+            "train.log_every=5",
+            "train.sample_chars=0",
+            "train.max_val_batches=4",
+            "train.max_failures=0",
+        ],
+    )
 
 
 def ray_pipeline(windows, vocab, workers: int, steps: int, storage: str) -> dict:
@@ -96,7 +108,7 @@ def bare_loop(ids, vocab_size: int, steps: int, blocks: int) -> float:
     per_block = max(1, steps // (blocks + 1))
     rates, t, chars, step = [], time.perf_counter(), 0, 0
     while step < steps:
-        batch = torch.as_tensor(ids[(step % n) * B:(step % n + 1) * B], dtype=torch.long)
+        batch = torch.as_tensor(ids[(step % n) * B : (step % n + 1) * B], dtype=torch.long)
         s, c = loss_sum_and_count(model, batch, "full")
         loss = s / c
         opt.zero_grad(set_to_none=True)
@@ -129,12 +141,21 @@ def supervision(text_ids, vocab_size: int, seconds: float) -> dict:
     for mode, width, stride, batch in (("full", 129, 128, 32), ("seed", 41, 3, 128)):
         windows = np.lib.stride_tricks.sliding_window_view(text_ids, width)[::stride]
         torch.manual_seed(0)
-        model = build_model(ModelConfig(kind="seed", vocab_size=vocab_size, embed_dim=128, hidden_size=128,
-                                        num_layers=1, dropout=0.5, seed_dense=256)).train()
+        model = build_model(
+            ModelConfig(
+                kind="seed",
+                vocab_size=vocab_size,
+                embed_dim=128,
+                hidden_size=128,
+                num_layers=1,
+                dropout=0.5,
+                seed_dense=256,
+            )
+        ).train()
         opt = make_optimizer(model, TrainConfig(optimizer="rmsprop", lr=1e-3))
         preds, i, t0, warm = 0, 0, None, 3
         while True:
-            b = torch.tensor(windows[(i * batch) % (len(windows) - batch):][:batch], dtype=torch.long)
+            b = torch.tensor(windows[(i * batch) % (len(windows) - batch) :][:batch], dtype=torch.long)
             s, n = loss_sum_and_count(model, b, mode)
             opt.zero_grad(set_to_none=True)
             (s / n).backward()
@@ -160,8 +181,14 @@ def run(out_dir: Path, quick: bool = False) -> str:
     out_dir.mkdir(parents=True, exist_ok=True)
     own_ray = not ray.is_initialized()
     if own_ray:
-        ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="ERROR",
-                 log_to_driver=False, object_store_memory=512 * 1024**2)
+        ray.init(
+            address="local",
+            num_cpus=4,
+            include_dashboard=False,
+            logging_level="ERROR",
+            log_to_driver=False,
+            object_store_memory=512 * 1024**2,
+        )
     # Steps per Ray run (1 worker, 2 workers) and per bare-loop run: enough for >= 4 steady-state reports
     # (reports come every ~2 s) while each fit() stays around a minute on 2 cores, start-up included.
     steps, steps_two, steps_bare = (100, 80, 40) if quick else (200, 120, 70)

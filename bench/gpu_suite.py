@@ -46,8 +46,11 @@ class Plan:
         self.shapes = (
             [("tiny", 32, 1, 16, 4, 8)]
             if tiny
-            else [("seed 1x128", 128, 1, 40, 128, 128), ("default 2x512", 512, 2, 128, 64, 64),
-                  ("default 2x512, batch 512", 512, 2, 128, 512, 64)]  # amazon-gpu shapes: gpu_train
+            else [
+                ("seed 1x128", 128, 1, 40, 128, 128),
+                ("default 2x512", 512, 2, 128, 64, 64),
+                ("default 2x512, batch 512", 512, 2, 128, 512, 64),
+            ]  # amazon-gpu shapes: gpu_train
         )
         self.kernel_iters = 2 if tiny else 10
         self.peer_seconds = 2.0 if tiny else 25.0
@@ -55,9 +58,16 @@ class Plan:
         self.quality_seconds = 3.0 if tiny else 60.0
         # The amazon-gpu preset, shrunk for the smoke test; warmup scaled to a 100-second run.
         self.gpu_overrides = (
-            ["model.hidden_size=32", "model.num_layers=1", "model.embed_dim=8", "data.seq_len=32",
-             "train.batch_size=8", "train.warmup_steps=2"]
-            if tiny else ["train.warmup_steps=50"]
+            [
+                "model.hidden_size=32",
+                "model.num_layers=1",
+                "model.embed_dim=8",
+                "data.seq_len=32",
+                "train.batch_size=8",
+                "train.warmup_steps=2",
+            ]
+            if tiny
+            else ["train.warmup_steps=50"]
         )
 
 
@@ -88,7 +98,9 @@ def kernels(plan: Plan, out_dir: Path) -> str:
     dev, V = plan.device, 100
     rows, data = [], {}
     for label, H, L, T, B, E in plan.shapes:
-        model = CharLSTM(ModelConfig(vocab_size=V, embed_dim=E, hidden_size=H, num_layers=L, dropout=0.0)).to(dev)
+        model = CharLSTM(ModelConfig(vocab_size=V, embed_dim=E, hidden_size=H, num_layers=L, dropout=0.0)).to(
+            dev
+        )
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev == "cuda")
         ids = torch.randint(0, V, (B, T + 1), device=dev)
         emb = torch.randn(B, T, E, device=dev, requires_grad=True)
@@ -102,7 +114,9 @@ def kernels(plan: Plan, out_dir: Path) -> str:
         def full_step(model=model, ids=ids, opt=opt, autocast=autocast) -> None:
             with autocast:
                 logits, _ = model(ids[:, :-1])
-                loss = torch.nn.functional.cross_entropy(logits.reshape(-1, V).float(), ids[:, 1:].reshape(-1))
+                loss = torch.nn.functional.cross_entropy(
+                    logits.reshape(-1, V).float(), ids[:, 1:].reshape(-1)
+                )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -112,21 +126,31 @@ def kernels(plan: Plan, out_dir: Path) -> str:
         t_full = _time(full_step, plan.kernel_iters, dev)
         cps_lstm, cps_full = B * T / t_lstm, B * T / t_full
         data[label] = {"lstm_fwd_bwd_chars_per_s": cps_lstm, "full_step_chars_per_s": cps_full}
-        rows.append(f"| {label} | {H}x{L} | {T} | {B} | {cps_lstm:,.0f} | {cps_full:,.0f} | {cps_full / cps_lstm:.2f} |")
+        rows.append(
+            f"| {label} | {H}x{L} | {T} | {B} | {cps_lstm:,.0f} | {cps_full:,.0f} | {cps_full / cps_lstm:.2f} |"
+        )
         del model, opt
-    (out_dir / "gpu_kernels.json").write_text(json.dumps(
-        {"throughput": {f"{k} full step": v["full_step_chars_per_s"] for k, v in data.items()}, "rows": data},
-        indent=2))
-    return "\n".join([
-        f"## LSTM kernels on {dev}: cuDNN LSTM forward+backward vs a full training step",
-        "",
-        f"bf16 autocast on CUDA; median of 5 repetitions of {plan.kernel_iters} iterations; chars = batch x seq.",
-        "",
-        "| shape | hidden x layers | seq | batch | nn.LSTM fwd+bwd chars/s | full step chars/s | full / LSTM |",
-        "|---|---|---:|---:|---:|---:|---:|",
-        *rows,
-        "",
-    ])
+    (out_dir / "gpu_kernels.json").write_text(
+        json.dumps(
+            {
+                "throughput": {f"{k} full step": v["full_step_chars_per_s"] for k, v in data.items()},
+                "rows": data,
+            },
+            indent=2,
+        )
+    )
+    return "\n".join(
+        [
+            f"## LSTM kernels on {dev}: cuDNN LSTM forward+backward vs a full training step",
+            "",
+            f"bf16 autocast on CUDA; median of 5 repetitions of {plan.kernel_iters} iterations; chars = batch x seq.",
+            "",
+            "| shape | hidden x layers | seq | batch | nn.LSTM fwd+bwd chars/s | full step chars/s | full / LSTM |",
+            "|---|---|---:|---:|---:|---:|---:|",
+            *rows,
+            "",
+        ]
+    )
 
 
 # --- 2. peer ----------------------------------------------------------------------------------------------
@@ -153,7 +177,9 @@ def quality(plan: Plan, out_dir: Path) -> str:
     from raylstm.evaluate import baselines, join_reviews, score_reviews
 
     text = _text(plan)
-    r = train_torch("amazon-gpu", text, plan.quality_seconds, device=plan.device, overrides=plan.gpu_overrides)
+    r = train_torch(
+        "amazon-gpu", text, plan.quality_seconds, device=plan.device, overrides=plan.gpu_overrides
+    )
     test = text.test_reviews if not plan.tiny else text.test_reviews[:20]
     t0 = time.perf_counter()
     bits, chars, _ = score_reviews(r["model"], text.vocab, test, device=plan.device)
@@ -163,24 +189,40 @@ def quality(plan: Plan, out_dir: Path) -> str:
     plan.bare_chars_per_s = r["preds"] / r["seconds"]
     bpc = bits / chars
     precision = "bf16 autocast" if plan.device == "cuda" else "fp32"
-    rows = [f"| **amazon-gpu model, {r['seconds']:.0f} s** | bare loop, {precision} | **{bpc:.3f}** | 1.00x |"]
-    rows += [f"| {n} | {b['setting']} | {b['bpc']:.3f} | {b['bpc'] / bpc:.2f}x |"
-             for n, b in sorted(base.items(), key=lambda kv: kv[1]["bpc"])]
-    (out_dir / "gpu_quality.json").write_text(json.dumps(
-        {"bpc": bpc, "chars": chars, "train": {k: v for k, v in r.items() if k not in ("model", "config")},
-         "baselines": base, "score_seconds": score_s}, indent=2, default=str))
-    return "\n".join([
-        f"## Quality on {plan.device}: the amazon-gpu model for {plan.quality_seconds:.0f} s",
-        "",
-        f"{' '.join('--set ' + o for o in plan.gpu_overrides)}; {r['preds']:,} supervised predictions "
-        f"({plan.bare_chars_per_s:,.0f}/s) on {len(text.train_ids):,} training chars; held-out: {chars:,} chars "
-        f"of the test split ({len(test)} reviews), scored in {score_s:.1f} s; compressors read the training split first.",
-        "",
-        "| method | setting | held-out bpc | vs model |",
-        "|---|---|---:|---:|",
-        *rows,
-        "",
-    ])
+    rows = [
+        f"| **amazon-gpu model, {r['seconds']:.0f} s** | bare loop, {precision} | **{bpc:.3f}** | 1.00x |"
+    ]
+    rows += [
+        f"| {n} | {b['setting']} | {b['bpc']:.3f} | {b['bpc'] / bpc:.2f}x |"
+        for n, b in sorted(base.items(), key=lambda kv: kv[1]["bpc"])
+    ]
+    (out_dir / "gpu_quality.json").write_text(
+        json.dumps(
+            {
+                "bpc": bpc,
+                "chars": chars,
+                "train": {k: v for k, v in r.items() if k not in ("model", "config")},
+                "baselines": base,
+                "score_seconds": score_s,
+            },
+            indent=2,
+            default=str,
+        )
+    )
+    return "\n".join(
+        [
+            f"## Quality on {plan.device}: the amazon-gpu model for {plan.quality_seconds:.0f} s",
+            "",
+            f"{' '.join('--set ' + o for o in plan.gpu_overrides)}; {r['preds']:,} supervised predictions "
+            f"({plan.bare_chars_per_s:,.0f}/s) on {len(text.train_ids):,} training chars; held-out: {chars:,} chars "
+            f"of the test split ({len(test)} reviews), scored in {score_s:.1f} s; compressors read the training split first.",
+            "",
+            "| method | setting | held-out bpc | vs model |",
+            "|---|---|---:|---:|",
+            *rows,
+            "",
+        ]
+    )
 
 
 # --- 4. the training benchmark of bench/gpu_train.py (raw cuDNN vs the full Ray Train step) -----------------
@@ -192,17 +234,31 @@ def gpu_train(plan: Plan, out_dir: Path) -> str:
 
 # Cheapest first; a section that would start past --budget-s is reported as skipped, not run.
 SECTIONS: list[tuple[str, Callable[[Plan, Path], str]]] = [
-    ("kernels", kernels), ("gpu_train", gpu_train), ("quality", quality), ("peer", peer)]
+    ("kernels", kernels),
+    ("gpu_train", gpu_train),
+    ("quality", quality),
+    ("peer", peer),
+]
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny shapes, a few seconds per section")
-    ap.add_argument("--budget-s", type=float, default=450.0,
-                    help="skip (and report) sections that would start after this many seconds")
+    ap.add_argument(
+        "--tiny", action="store_true", help="CPU smoke test: tiny shapes, a few seconds per section"
+    )
+    ap.add_argument(
+        "--budget-s",
+        type=float,
+        default=450.0,
+        help="skip (and report) sections that would start after this many seconds",
+    )
     ap.add_argument("--only", nargs="*", help="run only these sections: " + ", ".join(n for n, _ in SECTIONS))
-    ap.add_argument("--out", default=None, help="raw outputs (default bench/out/gpu, --tiny: bench/out/gpu-tiny)")
-    ap.add_argument("--report", default=None, help="default bench/REPORT-gpu.md (--tiny: <out>/REPORT-gpu-tiny.md)")
+    ap.add_argument(
+        "--out", default=None, help="raw outputs (default bench/out/gpu, --tiny: bench/out/gpu-tiny)"
+    )
+    ap.add_argument(
+        "--report", default=None, help="default bench/REPORT-gpu.md (--tiny: <out>/REPORT-gpu-tiny.md)"
+    )
     args = ap.parse_args(argv)
     import os
 
@@ -212,7 +268,9 @@ def main(argv: list[str] | None = None) -> int:
 
     out_dir = Path(args.out or BENCH / "out" / ("gpu-tiny" if args.tiny else "gpu")).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
-    report = Path(args.report or (out_dir / "REPORT-gpu-tiny.md" if args.tiny else BENCH / "REPORT-gpu.md")).resolve()
+    report = Path(
+        args.report or (out_dir / "REPORT-gpu-tiny.md" if args.tiny else BENCH / "REPORT-gpu.md")
+    ).resolve()
     plan = Plan(args.tiny)
     info = machine()
     command = f"{PY} -m bench.gpu_suite" + (" --tiny" if args.tiny else "")
@@ -227,8 +285,16 @@ def main(argv: list[str] | None = None) -> int:
     results, t_all = [], time.perf_counter()
     for name, fn in sections:
         if time.perf_counter() - t_all > args.budget_s:
-            results.append({"name": name, "status": "skipped", "seconds": 0.0, "markdown": "",
-                            "error": f"not started: {args.budget_s:.0f} s budget spent", "command": command + f" --only {name}"})
+            results.append(
+                {
+                    "name": name,
+                    "status": "skipped",
+                    "seconds": 0.0,
+                    "markdown": "",
+                    "error": f"not started: {args.budget_s:.0f} s budget spent",
+                    "command": command + f" --only {name}",
+                }
+            )
             continue
         print(f"[gpu] {name} ...", flush=True)
         t0 = time.perf_counter()
@@ -238,13 +304,30 @@ def main(argv: list[str] | None = None) -> int:
             md, status, err = "", "failed", traceback.format_exc()
             print(err, flush=True)
         secs = time.perf_counter() - t0
-        print(f"[gpu] {name}: {status} in {secs:.0f} s (total {time.perf_counter() - t_all:.0f} s)", flush=True)
-        results.append({"name": name, "status": status, "seconds": secs, "error": err, "markdown": md,
-                        "command": command + f" --only {name}"})
-    plots = [p for p in (plot_learning_curves(out_dir, out_dir / "gpu_learning_curves.png"),
-                         plot_throughput(out_dir, out_dir / "gpu_throughput.png")) if p is not None]
-    write_report(results, info, [], out_dir, report, plots, invocation=command,
-                 title="raylstm GPU benchmark report")
+        print(
+            f"[gpu] {name}: {status} in {secs:.0f} s (total {time.perf_counter() - t_all:.0f} s)", flush=True
+        )
+        results.append(
+            {
+                "name": name,
+                "status": status,
+                "seconds": secs,
+                "error": err,
+                "markdown": md,
+                "command": command + f" --only {name}",
+            }
+        )
+    plots = [
+        p
+        for p in (
+            plot_learning_curves(out_dir, out_dir / "gpu_learning_curves.png"),
+            plot_throughput(out_dir, out_dir / "gpu_throughput.png"),
+        )
+        if p is not None
+    ]
+    write_report(
+        results, info, [], out_dir, report, plots, invocation=command, title="raylstm GPU benchmark report"
+    )
     print(f"[gpu] wrote {report} in {time.perf_counter() - t_all:.0f} s")
     return 0 if all(r["status"] == "ok" for r in results) else 1
 

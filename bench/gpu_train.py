@@ -70,8 +70,19 @@ def model_step(s: dict, precision: str) -> float:
 
     dev = torch.device(s["device"])
     torch.manual_seed(0)
-    model = build_model(ModelConfig(vocab_size=VOCAB, embed_dim=s["embed"], hidden_size=s["hidden"],
-                                    num_layers=s["layers"], dropout=0.1)).to(dev).train()
+    model = (
+        build_model(
+            ModelConfig(
+                vocab_size=VOCAB,
+                embed_dim=s["embed"],
+                hidden_size=s["hidden"],
+                num_layers=s["layers"],
+                dropout=0.1,
+            )
+        )
+        .to(dev)
+        .train()
+    )
     opt = make_optimizer(model, TrainConfig())
     ids = torch.randint(1, VOCAB, (s["batch"], s["seq"] + 1), device=dev)
     times = []
@@ -103,23 +114,43 @@ def ray_step(s: dict, tiny: bool) -> dict:
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if not ray.is_initialized():
-        ray.init(address="local", include_dashboard=False, logging_level="ERROR", log_to_driver=False,
-                 num_cpus=4 if tiny else None)
+        ray.init(
+            address="local",
+            include_dashboard=False,
+            logging_level="ERROR",
+            log_to_driver=False,
+            num_cpus=4 if tiny else None,
+        )
     vocab = CharVocab([chr(c) for c in range(32, 32 + VOCAB - 1)])
     rng = np.random.default_rng(0)
     n_train = s["batch"] * (400 if tiny else 40)
+
     def make(n: int):
         ids = rng.integers(1, VOCAB, (n, s["seq"] + 1), dtype=np.int32)
         return ray.data.from_numpy(ids).rename_columns({"data": "ids"})
 
-    cfg = load_config(ROOT / "configs" / "amazon-gpu.toml", [
-        "train.num_workers=1", f"train.use_gpu={'false' if tiny else 'true'}",
-        f"train.batch_size={s['batch']}", f"data.seq_len={s['seq']}", f"model.embed_dim={s['embed']}",
-        f"model.hidden_size={s['hidden']}", f"model.num_layers={s['layers']}", f"train.max_steps={s['steps']}",
-        f"train.eval_every={s['steps']}", "train.log_every=5", "train.sample_chars=0", "train.max_val_batches=2",
-        "train.warmup_steps=10", "data.materialize=true", "train.max_failures=0",
-        f"train.precision={'fp32' if tiny else 'bf16'}", "train.cpus_per_worker=1.0",
-    ])
+    cfg = load_config(
+        ROOT / "configs" / "amazon-gpu.toml",
+        [
+            "train.num_workers=1",
+            f"train.use_gpu={'false' if tiny else 'true'}",
+            f"train.batch_size={s['batch']}",
+            f"data.seq_len={s['seq']}",
+            f"model.embed_dim={s['embed']}",
+            f"model.hidden_size={s['hidden']}",
+            f"model.num_layers={s['layers']}",
+            f"train.max_steps={s['steps']}",
+            f"train.eval_every={s['steps']}",
+            "train.log_every=5",
+            "train.sample_chars=0",
+            "train.max_val_batches=2",
+            "train.warmup_steps=10",
+            "data.materialize=true",
+            "train.max_failures=0",
+            f"train.precision={'fp32' if tiny else 'bf16'}",
+            "train.cpus_per_worker=1.0",
+        ],
+    )
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         res = fit_windows(cfg, vocab, make(n_train), make(s["batch"] * 2), storage=tmp, name="gpu-bench")
@@ -128,7 +159,11 @@ def ray_step(s: dict, tiny: bool) -> dict:
     rows = reports[2:] or reports[1:]  # drop start-up and warm-up reports when there are enough
     if not rows:
         raise RuntimeError(f"{len(reports)} metrics reports: too few for a steady-state figure")
-    return {"chars_per_s": statistics.median(r["chars_per_s"] for r in rows), "reports": len(rows), "wall_s": wall}
+    return {
+        "chars_per_s": statistics.median(r["chars_per_s"] for r in rows),
+        "reports": len(rows),
+        "wall_s": wall,
+    }
 
 
 def run(tiny: bool) -> str:
@@ -180,8 +215,11 @@ def run(tiny: bool) -> str:
             ratio = f"{value / base:.2f}" if base else ""
             lines.append(f"| {label} | {value:,.0f} | {ratio} |")
     if ray_res:
-        lines += ["", f"Ray run: {ray_res['reports']} steady-state reports, fit() wall time {ray_res['wall_s']:.0f} s "
-                  f"for {s['steps']} steps (includes start-up)."]
+        lines += [
+            "",
+            f"Ray run: {ray_res['reports']} steady-state reports, fit() wall time {ray_res['wall_s']:.0f} s "
+            f"for {s['steps']} steps (includes start-up).",
+        ]
     lines += ["", f"Rerun: `.venv/bin/python -m bench.gpu_train{' --tiny' if tiny else ''}`", ""]
     return "\n".join(lines)
 

@@ -108,7 +108,9 @@ def build_keras(vocab_size: int, lr: float = 1e-3):
             layers.Dense(vocab_size, activation="softmax"),
         ]
     )
-    model.compile(optimizer=keras.optimizers.RMSprop(learning_rate=lr), loss="sparse_categorical_crossentropy")
+    model.compile(
+        optimizer=keras.optimizers.RMSprop(learning_rate=lr), loss="sparse_categorical_crossentropy"
+    )
     return model
 
 
@@ -138,8 +140,14 @@ def train_keras(text: PeerText, seconds: float, batch: int = 128, lr: float = 1e
         if len(losses) % 5 == 0:
             curve.append((elapsed, samples, float(np.mean(losses[-10:])) / math.log(2)))
     elapsed = time.perf_counter() - t0
-    return {"model": model, "seconds": elapsed, "windows": samples, "preds": samples,
-            "input_chars": samples * CONTEXT, "curve": curve}
+    return {
+        "model": model,
+        "seconds": elapsed,
+        "windows": samples,
+        "preds": samples,
+        "input_chars": samples * CONTEXT,
+        "curve": curve,
+    }
 
 
 # --- raylstm's models, same budget --------------------------------------------------------------------
@@ -155,8 +163,14 @@ def _preset(name: str):
     return cfg
 
 
-def train_torch(preset: str, text: PeerText, seconds: float, seed: int = 0, device: str = "cpu",
-                overrides: list[str] | None = None) -> dict:
+def train_torch(
+    preset: str,
+    text: PeerText,
+    seconds: float,
+    seed: int = 0,
+    device: str = "cpu",
+    overrides: list[str] | None = None,
+) -> dict:
     """A bare loop over raylstm's model with the preset's model/optimizer settings, for `seconds`.
     On CUDA it runs under bf16 autocast, as raylstm's training loop does."""
     import torch
@@ -193,13 +207,16 @@ def train_torch(preset: str, text: PeerText, seconds: float, seed: int = 0, devi
             if seed_mode:
                 x, y = seed_batches(text.train_ids, B, rng)
                 logits, _ = model(torch.from_numpy(x).to(device))
-                loss = torch.nn.functional.cross_entropy(logits[:, -1].float(), torch.from_numpy(y).to(device))
+                loss = torch.nn.functional.cross_entropy(
+                    logits[:, -1].float(), torch.from_numpy(y).to(device)
+                )
             else:
                 starts = torch.from_numpy(rng.integers(0, n_full, size=B) * T).to(device)
                 win = ids[starts[:, None] + torch.arange(T + 1, device=device)]
                 logits, _ = model(win[:, :-1])
-                loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
-                                                         win[:, 1:].reshape(-1))
+                loss = torch.nn.functional.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]).float(), win[:, 1:].reshape(-1)
+                )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if tc.grad_clip > 0:
@@ -225,12 +242,21 @@ def train_torch(preset: str, text: PeerText, seconds: float, seed: int = 0, devi
     if cuda:
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - t0
-    return {"model": model.eval(), "seconds": elapsed, "windows": windows, "preds": preds,
-            "input_chars": windows * (CONTEXT if seed_mode else T), "curve": curve, "seed_mode": seed_mode,
-            "config": cfg}
+    return {
+        "model": model.eval(),
+        "seconds": elapsed,
+        "windows": windows,
+        "preds": preds,
+        "input_chars": windows * (CONTEXT if seed_mode else T),
+        "curve": curve,
+        "seed_mode": seed_mode,
+        "config": cfg,
+    }
 
 
-def torch_bpc(result: dict, text: PeerText, eval_reviews: list[str], eval_text: str, device: str = "cpu") -> float:
+def torch_bpc(
+    result: dict, text: PeerText, eval_reviews: list[str], eval_text: str, device: str = "cpu"
+) -> float:
     import torch
 
     from raylstm.evaluate import score_reviews
@@ -244,8 +270,9 @@ def torch_bpc(result: dict, text: PeerText, eval_reviews: list[str], eval_text: 
     with torch.inference_mode():
         for i in range(0, len(y), 2048):
             logits, _ = model(torch.from_numpy(np.ascontiguousarray(x[i : i + 2048])).to(device))
-            nll = torch.nn.functional.cross_entropy(logits[:, -1].float(), torch.from_numpy(y[i : i + 2048]).to(device),
-                                                    reduction="sum")
+            nll = torch.nn.functional.cross_entropy(
+                logits[:, -1].float(), torch.from_numpy(y[i : i + 2048]).to(device), reduction="sum"
+            )
             bits += float(nll) / math.log(2)
     return bits / len(y)
 
@@ -283,8 +310,15 @@ def compare(text: PeerText, seconds: float, eval_chars: int, device: str = "cpu"
         r.pop("model")
         r.pop("config")
         rows[f"raylstm {preset}"] = r
-    return {"rows": rows, "eval_chars": len(eval_text), "eval_reviews": len(eval_reviews),
-            "train_chars": int(len(text.train_ids)), "source": text.source, "seconds": seconds, "device": device}
+    return {
+        "rows": rows,
+        "eval_chars": len(eval_text),
+        "eval_reviews": len(eval_reviews),
+        "train_chars": int(len(text.train_ids)),
+        "source": text.source,
+        "seconds": seconds,
+        "device": device,
+    }
 
 
 def to_markdown(res: dict[str, Any], command: str) -> str:
@@ -318,8 +352,11 @@ def run(out_dir: Path, quick: bool = False, seconds: float | None = None) -> str
     text = load_text(quick=quick)
     res = compare(text, seconds, eval_chars=10_000 if quick else 40_000)
     (out_dir / "peer.json").write_text(json.dumps(res, indent=2, default=str))
-    cmd = ".venv/bin/python -m bench.peer_keras" + (" --quick" if quick else "") + (
-        f" --seconds {seconds:g}" if seconds not in (10.0, 45.0) else "")
+    cmd = (
+        ".venv/bin/python -m bench.peer_keras"
+        + (" --quick" if quick else "")
+        + (f" --seconds {seconds:g}" if seconds not in (10.0, 45.0) else "")
+    )
     return to_markdown(res, cmd)
 
 

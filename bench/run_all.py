@@ -34,7 +34,10 @@ PY = ".venv/bin/python"
 
 def discover() -> list[str]:
     found = sorted(p.stem for p in BENCH.glob("bench_*.py"))
-    return sorted(set(found) | set(EXPECTED), key=lambda n: (n not in EXPECTED, EXPECTED.index(n) if n in EXPECTED else 0, n))
+    return sorted(
+        set(found) | set(EXPECTED),
+        key=lambda n: (n not in EXPECTED, EXPECTED.index(n) if n in EXPECTED else 0, n),
+    )
 
 
 def command_for(name: str, quick: bool) -> str:
@@ -58,14 +61,23 @@ def run_piece(name: str, out_dir: Path, quick: bool, timeout: float) -> dict[str
     log_path = out_dir / f"{name}.log"
     md_path.unlink(missing_ok=True)
     if not (BENCH / f"{name}.py").exists():
-        return {"name": name, "status": "missing", "seconds": 0.0, "error": f"bench/{name}.py does not exist yet"}
-    cmd = [sys.executable, "-m", "bench.run_all", "--one", name, "--out", str(out_dir)] + (["--quick"] if quick else [])
+        return {
+            "name": name,
+            "status": "missing",
+            "seconds": 0.0,
+            "error": f"bench/{name}.py does not exist yet",
+        }
+    cmd = [sys.executable, "-m", "bench.run_all", "--one", name, "--out", str(out_dir)] + (
+        ["--quick"] if quick else []
+    )
     t0 = time.perf_counter()
     print(f"[bench] {name} ... ({command_for(name, quick)})", flush=True)
     with open(log_path, "w") as log:
         try:
             # Own session: on timeout the whole group (the piece's Ray workers included) is ended.
-            proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            proc = subprocess.Popen(
+                cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
             rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, 9)
@@ -80,20 +92,33 @@ def run_piece(name: str, out_dir: Path, quick: bool, timeout: float) -> dict[str
     else:
         status, err = "ok", ""
     print(f"[bench] {name}: {status} in {secs:.0f} s", flush=True)
-    return {"name": name, "status": status, "seconds": secs, "error": err,
-            "markdown": md_path.read_text() if status == "ok" else ""}
+    return {
+        "name": name,
+        "status": status,
+        "seconds": secs,
+        "error": err,
+        "markdown": md_path.read_text() if status == "ok" else "",
+    }
 
 
 def machine() -> dict[str, str]:
-    info = {"date (UTC)": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M"),
-            "host": platform.node(), "os": platform.platform(), "python": platform.python_version(),
-            "logical CPUs": str(os.cpu_count())}
+    info = {
+        "date (UTC)": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M"),
+        "host": platform.node(),
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "logical CPUs": str(os.cpu_count()),
+    }
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 info["CPU"] = line.split(":", 1)[1].strip()
                 break
-        mem_kb = int(next(ln for ln in Path("/proc/meminfo").read_text().splitlines() if ln.startswith("MemTotal")).split()[1])
+        mem_kb = int(
+            next(
+                ln for ln in Path("/proc/meminfo").read_text().splitlines() if ln.startswith("MemTotal")
+            ).split()[1]
+        )
         info["memory"] = f"{mem_kb / 2**20:.1f} GiB"
         info["load average at start"] = " ".join(Path("/proc/loadavg").read_text().split()[:3])
     except (OSError, StopIteration, ValueError):
@@ -104,10 +129,12 @@ def machine() -> dict[str, str]:
         except ImportError:
             info[pkg] = "not installed"
     try:
-        info["git commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                            text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True).stdout.strip()
+        info["git commit"] = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
         if dirty:
             info["git commit"] += " (with uncommitted changes)"
     except (OSError, subprocess.CalledProcessError):
@@ -203,13 +230,20 @@ def plot_throughput(out_dir: Path, png: Path) -> Path | None:
 
 
 # --- the report -----------------------------------------------------------------------------------------
-def write_report(results: list[dict[str, Any]], info: dict[str, str], argv: list[str], out_dir: Path,
-                 report: Path, plots: list[Path], invocation: str | None = None,
-                 title: str = "raylstm benchmark report") -> Path:
+def write_report(
+    results: list[dict[str, Any]],
+    info: dict[str, str],
+    argv: list[str],
+    out_dir: Path,
+    report: Path,
+    plots: list[Path],
+    invocation: str | None = None,
+    title: str = "raylstm benchmark report",
+) -> Path:
     produced = f"`{invocation}`"
     if invocation is None:
         produced = f"`{PY} -m bench.run_all" + ("" if not argv else " " + " ".join(argv)) + "`"
-        produced += " (= `make bench`)" if not argv else f" (= `make bench BENCH_ARGS=\"{' '.join(argv)}\"`)"
+        produced += " (= `make bench`)" if not argv else f' (= `make bench BENCH_ARGS="{" ".join(argv)}"`)'
     lines = [
         f"# {title}",
         "",
@@ -236,8 +270,16 @@ def write_report(results: list[dict[str, Any]], info: dict[str, str], argv: list
         if r["status"] == "ok":
             lines += [r["markdown"].rstrip(), ""]
         else:
-            lines += [f"## {r['name']}: {r['status'].upper()}", "", f"Command: `{r['command']}`", "", "```",
-                      r["error"].strip()[-2500:], "```", ""]
+            lines += [
+                f"## {r['name']}: {r['status'].upper()}",
+                "",
+                f"Command: `{r['command']}`",
+                "",
+                "```",
+                r["error"].strip()[-2500:],
+                "```",
+                "",
+            ]
     report.write_text("\n".join(lines))
     return report
 
@@ -245,9 +287,13 @@ def write_report(results: list[dict[str, Any]], info: dict[str, str], argv: list
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="every piece in quick mode")
-    ap.add_argument("--with-quality", action="store_true", help="also the ~20-minute cpu-quality training run")
+    ap.add_argument(
+        "--with-quality", action="store_true", help="also the ~20-minute cpu-quality training run"
+    )
     ap.add_argument("--only", nargs="*", help="run only these pieces (e.g. bench_eval peer_keras)")
-    ap.add_argument("--timeout", type=float, default=900.0, help="seconds before a piece is killed (quality: 1800)")
+    ap.add_argument(
+        "--timeout", type=float, default=900.0, help="seconds before a piece is killed (quality: 1800)"
+    )
     ap.add_argument("--out", default=str(BENCH / "out"), help="raw outputs (JSON, logs, run dirs)")
     ap.add_argument("--report", default=str(BENCH / "REPORT.md"))
     ap.add_argument("--one", help=argparse.SUPPRESS)  # child mode
@@ -275,8 +321,14 @@ def main(argv: list[str] | None = None) -> int:
         results.append(r)
     report = Path(args.report).resolve()
     # The PNGs sit beside the report (bench/ by default) so its relative links work wherever it is written.
-    plots = [p for p in (plot_learning_curves(out_dir, report.parent / "learning_curves.png"),
-                         plot_throughput(out_dir, report.parent / "throughput.png")) if p is not None]
+    plots = [
+        p
+        for p in (
+            plot_learning_curves(out_dir, report.parent / "learning_curves.png"),
+            plot_throughput(out_dir, report.parent / "throughput.png"),
+        )
+        if p is not None
+    ]
     passed = sys.argv[1:] if argv is None else argv
     write_report(results, info, passed, out_dir, report, plots)
     print(f"[bench] wrote {report}")

@@ -34,7 +34,13 @@ from raylstm.vocab import CharVocab
 
 FORMAT = "raylstm-checkpoint"
 VERSION = 1
-WEIGHTS, OPTIMIZER, VOCAB, META, BEST = "model.safetensors", "optimizer.pt", "vocab.json", "meta.json", "best.json"
+WEIGHTS, OPTIMIZER, VOCAB, META, BEST = (
+    "model.safetensors",
+    "optimizer.pt",
+    "vocab.json",
+    "meta.json",
+    "best.json",
+)
 
 
 class CheckpointError(ValueError):
@@ -86,7 +92,10 @@ def save_checkpoint(
         files = [WEIGHTS, VOCAB]
         if optimizer is not None:
             torch.save(
-                {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else None},
+                {
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict() if scheduler else None,
+                },
                 tmp / OPTIMIZER,
             )
             files.append(OPTIMIZER)

@@ -31,10 +31,18 @@ def _config(args: argparse.Namespace):
 
 # --- prepare -------------------------------------------------------------------------------------------
 def _prepare_parser(p: argparse.ArgumentParser) -> Command:
-    p.add_argument("sources", nargs="*", help="review files, dirs, globs or s3:// URIs (default: demo corpus)")
-    p.add_argument("--out", required=True, help="output directory (Parquet shards, vocab.json, manifest.json)")
-    p.add_argument("--format", help="force a format: tsv, json, json2014, json2023, csv, parquet, text, blitzer")
-    p.add_argument("--strict", action="store_true", help="fail on the first malformed row, naming file and line")
+    p.add_argument(
+        "sources", nargs="*", help="review files, dirs, globs or s3:// URIs (default: demo corpus)"
+    )
+    p.add_argument(
+        "--out", required=True, help="output directory (Parquet shards, vocab.json, manifest.json)"
+    )
+    p.add_argument(
+        "--format", help="force a format: tsv, json, json2014, json2023, csv, parquet, text, blitzer"
+    )
+    p.add_argument(
+        "--strict", action="store_true", help="fail on the first malformed row, naming file and line"
+    )
     _add_config_args(p)
 
     def run(args: argparse.Namespace) -> int:
@@ -81,7 +89,9 @@ def _train_parser(p: argparse.ArgumentParser) -> Command:
     p.add_argument("--gpu", action="store_true", help="one GPU per worker, NCCL, bf16 autocast")
     p.add_argument("--storage", default="runs", help="run storage: a local path or s3://bucket/prefix")
     p.add_argument("--name", default=None, help="run name; rerunning a name continues that run")
-    p.add_argument("--address", default=None, help="Ray address to join (default: RAY_ADDRESS or a local Ray)")
+    p.add_argument(
+        "--address", default=None, help="Ray address to join (default: RAY_ADDRESS or a local Ray)"
+    )
 
     def run(args: argparse.Namespace) -> int:
         from raylstm.train import train
@@ -108,8 +118,12 @@ def _sample_parser(p: argparse.ArgumentParser) -> Command:
     p.add_argument("--temperature", type=float, nargs="+", default=[0.5], help="0 = argmax; several allowed")
     p.add_argument("--length", type=int, default=300, help="characters to generate")
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely characters (0 = all)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: smallest set reaching p (1 = off)")
-    p.add_argument("--stop", action="append", default=[], help="stop string: the text ends before it (repeatable)")
+    p.add_argument(
+        "--top-p", type=float, default=1.0, help="nucleus sampling: smallest set reaching p (1 = off)"
+    )
+    p.add_argument(
+        "--stop", action="append", default=[], help="stop string: the text ends before it (repeatable)"
+    )
     p.add_argument("--n", type=int, default=1, help="samples per temperature (sample i uses seed + i)")
     p.add_argument("--seed", type=int, default=None, help="makes output reproducible")
 
@@ -131,7 +145,9 @@ def _serve_parser(p: argparse.ArgumentParser) -> Command:
     p.add_argument("--port", type=int)
     p.add_argument("--replicas", type=int)
     p.add_argument("--gpu", action="store_true", help="one GPU per replica")
-    p.add_argument("--address", default=None, help="Ray address to join (default: RAY_ADDRESS or a local Ray)")
+    p.add_argument(
+        "--address", default=None, help="Ray address to join (default: RAY_ADDRESS or a local Ray)"
+    )
 
     def run(args: argparse.Namespace) -> int:
         from raylstm.serve import run_server
@@ -145,12 +161,21 @@ def _serve_parser(p: argparse.ArgumentParser) -> Command:
 def _evaluate_parser(p: argparse.ArgumentParser) -> Command:
     p.add_argument("--checkpoint", required=True, help="a run dir (uses best.json) or a checkpoint dir")
     p.add_argument("--data", nargs="*", default=None, help="review sources or a prepared dir")
-    p.add_argument("--split", default="test", choices=["train", "val", "test", "all"],
-                   help="which split to score (default test: held out from training)")
+    p.add_argument(
+        "--split",
+        default="test",
+        choices=["train", "val", "test", "all"],
+        help="which split to score (default test: held out from training)",
+    )
     p.add_argument("--json", dest="json_out", help="also write the results as JSON here")
-    p.add_argument("--no-baselines", action="store_true",
-                   help="model bpc only: skip unigram and the compressors (xz/PPMd take ~10 s per 5 MB)")
-    p.add_argument("--address", default=None, help="Ray address to join (default: RAY_ADDRESS or a local Ray)")
+    p.add_argument(
+        "--no-baselines",
+        action="store_true",
+        help="model bpc only: skip unigram and the compressors (xz/PPMd take ~10 s per 5 MB)",
+    )
+    p.add_argument(
+        "--address", default=None, help="Ray address to join (default: RAY_ADDRESS or a local Ray)"
+    )
 
     def run(args: argparse.Namespace) -> int:
         from raylstm.evaluate import run_evaluate_cli
@@ -174,7 +199,10 @@ def _demo_parser(p: argparse.ArgumentParser) -> Command:
 
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], Command]]] = {
     "prepare": ("clean, split and encode review files into Parquet shards + vocab.json", _prepare_parser),
-    "download": ("fetch a public Amazon Reviews 2023 category file (resumable, checksummed)", _download_parser),
+    "download": (
+        "fetch a public Amazon Reviews 2023 category file (resumable, checksummed)",
+        _download_parser,
+    ),
     "train": ("train a char-LSTM with Ray Train (DDP) on Ray Data", _train_parser),
     "sample": ("generate text from a checkpoint", _sample_parser),
     "serve": ("serve a checkpoint over HTTP with Ray Serve", _serve_parser),

@@ -54,7 +54,7 @@ class ReviewSplits:
 
 
 def split_of(key: str, val_fraction: float, test_fraction: float) -> str:
-    """"train" | "val" | "test" from a stable hash of the review key (blake2b, not Python's salted hash)."""
+    """ "train" | "val" | "test" from a stable hash of the review key (blake2b, not Python's salted hash)."""
     h = int.from_bytes(hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big")
     u = h / 2.0**64
     if u < test_fraction:
@@ -117,7 +117,9 @@ def _dedupe_winners(batch: pa.Table) -> pa.Table:
         key, _source, _row, rating = w.rsplit(_SEP, 3)  # split from the right: a key may hold anything
         keys.append(key)
         ratings.append(float(rating) if rating else None)
-    return pa.table({"text": texts, "key": pa.array(keys, pa.string()), "rating": pa.array(ratings, pa.float64())})
+    return pa.table(
+        {"text": texts, "key": pa.array(keys, pa.string()), "rating": pa.array(ratings, pa.float64())}
+    )
 
 
 def _assign_split(batch: pa.Table, val_fraction: float, test_fraction: float) -> pa.Table:
@@ -223,8 +225,13 @@ def _load_prepared(root: str) -> ReviewSplits:
     parts = {}
     for split in SPLITS:
         if manifest["splits"][split]["rows"] == 0:
-            empty = pa.table({"text": pa.array([], pa.string()), "key": pa.array([], pa.string()),
-                              "rating": pa.array([], pa.float64())})
+            empty = pa.table(
+                {
+                    "text": pa.array([], pa.string()),
+                    "key": pa.array([], pa.string()),
+                    "rating": pa.array([], pa.float64()),
+                }
+            )
             parts[split] = ray.data.from_arrow(empty)
         else:
             parts[split] = read_parquet(f"{root.rstrip('/')}/{split}")
@@ -266,8 +273,9 @@ def _task_based_shuffle():
 
 def _build_splits(cfg: DataConfig, sources: list[str], override_num_blocks: int | None) -> ReviewSplits:
     rows, files = read_reviews(sources, ReadOptions.from_config(cfg), override_num_blocks)
-    cleaned = rows.map_batches(_clean_batch, fn_kwargs={"cfg": cfg}, batch_format="pyarrow",
-                               batch_size=BATCH_ROWS).materialize()
+    cleaned = rows.map_batches(
+        _clean_batch, fn_kwargs={"cfg": cfg}, batch_format="pyarrow", batch_size=BATCH_ROWS
+    ).materialize()
     summaries = cleaned.map_batches(_reason_summary, batch_format="pyarrow", batch_size=None).take_all()
     reasons = _sum_json(summaries, "reasons")
     per_source = _sum_json(summaries, "sources")
@@ -311,8 +319,9 @@ def _build_splits(cfg: DataConfig, sources: list[str], override_num_blocks: int 
         "splits": split_stats,
         "skipped": skipped,
         "rows": {"records": records, "parsed": parsed, "cleaned": cleaned_rows, "kept": kept},
-        "files": [{"path": f["path"], "size": f["size"], "records": per_source.get(f["source"], 0)}
-                  for f in files],
+        "files": [
+            {"path": f["path"], "size": f["size"], "records": per_source.get(f["source"], 0)} for f in files
+        ],
         "vocab_size": len(vocab),
         "config": _config_dict(cfg),
     }
@@ -345,8 +354,9 @@ def _windows(batch: pa.Table, vocab: CharVocab, width: int, stride: int) -> dict
     return {"ids": np.ascontiguousarray(view, dtype=np.int32)}
 
 
-def window_dataset(text_ds: ray.data.Dataset, vocab: CharVocab, cfg: DataConfig,
-                   batch_rows: int = BATCH_ROWS) -> ray.data.Dataset:
+def window_dataset(
+    text_ds: ray.data.Dataset, vocab: CharVocab, cfg: DataConfig, batch_rows: int = BATCH_ROWS
+) -> ray.data.Dataset:
     """Encoded training windows, streamed: rows {"ids": int32[width]}.
 
     full:  each review + "\\n", concatenated within a batch of reviews, cut into windows of seq_len+1 ids
@@ -365,5 +375,9 @@ def window_dataset(text_ds: ray.data.Dataset, vocab: CharVocab, cfg: DataConfig,
         width, stride = cfg.seed_context + 1, cfg.seed_step
     else:
         raise ValueError(f"data.window_mode must be 'full' or 'seed', got {cfg.window_mode!r}")
-    return text_ds.map_batches(_windows, fn_kwargs={"vocab": vocab, "width": width, "stride": stride},
-                               batch_format="pyarrow", batch_size=batch_rows)
+    return text_ds.map_batches(
+        _windows,
+        fn_kwargs={"vocab": vocab, "width": width, "stride": stride},
+        batch_format="pyarrow",
+        batch_size=batch_rows,
+    )

@@ -34,7 +34,9 @@ def _free_port() -> int:
 
 
 def _post_json(url: str, body: dict) -> dict:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(req, timeout=120) as r:
         return json.loads(r.read())
 
@@ -70,7 +72,10 @@ def run_demo(workdir: str | Path = "runs/demo", overrides: list[str] | None = No
                 f"{handle.url}/v1/generate",
                 {"prompt": cfg.train.sample_prime, "max_chars": 300, "temperature": t, "seed": 0},
             )
-            print(f"--- temperature {t} (HTTP) ---\n{cfg.train.sample_prime}{out['samples'][0]['text']}\n", flush=True)
+            print(
+                f"--- temperature {t} (HTTP) ---\n{cfg.train.sample_prime}{out['samples'][0]['text']}\n",
+                flush=True,
+            )
     finally:
         handle.shutdown()
     print(f"demo finished in {time.perf_counter() - t0:.0f} s; run dir: {result.run_dir}", flush=True)

@@ -84,12 +84,16 @@ def download(url: str, dest: str | Path, sha256: str | None = None, timeout: flo
                     f.write(chunk)
             got = part.stat().st_size
             if expected is not None and got != expected:
-                raise DownloadError(f"{url}: connection closed at {got} of {expected} bytes; "
-                                    "run the same command again to resume")
+                raise DownloadError(
+                    f"{url}: connection closed at {got} of {expected} bytes; "
+                    "run the same command again to resume"
+                )
     digest = _sha256_of(part)
     if want is not None and digest != want:
         part.unlink()
-        raise DownloadError(f"{url}: sha256 mismatch: expected {want}, got {digest}; the download was removed")
+        raise DownloadError(
+            f"{url}: sha256 mismatch: expected {want}, got {digest}; the download was removed"
+        )
     part.rename(dest)
     dest.with_name(dest.name + ".sha256").write_text(f"{digest}  {dest.name}\n")
     return dest
@@ -100,8 +104,13 @@ def _total_from_content_range(value: str | None) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def download_category(category: str, out_dir: str | Path, url: str | None = None,
-                      sha256: str | None = None, base_url: str | None = None) -> Path:
+def download_category(
+    category: str,
+    out_dir: str | Path,
+    url: str | None = None,
+    sha256: str | None = None,
+    base_url: str | None = None,
+) -> Path:
     """Fetch one Amazon Reviews 2023 category (`Musical_Instruments`, `All_Beauty`, ...) into `out_dir`.
 
     `url` replaces the category URL entirely; the file keeps the URL's file name.

@@ -157,9 +157,11 @@ def score_reviews(
         while start < len(order):
             # Longest review in the batch is the last one (sorted); grow while the padded size fits.
             end = start + 1
-            while end < len(order) and end - start < max_batch and (end - start + 1) * (
-                len(texts[order[end]]) + 1
-            ) <= max_batch_chars:
+            while (
+                end < len(order)
+                and end - start < max_batch
+                and (end - start + 1) * (len(texts[order[end]]) + 1) <= max_batch_chars
+            ):
                 end += 1
             batch = [texts[i] for i in order[start:end]]
             start = end
@@ -219,10 +221,14 @@ def ray_model_bpc(checkpoint_path: str | Path, ds: Any, concurrency: int = 2) ->
             self.ckpt = load_checkpoint(checkpoint_path)
 
         def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-            bits, chars, unk = score_reviews(self.ckpt.model, self.ckpt.vocab, [str(t) for t in batch["text"]])
+            bits, chars, unk = score_reviews(
+                self.ckpt.model, self.ckpt.vocab, [str(t) for t in batch["text"]]
+            )
             return {"bits": np.array([bits]), "chars": np.array([chars]), "unknown": np.array([unk])}
 
-    parts = ds.select_columns(["text"]).map_batches(_Scorer, batch_size=512, concurrency=concurrency).take_all()
+    parts = (
+        ds.select_columns(["text"]).map_batches(_Scorer, batch_size=512, concurrency=concurrency).take_all()
+    )
     return (
         sum(float(p["bits"]) for p in parts),
         sum(int(p["chars"]) for p in parts),
@@ -367,8 +373,11 @@ def format_table(result: dict[str, Any]) -> str:
     m = result["model"]
     lines = [
         f"split {result['split']!r}: {result['chars']:,} chars in {result['reviews']:,} reviews"
-        + (f"; compressors conditioned on {result['train_context_chars']:,} training chars"
-           if result.get("train_context_chars") else ""),
+        + (
+            f"; compressors conditioned on {result['train_context_chars']:,} training chars"
+            if result.get("train_context_chars")
+            else ""
+        ),
         f"{'method':<14} {'bpc':>7}  {'vs model':>8}  setting",
         f"{'model':<14} {m['bpc']:>7.4f}  {'1.00x':>8}  step {m['step']}, {m['checkpoint']}",
     ]

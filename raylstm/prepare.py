@@ -37,7 +37,7 @@ def _fs(out_dir: str) -> tuple[pafs.FileSystem, str]:
 def file_sha256(path: str, fs: pafs.FileSystem | None = None) -> str:
     """sha256 of a file's stored bytes (compressed files are hashed as stored), streamed."""
     if fs is None:
-        fs, path = (pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), path))
+        fs, path = pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), path)
     h = hashlib.sha256()
     # compression=None: pyarrow would otherwise gunzip .gz files ("detect") and hash the wrong bytes.
     with fs.open_input_stream(path, compression=None) as f:
@@ -58,8 +58,9 @@ def _clear_previous(fs: pafs.FileSystem, root: str, out_dir: str) -> None:
         return
     names = {e.base_name for e in entries}
     if "manifest.json" not in names or not names <= {*SPLITS, "vocab.json", "manifest.json"}:
-        raise OutputDirError(f"--out {out_dir} is not empty and not an earlier prepare output; "
-                              "choose a new directory")
+        raise OutputDirError(
+            f"--out {out_dir} is not empty and not an earlier prepare output; choose a new directory"
+        )
     fs.delete_file(f"{root}/manifest.json")  # first, so a half-rewritten dir never looks complete
     for e in entries:
         if e.base_name in SPLITS:

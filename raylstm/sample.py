@@ -79,8 +79,15 @@ class Row:
 
     _ids = itertools.count()
 
-    def __init__(self, sampler: Sampler, params: SampleParams, seed: int, index: int,
-                 state: tuple[torch.Tensor, torch.Tensor], logits: torch.Tensor) -> None:
+    def __init__(
+        self,
+        sampler: Sampler,
+        params: SampleParams,
+        seed: int,
+        index: int,
+        state: tuple[torch.Tensor, torch.Tensor],
+        logits: torch.Tensor,
+    ) -> None:
         self.id = next(Row._ids)
         self.sampler = sampler
         self.params = params
@@ -135,8 +142,9 @@ class Row:
         return Completion(self.text, self.finish_reason or "length", self.seed, self.index)
 
 
-def choose_next(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-                u: torch.Tensor) -> torch.Tensor:
+def choose_next(
+    logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, u: torch.Tensor
+) -> torch.Tensor:
     """Next ids [B] from logits [B, V], each row with its own temperature/top-k/top-p and uniform draw u.
 
     Sampling is by inverse CDF over the characters sorted by score (stable sort, so ties are ordered by
@@ -213,7 +221,9 @@ class Sampler:
         return ids.to(self.device), self.vocab.unknown_chars(prompt)
 
     @torch.inference_mode()
-    def start(self, prompt: str, params: SampleParams, n: int = 1, first_index: int = 0) -> tuple[list[Row], list[str]]:
+    def start(
+        self, prompt: str, params: SampleParams, n: int = 1, first_index: int = 0
+    ) -> tuple[list[Row], list[str]]:
         """Run the prompt through the model once; n rows share that state, seeds seed+0 .. seed+n-1."""
         ids, unknown = self.encode_prompt(prompt)
         logits, state = self.model(ids)
@@ -269,8 +279,9 @@ class Sampler:
             r.logits = logits[i]
         self._cache = None
 
-    def generate(self, prompts: Sequence[str], params: SampleParams | Sequence[SampleParams],
-                 n: int = 1) -> list[list[Completion]]:
+    def generate(
+        self, prompts: Sequence[str], params: SampleParams | Sequence[SampleParams], n: int = 1
+    ) -> list[list[Completion]]:
         """Continue every prompt (each with its own params) n times, all rows stepped together."""
         if isinstance(params, SampleParams):
             params = [params] * len(prompts)
@@ -409,13 +420,21 @@ def run_sample_cli(args: argparse.Namespace) -> int:
         raise ValueError("--n must be >= 1")
     sampler = Sampler.load(args.checkpoint)
     info = sampler.info()
-    print(f"# checkpoint {info['checkpoint']}  step {info['step']}  val_bpc {info['val_bpc']}", file=sys.stderr)
+    print(
+        f"# checkpoint {info['checkpoint']}  step {info['step']}  val_bpc {info['val_bpc']}", file=sys.stderr
+    )
     unknown = sampler.vocab.unknown_chars(args.prime)
     if unknown:
         print(f"# prime characters outside the vocabulary (read as unknown): {unknown!r}", file=sys.stderr)
     for t in args.temperature:
-        params = SampleParams(temperature=t, top_k=args.top_k, top_p=args.top_p, max_chars=args.length,
-                              stop=tuple(args.stop), seed=args.seed)
+        params = SampleParams(
+            temperature=t,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            max_chars=args.length,
+            stop=tuple(args.stop),
+            seed=args.seed,
+        )
         for c in sampler.generate([args.prime], params, n=args.n)[0]:
             print(f"----- temperature {t}  seed {c.seed}  sample {c.index}  ({c.finish_reason})")
             print(args.prime + c.text)

@@ -69,7 +69,9 @@ class GenerateRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     prompt: str = Field(min_length=1, description="text to continue (at least one character)")
-    max_chars: int = Field(200, ge=0, le=HARD_MAX_CHARS, description="characters to generate (capped by config)")
+    max_chars: int = Field(
+        200, ge=0, le=HARD_MAX_CHARS, description="characters to generate (capped by config)"
+    )
     temperature: float = Field(1.0, ge=0, le=10, allow_inf_nan=False, description="0 = argmax")
     top_k: int = Field(0, ge=0, le=1_000_000, description="keep the k most likely characters; 0 = all")
     top_p: float = Field(1.0, ge=0, le=1, allow_inf_nan=False, description="nucleus sampling; 1 = off")
@@ -104,9 +106,10 @@ class CompletionRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     model: str | None = Field(None, description="must be the served model id when given")
-    prompt: Annotated[str, StringConstraints(min_length=1)] | Annotated[
-        list[Annotated[str, StringConstraints(min_length=1)]], Field(min_length=1, max_length=64)
-    ] = Field(description="a string, or a list of strings (one batch)")
+    prompt: (
+        Annotated[str, StringConstraints(min_length=1)]
+        | Annotated[list[Annotated[str, StringConstraints(min_length=1)]], Field(min_length=1, max_length=64)]
+    ) = Field(description="a string, or a list of strings (one batch)")
     max_tokens: int | None = Field(16, ge=0, le=HARD_MAX_CHARS, description="characters to generate")
     temperature: float | None = Field(1.0, ge=0, le=2, allow_inf_nan=False)
     top_p: float | None = Field(1.0, ge=0, le=1, allow_inf_nan=False)
@@ -149,7 +152,9 @@ def _stops(v: list[str] | str | None) -> tuple[str, ...]:
 
 def _field_error(field: str, msg: str) -> RequestValidationError:
     """A 422 in FastAPI's own shape, naming the field, for limits that come from config."""
-    return RequestValidationError([{"loc": ("body", field), "msg": msg, "type": "value_error", "input": None}])
+    return RequestValidationError(
+        [{"loc": ("body", field), "msg": msg, "type": "value_error", "input": None}]
+    )
 
 
 # --- auth -----------------------------------------------------------------------------------------------
@@ -198,8 +203,13 @@ class ServeJob(Job):
 @serve.deployment
 @serve.ingress(app)
 class LSTMServer:
-    def __init__(self, source: str, follow: bool = False, serve_config: dict | None = None,
-                 token_hash: str | None = None) -> None:
+    def __init__(
+        self,
+        source: str,
+        follow: bool = False,
+        serve_config: dict | None = None,
+        token_hash: str | None = None,
+    ) -> None:
         import torch
 
         self.cfg = ServeConfig(**(serve_config or {}))
@@ -299,9 +309,13 @@ class LSTMServer:
         c = self.cfg
         for p in prompts:
             if len(p) > c.max_prompt_chars:
-                raise _field_error("prompt", f"prompt has {len(p)} characters; the cap is {c.max_prompt_chars}")
+                raise _field_error(
+                    "prompt", f"prompt has {len(p)} characters; the cap is {c.max_prompt_chars}"
+                )
         if max_chars > c.max_new_chars:
-            raise _field_error(length_field, f"{length_field}={max_chars} is over the cap of {c.max_new_chars}")
+            raise _field_error(
+                length_field, f"{length_field}={max_chars} is over the cap of {c.max_new_chars}"
+            )
         if n > c.max_n:
             raise _field_error("n", f"n={n} is over the cap of {c.max_n}")
 
@@ -317,24 +331,38 @@ class LSTMServer:
 
     @app.get("/v1/models", dependencies=AUTH, summary="OpenAI-style model list")
     async def models(self) -> dict:
-        return {"object": "list", "data": [
-            {"id": self.cfg.model_id, "object": "model", "created": self.created, "owned_by": "raylstm"}]}
+        return {
+            "object": "list",
+            "data": [
+                {"id": self.cfg.model_id, "object": "model", "created": self.created, "owned_by": "raylstm"}
+            ],
+        }
 
-    @app.get("/v1/model", dependencies=AUTH, summary="the served checkpoint: path, step, val bpc, vocab, config")
+    @app.get(
+        "/v1/model", dependencies=AUTH, summary="the served checkpoint: path, step, val bpc, vocab, config"
+    )
     async def model_info(self) -> dict:
         self._ensure_started()
         info = self.sampler.info()
-        info.update(model_id=self.cfg.model_id, source=self.source, follow=self.follow, reloads=self.reloads,
-                    replica=serve.get_replica_context().replica_id.unique_id,
-                    active_rows=sum(len(j.rows) for j in self.engine.active), waiting=len(self.engine.waiting),
-                    max_batch_size=self.cfg.max_batch_size,
-                    mean_rows_per_step=self.engine.rows_stepped / max(1, self.engine.steps))
+        info.update(
+            model_id=self.cfg.model_id,
+            source=self.source,
+            follow=self.follow,
+            reloads=self.reloads,
+            replica=serve.get_replica_context().replica_id.unique_id,
+            active_rows=sum(len(j.rows) for j in self.engine.active),
+            waiting=len(self.engine.waiting),
+            max_batch_size=self.cfg.max_batch_size,
+            mean_rows_per_step=self.engine.rows_stepped / max(1, self.engine.steps),
+        )
         return info
 
     @app.post("/v1/generate", dependencies=AUTH, summary="continue a prompt (JSON, or SSE with stream=true)")
     async def generate(self, req: GenerateRequest):
         self._check_caps([req.prompt], req.max_chars, req.n, "max_chars")
-        params = SampleParams(req.temperature, req.top_k, req.top_p, req.max_chars, _stops(req.stop), req.seed)
+        params = SampleParams(
+            req.temperature, req.top_k, req.top_p, req.max_chars, _stops(req.stop), req.seed
+        )
         jobs = await self._submit([req.prompt], params, req.n)
         if req.stream:
             return StreamingResponse(self._generate_sse(jobs), media_type="text/event-stream")
@@ -357,8 +385,15 @@ class LSTMServer:
             async for ev in self._events(jobs):
                 job = ev.job
                 if ev.started:
-                    yield _sse({"type": "start", "checkpoint": str(job.sampler.path), "step": job.sampler.ckpt.step,
-                                "seeds": [r.seed for r in job.rows], "unknown_chars": job.unknown_chars})
+                    yield _sse(
+                        {
+                            "type": "start",
+                            "checkpoint": str(job.sampler.path),
+                            "step": job.sampler.ckpt.step,
+                            "seeds": [r.seed for r in job.rows],
+                            "unknown_chars": job.unknown_chars,
+                        }
+                    )
                 for idx, text in ev.deltas:
                     yield _sse({"type": "delta", "index": idx, "text": text})
                 for idx, reason in ev.finished:
@@ -369,10 +404,14 @@ class LSTMServer:
             _cancel_unfinished(jobs)  # the client went away mid-stream: free its rows
         yield _sse("[DONE]")
 
-    @app.post("/v1/completions", dependencies=AUTH, summary="OpenAI completions (max_tokens counts characters)")
+    @app.post(
+        "/v1/completions", dependencies=AUTH, summary="OpenAI completions (max_tokens counts characters)"
+    )
     async def completions(self, req: CompletionRequest):
         if req.model is not None and req.model != self.cfg.model_id:
-            raise HTTPException(404, f"model {req.model!r} is not served here; this server has {self.cfg.model_id!r}")
+            raise HTTPException(
+                404, f"model {req.model!r} is not served here; this server has {self.cfg.model_id!r}"
+            )
         prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
         n = req.n or 1
         max_chars = 16 if req.max_tokens is None else req.max_tokens
@@ -386,22 +425,39 @@ class LSTMServer:
             seed=req.seed,
         )
         jobs = await self._submit(prompts, params, n)
-        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-                "model": self.cfg.model_id}
+        head = {
+            "id": f"cmpl-{uuid.uuid4().hex}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": self.cfg.model_id,
+        }
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(self._completions_sse(jobs, head, n, bool(req.echo), include_usage),
-                                     media_type="text/event-stream")
+            return StreamingResponse(
+                self._completions_sse(jobs, head, n, bool(req.echo), include_usage),
+                media_type="text/event-stream",
+            )
         async for _ in self._events(jobs):
             pass
         choices = []
         for job in jobs:
             for r in job.rows:
                 text = (job.prompt if req.echo else "") + r.text
-                choices.append({"text": text, "index": job.prompt_index * n + r.index, "logprobs": None,
-                                "finish_reason": r.finish_reason})
-        return {**head, "choices": choices, "usage": self._usage(jobs),
-                "system_fingerprint": jobs[0].sampler.vocab.fingerprint(), "unknown_chars": jobs[0].unknown_chars}
+                choices.append(
+                    {
+                        "text": text,
+                        "index": job.prompt_index * n + r.index,
+                        "logprobs": None,
+                        "finish_reason": r.finish_reason,
+                    }
+                )
+        return {
+            **head,
+            "choices": choices,
+            "usage": self._usage(jobs),
+            "system_fingerprint": jobs[0].sampler.vocab.fingerprint(),
+            "unknown_chars": jobs[0].unknown_chars,
+        }
 
     @staticmethod
     def _usage(jobs: list[ServeJob]) -> dict:
@@ -409,11 +465,16 @@ class LSTMServer:
         completion = sum(len(r.text) for j in jobs for r in j.rows)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
-    async def _completions_sse(self, jobs: list[ServeJob], head: dict, n: int, echo: bool,
-                               include_usage: bool) -> AsyncIterator[str]:
+    async def _completions_sse(
+        self, jobs: list[ServeJob], head: dict, n: int, echo: bool, include_usage: bool
+    ) -> AsyncIterator[str]:
         def chunk(index: int, text: str, reason: str | None) -> str:
-            return _sse({**head, "choices": [{"text": text, "index": index, "logprobs": None,
-                                              "finish_reason": reason}]})
+            return _sse(
+                {
+                    **head,
+                    "choices": [{"text": text, "index": index, "logprobs": None, "finish_reason": reason}],
+                }
+            )
 
         try:
             async for ev in self._events(jobs):
@@ -434,7 +495,11 @@ class LSTMServer:
         yield _sse("[DONE]")
 
     # --- hot reload ---------------------------------------------------------------------------------------
-    @app.post("/admin/reload", dependencies=AUTH, summary="switch this replica to the run's best (or a given) checkpoint")
+    @app.post(
+        "/admin/reload",
+        dependencies=AUTH,
+        summary="switch this replica to the run's best (or a given) checkpoint",
+    )
     async def admin_reload(self, req: ReloadRequest | None = None) -> dict:
         self._ensure_started()
         target = (req.checkpoint if req and req.checkpoint else None) or self.source
@@ -473,8 +538,13 @@ class LSTMServer:
 
 
 # --- building and running -------------------------------------------------------------------------------
-def build_app(source: str | Path, cfg: ServeConfig | None = None, *, follow: bool | None = None,
-              token: str | None = None) -> serve.Application:
+def build_app(
+    source: str | Path,
+    cfg: ServeConfig | None = None,
+    *,
+    follow: bool | None = None,
+    token: str | None = None,
+) -> serve.Application:
     """The Serve application for a checkpoint dir or a run dir (a run dir is followed via best.json)."""
     cfg = cfg or ServeConfig()
     if store.is_remote(source):
@@ -491,8 +561,11 @@ def build_app(source: str | Path, cfg: ServeConfig | None = None, *, follow: boo
         "max_ongoing_requests": max(64, 4 * cfg.max_batch_size),
     }
     if cfg.max_replicas > cfg.num_replicas:
-        opts["autoscaling_config"] = {"min_replicas": cfg.num_replicas, "max_replicas": cfg.max_replicas,
-                                      "target_ongoing_requests": max(1, cfg.max_batch_size)}
+        opts["autoscaling_config"] = {
+            "min_replicas": cfg.num_replicas,
+            "max_replicas": cfg.max_replicas,
+            "target_ongoing_requests": max(1, cfg.max_batch_size),
+        }
     else:
         opts["num_replicas"] = cfg.num_replicas
     token = token if token is not None else os.environ.get(cfg.token_env)
@@ -537,9 +610,16 @@ def _wait_healthy(url: str, timeout_s: float = 60.0) -> None:
     raise TimeoutError(f"{url}/healthz not answering after {timeout_s:.0f} s ({last})")
 
 
-def start_server(source: str | Path, cfg: ServeConfig | None = None, *, host: str | None = None,
-                 port: int | None = None, name: str = "raylstm", follow: bool | None = None,
-                 token: str | None = None) -> ServerHandle:
+def start_server(
+    source: str | Path,
+    cfg: ServeConfig | None = None,
+    *,
+    host: str | None = None,
+    port: int | None = None,
+    name: str = "raylstm",
+    follow: bool | None = None,
+    token: str | None = None,
+) -> ServerHandle:
     """Start Serve on the connected Ray (ray.init first) and run the app; returns once /healthz answers.
 
     Serve's HTTP host/port are cluster-wide and fixed while Serve runs, so this owns Serve on the cluster:
@@ -583,8 +663,11 @@ def run_server(args: Any, cfg: Config) -> int:
         handle = start_server(source, sc, follow=bool(args.run) and not remote)
         auth = "on" if os.environ.get(sc.token_env) else f"off (set {sc.token_env} to require a bearer token)"
         serving = store.best_checkpoint_uri(source) if remote else resolve_checkpoint(source)
-        print(f"raylstm serving {serving}\n  {handle.url}/  (web page)\n  {handle.url}/docs"
-              f"  (OpenAPI)\n  auth: {auth}\nCtrl-C to stop.", flush=True)
+        print(
+            f"raylstm serving {serving}\n  {handle.url}/  (web page)\n  {handle.url}/docs"
+            f"  (OpenAPI)\n  auth: {auth}\nCtrl-C to stop.",
+            flush=True,
+        )
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:

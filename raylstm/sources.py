@@ -93,8 +93,9 @@ class ReadOptions:
     def from_config(cls, cfg) -> ReadOptions:
         if cfg.format not in FORMATS:
             raise DataError(f"data.format must be one of {FORMATS}, got {cfg.format!r}")
-        return cls(format=cfg.format, text_column=cfg.text_column, max_row_bytes=cfg.max_row_bytes,
-                   strict=cfg.strict)
+        return cls(
+            format=cfg.format, text_column=cfg.text_column, max_row_bytes=cfg.max_row_bytes, strict=cfg.strict
+        )
 
 
 # --- locating files ------------------------------------------------------------------------------------
@@ -157,7 +158,7 @@ def _walk(fs: pafs.FileSystem, root: str) -> list[tuple[str, int]]:
     infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
     files = []
     for i in infos:
-        rel = i.path[len(root):].lstrip("/")
+        rel = i.path[len(root) :].lstrip("/")
         if i.type != pafs.FileType.File or any(_hidden(part) for part in rel.split("/")):
             continue
         if format_from_name(i.path) is None:
@@ -332,19 +333,29 @@ def _parse_tsv(f, path: str, opts: ReadOptions, rows: _Rows) -> Iterator[pa.Tabl
             header = raw.decode("utf-8", "replace").split("\t")
             text_col = next((c for c in (*_TSV_TEXT, opts.text_column) if c in header), None)
             if text_col is None:
-                raise DataError(f"{path}: TSV header has no review_body or {opts.text_column!r} column: {header[:15]}")
+                raise DataError(
+                    f"{path}: TSV header has no review_body or {opts.text_column!r} column: {header[:15]}"
+                )
             i_text = header.index(text_col)
             continue
         line = _decode(rows, lineno, raw)
         if line is not None:
             fields = line.split("\t")
             if len(fields) != len(header):
-                rows.bad(lineno, "wrong_columns", f"expected {len(header)} tab-separated fields, got {len(fields)}")
+                rows.bad(
+                    lineno, "wrong_columns", f"expected {len(header)} tab-separated fields, got {len(fields)}"
+                )
             elif _check_text(rows, lineno, fields[i_text]):
                 rec = dict(zip(header, fields))
                 vp = rec.get("verified_purchase")
-                rows.good(lineno, fields[i_text], rec.get("review_id"), rec.get("review_headline"),
-                          rec.get("star_rating"), None if vp is None else vp.upper() == "Y")
+                rows.good(
+                    lineno,
+                    fields[i_text],
+                    rec.get("review_id"),
+                    rec.get("review_headline"),
+                    rec.get("star_rating"),
+                    None if vp is None else vp.upper() == "Y",
+                )
         if rows.full():
             yield rows.take()
 
@@ -397,9 +408,13 @@ def _parse_csv(f, path: str, opts: ReadOptions, rows: _Rows) -> Iterator[pa.Tabl
             continue
         if header is None:
             header = fields
-            text_col = next((c for c in ("reviewText", "review_body", opts.text_column, "text") if c in header), None)
+            text_col = next(
+                (c for c in ("reviewText", "review_body", opts.text_column, "text") if c in header), None
+            )
             if text_col is None:
-                raise DataError(f"{path}: CSV header has no reviewText/review_body/{opts.text_column!r} column: {header[:15]}")
+                raise DataError(
+                    f"{path}: CSV header has no reviewText/review_body/{opts.text_column!r} column: {header[:15]}"
+                )
             title_col = next((c for c in ("summary", "review_headline", "title") if c in header), None)
             continue
         if len(fields) != len(header):
@@ -413,8 +428,14 @@ def _parse_csv(f, path: str, opts: ReadOptions, rows: _Rows) -> Iterator[pa.Tabl
             if _check_text(rows, start, rec[text_col]):
                 vp = rec.get("verified") or rec.get("verified_purchase")
                 rating = rec.get("overall") or rec.get("star_rating") or rec.get("rating")
-                rows.good(start, rec[text_col], _csv_key(rec), rec.get(title_col) if title_col else None,
-                          rating, None if vp is None else vp.strip().lower() in ("true", "y", "1"))
+                rows.good(
+                    start,
+                    rec[text_col],
+                    _csv_key(rec),
+                    rec.get(title_col) if title_col else None,
+                    rating,
+                    None if vp is None else vp.strip().lower() in ("true", "y", "1"),
+                )
         if rows.full():
             yield rows.take()
 
@@ -468,8 +489,15 @@ def _parse_blitzer(f, path: str, opts: ReadOptions, rows: _Rows) -> Iterator[pa.
             yield rows.take()
 
 
-_PARSERS = {"json": _parse_json, "json2014": _parse_json, "json2023": _parse_json, "tsv": _parse_tsv,
-            "csv": _parse_csv, "text": _parse_text, "blitzer": _parse_blitzer}
+_PARSERS = {
+    "json": _parse_json,
+    "json2014": _parse_json,
+    "json2023": _parse_json,
+    "tsv": _parse_tsv,
+    "csv": _parse_csv,
+    "text": _parse_text,
+    "blitzer": _parse_blitzer,
+}
 
 
 def sniff_format(first: bytes) -> str:
@@ -503,7 +531,9 @@ class _Peeked:
 class ReviewDatasource(FileBasedDatasource):
     """Streams review files line by line and parses them by format into `ROW_SCHEMA` rows."""
 
-    def __init__(self, paths: list[str], opts: ReadOptions, filesystem: pafs.FileSystem | None = None) -> None:
+    def __init__(
+        self, paths: list[str], opts: ReadOptions, filesystem: pafs.FileSystem | None = None
+    ) -> None:
         super().__init__(paths, filesystem=filesystem)
         self.opts = opts
 
@@ -534,7 +564,9 @@ def _parquet_rows(batch: pa.Table, text_column: str) -> pa.Table:
     n = batch.num_rows
     names = set(batch.column_names)
     col = lambda name: batch.column(name).to_pylist() if name in names else [None] * n  # noqa: E731
-    texts = col(text_column if text_column in names else ("reviewText" if "reviewText" in names else "review_body"))
+    texts = col(
+        text_column if text_column in names else ("reviewText" if "reviewText" in names else "review_body")
+    )
     titles = col("title") if "title" in names else col("summary")
     keys = col("review_id") if "review_id" in names else [None] * n
     if "reviewerID" in names:
@@ -595,20 +627,30 @@ def read_reviews(sources: list[str], opts: ReadOptions, override_num_blocks: int
     # One read per (filesystem, reader) pair: all local files share one LocalFileSystem.
     groups: dict[tuple[Any, bool], tuple[pafs.FileSystem, list[str]]] = {}
     for fs, path, _ in files:
-        is_parquet = (opts.format == "parquet") or (opts.format == "auto" and format_from_name(path) == "parquet")
+        is_parquet = (opts.format == "parquet") or (
+            opts.format == "auto" and format_from_name(path) == "parquet"
+        )
         fs_key = "local" if isinstance(fs, pafs.LocalFileSystem) else id(fs)
         groups.setdefault((fs_key, is_parquet), (fs, []))[1].append(path)
     datasets = []
     for (_, is_parquet), (fs, paths) in groups.items():
         if is_parquet:
-            ds = read_parquet(paths, filesystem=fs, include_paths=True, override_num_blocks=override_num_blocks)
-            ds = ds.map_batches(_parquet_rows, fn_kwargs={"text_column": opts.text_column},
-                                batch_format="pyarrow", batch_size=opts.rows_per_block)
+            ds = read_parquet(
+                paths, filesystem=fs, include_paths=True, override_num_blocks=override_num_blocks
+            )
+            ds = ds.map_batches(
+                _parquet_rows,
+                fn_kwargs={"text_column": opts.text_column},
+                batch_format="pyarrow",
+                batch_size=opts.rows_per_block,
+            )
         else:
-            ds = ray.data.read_datasource(ReviewDatasource(paths, opts, filesystem=fs),
-                                          override_num_blocks=override_num_blocks)
+            ds = ray.data.read_datasource(
+                ReviewDatasource(paths, opts, filesystem=fs), override_num_blocks=override_num_blocks
+            )
         datasets.append(ds)
     ds = datasets[0] if len(datasets) == 1 else datasets[0].union(*datasets[1:])
+
     def uri(fs: pafs.FileSystem, path: str) -> str:
         return path if isinstance(fs, pafs.LocalFileSystem) else f"{fs.type_name}://{path}"
 

@@ -142,8 +142,12 @@ def upload_dir(local_dir: str | os.PathLike[str], dest: str | os.PathLike[str]) 
     """Copy a local directory tree to `dest` (a URI or local path)."""
     fs, p = resolve(dest)
     try:
-        pafs.copy_files(str(Path(local_dir).resolve()), p, source_filesystem=pafs.LocalFileSystem(),
-                        destination_filesystem=fs)
+        pafs.copy_files(
+            str(Path(local_dir).resolve()),
+            p,
+            source_filesystem=pafs.LocalFileSystem(),
+            destination_filesystem=fs,
+        )
     except OSError as e:
         raise StorageError(f"{dest}: cannot upload {local_dir} ({e})") from e
     return str(dest)
@@ -189,7 +193,9 @@ def best_checkpoint_uri(run_or_checkpoint: str) -> str:
         return str(run_or_checkpoint)
     best = join(run_or_checkpoint, "best.json")
     if not exists(best):
-        raise FileNotFoundError(f"{run_or_checkpoint}: neither a checkpoint (no meta.json) nor a run (no best.json)")
+        raise FileNotFoundError(
+            f"{run_or_checkpoint}: neither a checkpoint (no meta.json) nor a run (no best.json)"
+        )
     try:
         target = str(read_json(best)["checkpoint"])
     except (KeyError, TypeError) as e:

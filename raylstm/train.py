@@ -145,8 +145,15 @@ def train(
     splits = load_splits(cfg.data)
     train_ds = window_dataset(splits.train, splits.vocab, cfg.data)
     val_ds = window_dataset(splits.val, splits.vocab, cfg.data)
-    return fit_windows(cfg, splits.vocab, train_ds, val_ds, storage=storage, name=name,
-                       manifest=getattr(splits, "manifest", None))
+    return fit_windows(
+        cfg,
+        splits.vocab,
+        train_ds,
+        val_ds,
+        storage=storage,
+        name=name,
+        manifest=getattr(splits, "manifest", None),
+    )
 
 
 def fit_windows(
@@ -173,8 +180,10 @@ def fit_windows(
         ds.context.enable_progress_bars = False
     n_val = val_ds.count()
     if n_val == 0:
-        raise ValueError("the validation split has no windows: use more data, a larger data.val_fraction "
-                         "or a shorter data.seq_len")
+        raise ValueError(
+            "the validation split has no windows: use more data, a larger data.val_fraction "
+            "or a shorter data.seq_len"
+        )
     steps_per_epoch = None
     if cfg.data.materialize or tcfg.max_steps <= 0:
         n_train = train_ds.count()
@@ -189,7 +198,9 @@ def fit_windows(
     print(f"[raylstm] run dir {run_dir}\n[raylstm] resolved config:\n{cfg.to_json()}", flush=True)
     (run_dir / CONFIG_FILE).write_text(cfg.to_json())
     if manifest:
-        (run_dir / "data_manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
+        (run_dir / "data_manifest.json").write_text(
+            json.dumps(manifest, indent=2, sort_keys=True, default=str)
+        )
 
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -225,7 +236,9 @@ def fit_windows(
     return finish_run(cfg, run_dir, result, run_uri(storage_path, name))
 
 
-def finish_run(cfg: Config, run_dir: Path, result: ray.train.Result, run_uri: str | None = None) -> TrainResult:
+def finish_run(
+    cfg: Config, run_dir: Path, result: ray.train.Result, run_uri: str | None = None
+) -> TrainResult:
     """best.json from the kept checkpoints, the learning curve, and samples from the best checkpoint.
 
     With `run_uri` (object storage), the best checkpoint is copied down (verified) to sample from, and the
@@ -238,11 +251,20 @@ def finish_run(cfg: Config, run_dir: Path, result: ray.train.Result, run_uri: st
     write_best(run_dir, best_dir.name, _plain(dict(best_metrics)))
     plot_learning_curve(run_dir / METRICS_FILE, run_dir / CURVE_FILE)
 
-    loaded = load_checkpoint(store.localize_checkpoint(store.join(run_uri, best_dir.name)) if run_uri else best_dir)
+    loaded = load_checkpoint(
+        store.localize_checkpoint(store.join(run_uri, best_dir.name)) if run_uri else best_dir
+    )
     tcfg = cfg.train
     window = cfg.data.seed_context if cfg.data.window_mode == "seed" else None
-    samples = generate_samples(loaded.model, loaded.vocab, tcfg.sample_prime, tcfg.sample_chars,
-                               tcfg.temperatures, seed=tcfg.seed, window=window)
+    samples = generate_samples(
+        loaded.model,
+        loaded.vocab,
+        tcfg.sample_prime,
+        tcfg.sample_chars,
+        tcfg.temperatures,
+        seed=tcfg.seed,
+        window=window,
+    )
     text = [f"best checkpoint {best_dir.name} (step {loaded.step}), val bpc {best_metrics['val_bpc']:.4f}\n"]
     for t, s in samples.items():
         text.append(f"--- temperature {t} ---\n{tcfg.sample_prime}{s}\n")

@@ -58,12 +58,12 @@ class TrainingDiverged(RuntimeError):
 def lr_multiplier(it: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
     """Multiplier of the base LR for update number `it` (0-based): linear warmup, then cosine to min_lr_ratio.
 
-        1.0 |     ____
-            |    /    `--.
-            |   /         `-.
-     min    |  /             `----------
-            +--+-------------+----------> it
-              warmup        total
+       1.0 |     ____
+           |    /    `--.
+           |   /         `-.
+    min    |  /             `----------
+           +--+-------------+----------> it
+             warmup        total
     """
     if it < warmup_steps:
         return (it + 1) / warmup_steps
@@ -262,13 +262,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         position = restored["data_position"]
         # Batches are per worker: resumed on a different worker count, the same fraction of the epoch
         # is a different number of batches.
-        batch_in_epoch = int(position.get("batch_in_epoch", 0)) * int(position.get("world_size", world)) // world
+        batch_in_epoch = (
+            int(position.get("batch_in_epoch", 0)) * int(position.get("world_size", world)) // world
+        )
     restored_from = step if restored is not None else -1
     first_step = step + 1  # the first update this attempt makes: checkpoint step + 1 after a restart
     if rank == 0:
         how = f"resumed from checkpoint step {step}" if restored is not None else "fresh start"
-        _say(f"[raylstm] {world} worker(s) on {device}, {unwrap(model).num_parameters():,} parameters, "
-             f"{how}; training to step {total_steps}")
+        _say(
+            f"[raylstm] {world} worker(s) on {device}, {unwrap(model).num_parameters():,} parameters, "
+            f"{how}; training to step {total_steps}"
+        )
 
     train_shard = ray.train.get_dataset_shard("train")
     val_iter = ray.train.get_dataset_shard("val")
@@ -309,23 +313,41 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         checkpoint, tmp = None, None
         if with_eval:
             t0 = time.perf_counter()
-            batches = val_iter.iter_torch_batches(batch_size=tcfg.batch_size, dtypes=torch.long, device=device)
-            val_loss, val_count = evaluate(model, batches, mode, device, tcfg.precision, rank, world,
-                                           tcfg.max_val_batches)
+            batches = val_iter.iter_torch_batches(
+                batch_size=tcfg.batch_size, dtypes=torch.long, device=device
+            )
+            val_loss, val_count = evaluate(
+                model, batches, mode, device, tcfg.precision, rank, world, tcfg.max_val_batches
+            )
             metrics.update(val_loss=val_loss, val_bpc=val_loss / LN2, val_count=val_count)
             if rank == 0:
                 samples = {}
                 if tcfg.sample_every_eval and tcfg.sample_chars > 0:
-                    samples = generate_samples(model, vocab, tcfg.sample_prime, tcfg.sample_chars,
-                                               tcfg.temperatures, seed=tcfg.seed + step, window=seed_window)
+                    samples = generate_samples(
+                        model,
+                        vocab,
+                        tcfg.sample_prime,
+                        tcfg.sample_chars,
+                        tcfg.temperatures,
+                        seed=tcfg.seed + step,
+                        window=seed_window,
+                    )
                 tmp = Path(tempfile.mkdtemp(prefix="raylstm-ckpt-"))
                 path = save_checkpoint(
-                    tmp / "ckpt", model, vocab, cfg, step=step, epoch=epoch, metrics=metrics,
-                    optimizer=optimizer, scheduler=scheduler,
+                    tmp / "ckpt",
+                    model,
+                    vocab,
+                    cfg,
+                    step=step,
+                    epoch=epoch,
+                    metrics=metrics,
+                    optimizer=optimizer,
+                    scheduler=scheduler,
                     data_position={"epoch": epoch, "batch_in_epoch": batch_in_epoch, "world_size": world},
                 )
-                (path / SAMPLES_FILE).write_text(json.dumps({"step": step, "prime": tcfg.sample_prime,
-                                                             "samples": samples}, indent=1))
+                (path / SAMPLES_FILE).write_text(
+                    json.dumps({"step": step, "prime": tcfg.sample_prime, "samples": samples}, indent=1)
+                )
                 checkpoint = ray.train.Checkpoint.from_directory(str(path))
                 _print_samples(step, tcfg.sample_prime, samples)
             last_ckpt_step = step

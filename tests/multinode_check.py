@@ -43,11 +43,20 @@ def main(work: Path, files: list[str]) -> dict:
     # Head: the driver, Train's controller and Ray Data's coordinators; 2 worker nodes of 1 CPU each.
     cluster = Cluster(
         initialize_head=True,
-        head_node_args={"num_cpus": 2, "gcs_server_port": _free_port(), "include_dashboard": False,
-                        "dashboard_agent_listen_port": _free_port(), "object_store_memory": 200 * 1024**2,
-                        # Notice a lost node in ~3 s instead of Ray's production default of ~30 s.
-                        "_system_config": {"health_check_initial_delay_ms": 0, "health_check_period_ms": 1000,
-                                           "health_check_timeout_ms": 1000, "health_check_failure_threshold": 3}},
+        head_node_args={
+            "num_cpus": 2,
+            "gcs_server_port": _free_port(),
+            "include_dashboard": False,
+            "dashboard_agent_listen_port": _free_port(),
+            "object_store_memory": 200 * 1024**2,
+            # Notice a lost node in ~3 s instead of Ray's production default of ~30 s.
+            "_system_config": {
+                "health_check_initial_delay_ms": 0,
+                "health_check_period_ms": 1000,
+                "health_check_timeout_ms": 1000,
+                "health_check_failure_threshold": 3,
+            },
+        },
     )
     workers = [cluster.add_node(num_cpus=1, object_store_memory=150 * 1024**2) for _ in range(2)]
     cluster.wait_for_nodes()
@@ -74,13 +83,27 @@ def main(work: Path, files: list[str]) -> dict:
     from raylstm.config import load_config
     from raylstm.train import read_metrics, train
 
-    cfg = load_config(None, [
-        "model.hidden_size=32", "model.embed_dim=16", "model.num_layers=1", "data.seq_len=32",
-        "train.batch_size=8", "train.num_workers=2", "train.cpus_per_worker=0.5",
-        "train.placement_strategy=STRICT_SPREAD", "train.max_steps=40", "train.eval_every=10",
-        "train.warmup_steps=2", "train.sample_chars=20", "train.max_val_batches=2", "train.log_every=5",
-        "train.max_failures=2", "train.keep_checkpoints=10",
-    ])
+    cfg = load_config(
+        None,
+        [
+            "model.hidden_size=32",
+            "model.embed_dim=16",
+            "model.num_layers=1",
+            "data.seq_len=32",
+            "train.batch_size=8",
+            "train.num_workers=2",
+            "train.cpus_per_worker=0.5",
+            "train.placement_strategy=STRICT_SPREAD",
+            "train.max_steps=40",
+            "train.eval_every=10",
+            "train.warmup_steps=2",
+            "train.sample_chars=20",
+            "train.max_val_batches=2",
+            "train.log_every=5",
+            "train.max_failures=2",
+            "train.keep_checkpoints=10",
+        ],
+    )
     cfg.data.sources = files
     run_dir = work / "runs" / "multinode"
     removed: dict = {"after": []}

@@ -39,10 +39,18 @@ class Head:
 
     def run(self, *args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
         """A Ray CLI command as a client of this head (token auth on), from the repository root."""
-        proc = subprocess.run(list(args), env=self.client_env, capture_output=True, text=True, timeout=timeout,
-                              cwd=Path(__file__).resolve().parents[1])
+        proc = subprocess.run(
+            list(args),
+            env=self.client_env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=Path(__file__).resolve().parents[1],
+        )
         if check and proc.returncode != 0:
-            raise AssertionError(f"{shlex.join(args)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+            raise AssertionError(
+                f"{shlex.join(args)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+            )
         return proc
 
     def log(self) -> str:
@@ -60,7 +68,9 @@ def _base_env(home: Path, extra: dict[str, str] | None) -> dict[str, str]:
 def namespaces_unavailable() -> str | None:
     if os.geteuid() != 0:
         return "needs root for a private PID namespace (ray stop must not reach other Ray processes)"
-    probe = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"], capture_output=True, text=True)
+    probe = subprocess.run(
+        ["unshare", "--pid", "--fork", "--mount-proc", "true"], capture_output=True, text=True
+    )
     return None if probe.returncode == 0 else f"unshare failed: {probe.stderr.strip()}"
 
 
@@ -75,12 +85,22 @@ def local_head(work: Path, num_cpus: int = 4, env: dict[str, str] | None = None)
     subprocess.run(["ray", "get-auth-token", "--generate"], env=head_env, check=True, capture_output=True)
     token_path = home / ".ray" / "auth_token"
     gcs, dash, agent, client = free_port(), free_port(), free_port(), free_port()
-    start = shlex.join([
-        "ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-        "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-        f"--dashboard-agent-listen-port={agent}", f"--ray-client-server-port={client}",
-        f"--num-cpus={num_cpus}", "--disable-usage-stats",
-    ])
+    start = shlex.join(
+        [
+            "ray",
+            "start",
+            "--head",
+            "--node-ip-address=127.0.0.1",
+            f"--port={gcs}",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dash}",
+            f"--dashboard-agent-listen-port={agent}",
+            f"--ray-client-server-port={client}",
+            f"--num-cpus={num_cpus}",
+            "--disable-usage-stats",
+        ]
+    )
     script = (
         "set -e; mkdir -p /tmp/ray; mount --bind {ray} /tmp/ray; "
         "RAY_AUTH_MODE=token {start}; echo HEAD_STARTED; "
@@ -91,11 +111,15 @@ def local_head(work: Path, num_cpus: int = 4, env: dict[str, str] | None = None)
     log = open(work / "head.log", "w")
     proc = subprocess.Popen(
         ["unshare", "--pid", "--fork", "--kill-child", "--mount", "--mount-proc", "bash", "-c", script],
-        env=head_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        env=head_env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     client_env = _base_env(home, env)
-    client_env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_path),
-                      RAY_ADDRESS=f"http://127.0.0.1:{dash}")
+    client_env.update(
+        RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_path), RAY_ADDRESS=f"http://127.0.0.1:{dash}"
+    )
     head = Head(f"http://127.0.0.1:{dash}", f"127.0.0.1:{gcs}", token_path, work, proc.pid, client_env)
     try:
         deadline = time.monotonic() + 120
@@ -109,8 +133,12 @@ def local_head(work: Path, num_cpus: int = 4, env: dict[str, str] | None = None)
         # `ray stop` inside the head's own PID namespace (the init's children are its only processes).
         ns_pid = _namespace_init(proc.pid)
         if ns_pid is not None and proc.poll() is None:
-            subprocess.run(["nsenter", "-t", str(ns_pid), "-p", "-m", "--", "ray", "stop", "--force"],
-                           env=head_env, capture_output=True, timeout=120)
+            subprocess.run(
+                ["nsenter", "-t", str(ns_pid), "-p", "-m", "--", "ray", "stop", "--force"],
+                env=head_env,
+                capture_output=True,
+                timeout=120,
+            )
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)  # unshare --kill-child then ends the namespace
             try:
@@ -138,7 +166,9 @@ def _wait_dashboard(head: Head, proc: subprocess.Popen, timeout: float = 90) -> 
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"head exited:\n{head.log()[-4000:]}")
-        req = urllib.request.Request(f"{head.dashboard}/api/jobs/", headers={"Authorization": f"Bearer {token}"})
+        req = urllib.request.Request(
+            f"{head.dashboard}/api/jobs/", headers={"Authorization": f"Bearer {token}"}
+        )
         try:
             with urllib.request.urlopen(req, timeout=5) as r:
                 if r.status == 200:

@@ -28,7 +28,12 @@ IDS = torch.as_tensor(VOCAB.encode(TEXT * 3), dtype=torch.long).reshape(3, -1)
 
 def make() -> tuple[Config, torch.nn.Module]:
     cfg = Config()
-    cfg.model.vocab_size, cfg.model.embed_dim, cfg.model.hidden_size, cfg.model.dropout = len(VOCAB), 8, 16, 0.0
+    cfg.model.vocab_size, cfg.model.embed_dim, cfg.model.hidden_size, cfg.model.dropout = (
+        len(VOCAB),
+        8,
+        16,
+        0.0,
+    )
     cfg.train.warmup_steps, cfg.train.max_steps = 2, 10
     torch.manual_seed(1)
     return cfg, build_model(cfg.model)
@@ -48,8 +53,18 @@ def test_round_trip_gives_identical_logits_and_exact_resume(tmp_path: Path):
     opt = make_optimizer(model, cfg.train)
     sched = make_scheduler(opt, cfg.train, 10)
     steps(model, opt, sched, 3)
-    path = save_checkpoint(tmp_path / "c", model, VOCAB, cfg, step=3, epoch=0, metrics={"val_bpc": 2.5},
-                           optimizer=opt, scheduler=sched, data_position={"batch_in_epoch": 3})
+    path = save_checkpoint(
+        tmp_path / "c",
+        model,
+        VOCAB,
+        cfg,
+        step=3,
+        epoch=0,
+        metrics={"val_bpc": 2.5},
+        optimizer=opt,
+        scheduler=sched,
+        data_position={"batch_in_epoch": 3},
+    )
     loaded = load_checkpoint(path)
     model.eval()
     torch.testing.assert_close(loaded.model(IDS)[0], model(IDS)[0], rtol=0, atol=0)
@@ -73,8 +88,9 @@ def test_round_trip_gives_identical_logits_and_exact_resume(tmp_path: Path):
 def ckpt(tmp_path: Path) -> Path:
     cfg, model = make()
     opt = make_optimizer(model, cfg.train)
-    return save_checkpoint(tmp_path / "c", model, VOCAB, cfg, step=1, optimizer=opt,
-                           scheduler=make_scheduler(opt, cfg.train, 10))
+    return save_checkpoint(
+        tmp_path / "c", model, VOCAB, cfg, step=1, optimizer=opt, scheduler=make_scheduler(opt, cfg.train, 10)
+    )
 
 
 def test_a_flipped_byte_in_the_weights_is_refused(ckpt: Path):
@@ -108,4 +124,8 @@ def test_resuming_a_run_with_another_vocabulary_is_refused(ckpt: Path):
     with pytest.raises(CheckpointError, match="different vocabulary"):
         _restore(model, Checkpoint.from_directory(str(ckpt)), other)
     info, state = _restore(model, Checkpoint.from_directory(str(ckpt)), VOCAB)
-    assert info["step"] == 1 and "optimizer" in state and json.loads((ckpt / "meta.json").read_text())["step"] == 1
+    assert (
+        info["step"] == 1
+        and "optimizer" in state
+        and json.loads((ckpt / "meta.json").read_text())["step"] == 1
+    )

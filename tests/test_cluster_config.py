@@ -35,7 +35,9 @@ def _ec2_run_instances_errors(node_config: dict) -> str:
     import botocore.session
     from botocore.validate import ParamValidator
 
-    shape = botocore.session.get_session().get_service_model("ec2").operation_model("RunInstances").input_shape
+    shape = (
+        botocore.session.get_session().get_service_model("ec2").operation_model("RunInstances").input_shape
+    )
     report = ParamValidator().validate({**node_config, "MinCount": 1, "MaxCount": 1}, shape)
     return report.generate_report() if report.has_errors() else ""
 

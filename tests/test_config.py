@@ -11,7 +11,9 @@ from raylstm.config import Config, ConfigError, load_config
 
 def test_defaults_file_and_overrides_layer_in_order(tmp_path):
     f = tmp_path / "c.toml"
-    f.write_text('[train]\nlr = 1e-3\nnum_workers = 2\n[model]\nhidden_size = 256\n[data]\nsources = ["a.json"]\n')
+    f.write_text(
+        '[train]\nlr = 1e-3\nnum_workers = 2\n[model]\nhidden_size = 256\n[data]\nsources = ["a.json"]\n'
+    )
     cfg = load_config(f, ["train.lr=3e-3", "data.lowercase=true", "train.temperatures=[0.2, 1.0]"])
     assert cfg.train.lr == 3e-3  # override beats file
     assert cfg.train.num_workers == 2  # file beats default

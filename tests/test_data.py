@@ -57,9 +57,12 @@ def test_musical_instruments_split_same_for_csv_json_and_block_counts(ray_sessio
 def test_dedupe_keeps_one_per_text_deterministically(ray_session, tmp_path):
     import json
 
-    lines = [json.dumps({"reviewerID": f"R{i}", "asin": "X", "reviewText": t})
-             for i, t in enumerate(["same text here", "other text", "same  text here", "Same text here",
-                                    "same text <br />here"])]
+    lines = [
+        json.dumps({"reviewerID": f"R{i}", "asin": "X", "reviewText": t})
+        for i, t in enumerate(
+            ["same text here", "other text", "same  text here", "Same text here", "same text <br />here"]
+        )
+    ]
     p = tmp_path / "dups.json"
     p.write_text("\n".join(lines[::-1]) + "\n")  # reversed: the survivor must not depend on order
     s = load_splits(DataConfig(sources=[str(p)], min_chars=0, val_fraction=0, test_fraction=0))

@@ -52,7 +52,9 @@ def test_compressor_bpc_matches_command_line_tools(name: str, small: tuple[str, 
     assert ours == pytest.approx(theirs, abs=0.05)
     # Conditional: the same definition (size(train+test) - size(train)) computed by the CLI.
     ours_c = ev.compressor_bpc(test, train, names=[name])[name]
-    theirs_c = (_cli_bits(CLI[name], (train + test).encode()) - _cli_bits(CLI[name], train.encode())) / len(test)
+    theirs_c = (_cli_bits(CLI[name], (train + test).encode()) - _cli_bits(CLI[name], train.encode())) / len(
+        test
+    )
     assert ours_c == pytest.approx(theirs_c, abs=0.05)
 
 
@@ -84,8 +86,12 @@ def test_ppmd_is_a_real_code_and_matches_7zip(small: tuple[str, str]) -> None:
     def size_7z(text: str) -> int:
         with tempfile.TemporaryDirectory() as d:
             (Path(d) / "t.txt").write_text(text)
-            subprocess.run([seven, "a", "-bd", "-m0=PPMd:o=6:mem=16m", "t.7z", "t.txt"], cwd=d,
-                           check=True, capture_output=True)
+            subprocess.run(
+                [seven, "a", "-bd", "-m0=PPMd:o=6:mem=16m", "t.7z", "t.txt"],
+                cwd=d,
+                check=True,
+                capture_output=True,
+            )
             return 8 * (Path(d) / "t.7z").stat().st_size
 
     theirs = (size_7z(train + test) - size_7z(train)) / len(test)
@@ -101,7 +107,9 @@ def test_unigram_entropy_matches_direct_formula() -> None:
     assert ev.unigram_entropy_bpc("abab") == pytest.approx(1.0)
     assert ev.unigram_entropy_bpc("aaaa") == pytest.approx(0.0)
     # Under frequencies of other text the cost can only be higher than the text's own entropy.
-    assert ev.unigram_cross_entropy_bpc(text, "".join(_review_text(40, seed=4))) > ev.unigram_entropy_bpc(text)
+    assert ev.unigram_cross_entropy_bpc(text, "".join(_review_text(40, seed=4))) > ev.unigram_entropy_bpc(
+        text
+    )
 
 
 def test_empty_text_is_refused() -> None:
@@ -202,8 +210,9 @@ def trained_checkpoint(ray_session, tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-def test_evaluate_reports_model_and_baselines_on_the_same_text(trained_checkpoint: Path, tmp_path: Path,
-                                                                capsys) -> None:
+def test_evaluate_reports_model_and_baselines_on_the_same_text(
+    trained_checkpoint: Path, tmp_path: Path, capsys
+) -> None:
     from raylstm.cli import main
     from raylstm.config import DataConfig
     from raylstm.data import load_splits
@@ -246,10 +255,21 @@ def test_evaluate_reports_each_source_file(trained_checkpoint: Path, tmp_path: P
     extra = tmp_path / "more_reviews.json"
     with open(extra, "w") as f:
         for i, text in enumerate(t for t in _review_text(80, seed=9) if len(t) >= 40):
-            f.write(json.dumps({"reviewerID": f"U{i}", "asin": "B0TEST", "reviewText": text, "overall": 4.0,
-                                "summary": "fine"}) + "\n")
-    res = ev.evaluate(trained_checkpoint, DataConfig(sources=[str(DEMO_CORPUS), str(extra)]), split="all",
-                      compressors=False)
+            f.write(
+                json.dumps(
+                    {
+                        "reviewerID": f"U{i}",
+                        "asin": "B0TEST",
+                        "reviewText": text,
+                        "overall": 4.0,
+                        "summary": "fine",
+                    }
+                )
+                + "\n"
+            )
+    res = ev.evaluate(
+        trained_checkpoint, DataConfig(sources=[str(DEMO_CORPUS), str(extra)]), split="all", compressors=False
+    )
     assert set(res["per_source"]) == {str(DEMO_CORPUS), str(extra)}
     # Every held-out char belongs to exactly one file (no review is in both).
     assert sum(s["chars"] for s in res["per_source"].values()) == res["chars"]

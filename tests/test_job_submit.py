@@ -25,10 +25,28 @@ pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 BUCKET = "raylstm-jobs"
 STEPS = 16
 TINY = [
-    "--set", "model.hidden_size=32", "--set", "model.embed_dim=16", "--set", "model.num_layers=1",
-    "--set", "data.seq_len=32", "--set", "train.batch_size=8", "--set", "train.cpus_per_worker=0.5",
-    "--set", f"train.max_steps={STEPS}", "--set", f"train.eval_every={STEPS // 2}", "--set", "train.warmup_steps=2",
-    "--set", "train.sample_chars=40", "--set", "train.max_val_batches=4",
+    "--set",
+    "model.hidden_size=32",
+    "--set",
+    "model.embed_dim=16",
+    "--set",
+    "model.num_layers=1",
+    "--set",
+    "data.seq_len=32",
+    "--set",
+    "train.batch_size=8",
+    "--set",
+    "train.cpus_per_worker=0.5",
+    "--set",
+    f"train.max_steps={STEPS}",
+    "--set",
+    f"train.eval_every={STEPS // 2}",
+    "--set",
+    "train.warmup_steps=2",
+    "--set",
+    "train.sample_chars=40",
+    "--set",
+    "train.max_val_batches=4",
 ]
 
 
@@ -58,14 +76,28 @@ def test_a_client_without_the_token_is_refused(head):
     r = httpx.get(f"{head.dashboard}/api/jobs/", timeout=10)
     assert r.status_code == 401
     token = head.token_path.read_text().strip()
-    assert httpx.get(f"{head.dashboard}/api/jobs/", headers={"Authorization": f"Bearer {token}"}, timeout=10).status_code == 200
+    assert (
+        httpx.get(
+            f"{head.dashboard}/api/jobs/", headers={"Authorization": f"Bearer {token}"}, timeout=10
+        ).status_code
+        == 200
+    )
 
 
 def test_job_runs_the_working_dir_code(head):
     # --working-dir ships this checkout; the job imports raylstm from the shipped copy, not from wherever the
     # head has it installed, so a job always runs the code that was submitted.
-    out = head.run("ray", "job", "submit", "--working-dir", ".", "--",
-                   "python", "-c", "import raylstm; print('RAYLSTM_AT', raylstm.__file__)").stdout
+    out = head.run(
+        "ray",
+        "job",
+        "submit",
+        "--working-dir",
+        ".",
+        "--",
+        "python",
+        "-c",
+        "import raylstm; print('RAYLSTM_AT', raylstm.__file__)",
+    ).stdout
     line = next(ln for ln in out.splitlines() if ln.startswith("RAYLSTM_AT"))
     assert "runtime_resources/working_dir_files/" in line and line.endswith("raylstm/__init__.py")
 
@@ -84,10 +116,29 @@ def test_submit_training_then_serve_the_best_checkpoint(head, s3, amazon_dir):
     run = f"s3://{BUCKET}/runs/job"
     sub_id = f"raylstm-train-{int(time.time())}"
     out = head.run(
-        "ray", "job", "submit", "--submission-id", sub_id, "--working-dir", ".",
-        "--runtime-env-json", json.dumps({"env_vars": s3}), "--",
-        "raylstm", "train", "--config", "configs/demo.toml", "--data", f"s3://{BUCKET}/reviews/",
-        "--workers", "2", "--storage", f"s3://{BUCKET}/runs", "--name", "job", *TINY,
+        "ray",
+        "job",
+        "submit",
+        "--submission-id",
+        sub_id,
+        "--working-dir",
+        ".",
+        "--runtime-env-json",
+        json.dumps({"env_vars": s3}),
+        "--",
+        "raylstm",
+        "train",
+        "--config",
+        "configs/demo.toml",
+        "--data",
+        f"s3://{BUCKET}/reviews/",
+        "--workers",
+        "2",
+        "--storage",
+        f"s3://{BUCKET}/runs",
+        "--name",
+        "job",
+        *TINY,
         timeout=400,
     ).stdout
     assert f"Job '{sub_id}' succeeded" in out
@@ -105,25 +156,34 @@ def test_submit_training_then_serve_the_best_checkpoint(head, s3, amazon_dir):
 
     port = free_port()
     serve_config = head.work / "serve_config.yaml"
-    serve_config.write_text(yaml.safe_dump({
-        "proxy_location": "HeadOnly",
-        "http_options": {"host": "127.0.0.1", "port": port},
-        "applications": [{
-            "name": "raylstm",
-            "route_prefix": "/",
-            "import_path": "raylstm.serve:app_builder",
-            "runtime_env": {"env_vars": s3},
-            "args": {"run": run, "num_cpus": 0.5},
-        }],
-    }))
+    serve_config.write_text(
+        yaml.safe_dump(
+            {
+                "proxy_location": "HeadOnly",
+                "http_options": {"host": "127.0.0.1", "port": port},
+                "applications": [
+                    {
+                        "name": "raylstm",
+                        "route_prefix": "/",
+                        "import_path": "raylstm.serve:app_builder",
+                        "runtime_env": {"env_vars": s3},
+                        "args": {"run": run, "num_cpus": 0.5},
+                    }
+                ],
+            }
+        )
+    )
     head.run("serve", "deploy", str(serve_config), "-a", head.dashboard)
     try:
         _wait_http(f"http://127.0.0.1:{port}/healthz")
         health = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=30).json()
         # The replica serves its verified local copy of the checkpoint best.json names.
         assert Path(health["checkpoint"]).name.endswith(best["checkpoint"])
-        r = httpx.post(f"http://127.0.0.1:{port}/v1/generate",
-                       json={"prompt": "I bought these ", "max_chars": 60, "temperature": 0.7, "seed": 7}, timeout=60)
+        r = httpx.post(
+            f"http://127.0.0.1:{port}/v1/generate",
+            json={"prompt": "I bought these ", "max_chars": 60, "temperature": 0.7, "seed": 7},
+            timeout=60,
+        )
         assert r.status_code == 200, r.text
         body = r.json()
         (sample,) = body["samples"]

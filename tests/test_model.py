@@ -25,8 +25,15 @@ VOCAB = CharVocab.from_counts({c: TEXT.count(c) for c in set(TEXT)})
 
 def small(kind: str = "lstm", **kw) -> torch.nn.Module:
     torch.manual_seed(0)
-    cfg = ModelConfig(kind=kind, vocab_size=len(VOCAB), embed_dim=8, hidden_size=16, num_layers=2, dropout=0.0,
-                      seed_dense=12)
+    cfg = ModelConfig(
+        kind=kind,
+        vocab_size=len(VOCAB),
+        embed_dim=8,
+        hidden_size=16,
+        num_layers=2,
+        dropout=0.0,
+        seed_dense=12,
+    )
     for k, v in kw.items():
         setattr(cfg, k, v)
     return build_model(cfg).eval()
@@ -44,8 +51,9 @@ def test_state_carrying_equals_reading_the_whole_sequence():
 
 
 def test_seed_model_is_the_original_keras_architecture():
-    cfg = ModelConfig(kind="seed", vocab_size=60, embed_dim=128, hidden_size=128, num_layers=1, dropout=0.5,
-                      seed_dense=256)
+    cfg = ModelConfig(
+        kind="seed", vocab_size=60, embed_dim=128, hidden_size=128, num_layers=1, dropout=0.5, seed_dense=256
+    )
     model = build_model(cfg)
     assert isinstance(model, SeedLSTM)
     dense, relu, drop, out = model.head

@@ -26,18 +26,43 @@ def observed(tmp_path_factory, amazon_dir):
         pytest.skip("needs root for private PID/mount namespaces")
     work = tmp_path_factory.mktemp("multinode")
     (work / "ray").mkdir()
-    files = [str(amazon_dir / f) for f in
-             ("reviews.tsv", "amazon_cells_labelled.txt", "Musical_Instruments_5.json", "amazon_reviews_us_Gift_Card_v1_00.tsv")]
-    inner = (f"mount --bind {work / 'ray'} /tmp/ray && exec {sys.executable} "
-             f"{ROOT / 'tests' / 'multinode_check.py'} {work} {' '.join(files)}")
+    files = [
+        str(amazon_dir / f)
+        for f in (
+            "reviews.tsv",
+            "amazon_cells_labelled.txt",
+            "Musical_Instruments_5.json",
+            "amazon_reviews_us_Gift_Card_v1_00.tsv",
+        )
+    ]
+    inner = (
+        f"mount --bind {work / 'ray'} /tmp/ray && exec {sys.executable} "
+        f"{ROOT / 'tests' / 'multinode_check.py'} {work} {' '.join(files)}"
+    )
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env["RAY_AUTH_MODE"] = "disabled"  # a private test cluster: no token to hand around
     proc = subprocess.run(
-        ["unshare", "--pid", "--fork", "--kill-child", "--mount", "--mount-proc", "bash", "-c", f"mkdir -p /tmp/ray && {inner}"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=480,
+        [
+            "unshare",
+            "--pid",
+            "--fork",
+            "--kill-child",
+            "--mount",
+            "--mount-proc",
+            "bash",
+            "-c",
+            f"mkdir -p /tmp/ray && {inner}",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=480,
     )
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("MULTINODE ")]
-    assert proc.returncode == 0 and lines, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    assert proc.returncode == 0 and lines, (
+        f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    )
     return json.loads(lines[-1].removeprefix("MULTINODE "))
 
 

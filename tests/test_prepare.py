@@ -64,12 +64,19 @@ def test_prepare_refuses_foreign_dir_and_rewrites_its_own(ray_session, tmp_path,
 
 def test_cli_prepare_and_strict_error(ray_session, tmp_path, capsys):
     src = tmp_path / "r.json"
-    src.write_text('{"reviewerID": "A", "asin": "B", "reviewText": "' + "a fine product, " * 5 + '"}\n{oops\n')
+    src.write_text(
+        '{"reviewerID": "A", "asin": "B", "reviewText": "' + "a fine product, " * 5 + '"}\n{oops\n'
+    )
     out = tmp_path / "out"
     assert main(["prepare", str(src), "--out", str(out)]) == 0
     printed = json.loads(capsys.readouterr().out)
-    assert printed["skipped"] == {"invalid_json": 1} and printed["splits"]["train"]["rows"] + \
-        printed["splits"]["val"]["rows"] + printed["splits"]["test"]["rows"] == 1
+    assert (
+        printed["skipped"] == {"invalid_json": 1}
+        and printed["splits"]["train"]["rows"]
+        + printed["splits"]["val"]["rows"]
+        + printed["splits"]["test"]["rows"]
+        == 1
+    )
     # strict: exit code 2 and a message naming the file and line, no traceback
     assert main(["prepare", str(src), "--out", str(tmp_path / "out2"), "--strict"]) == 2
     err = capsys.readouterr().err

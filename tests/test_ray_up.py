@@ -30,8 +30,11 @@ def _namespaces_available() -> str | None:
         return "needs root (private PID/network/mount namespaces and an sshd for root)"
     if not shutil.which("unshare") or not shutil.which("ip"):
         return "needs unshare (util-linux) and ip (iproute2)"
-    probe = subprocess.run(["unshare", "--pid", "--fork", "--net", "--mount", "--mount-proc", "true"],
-                           capture_output=True, text=True)
+    probe = subprocess.run(
+        ["unshare", "--pid", "--fork", "--net", "--mount", "--mount-proc", "true"],
+        capture_output=True,
+        text=True,
+    )
     if probe.returncode != 0:
         return f"cannot create private namespaces here: {probe.stderr.strip()}"
     tools = subprocess.run(["bash", str(SCRIPTS / "ensure_ssh_tools.sh")], capture_output=True, text=True)
@@ -46,15 +49,36 @@ def test_ray_up_job_submit_ray_down(tmp_path, amazon_dir):
         pytest.skip(why)
     runs = tmp_path / "runs"
     job = [
-        "raylstm", "train",
-        "--data", str(amazon_dir / "reviews.tsv"),
-        "--workers", "2",
-        "--storage", str(runs),
-        "--name", "ray-up",
-        "--set", "model.hidden_size=32", "--set", "model.embed_dim=16", "--set", "model.num_layers=1",
-        "--set", "data.seq_len=32", "--set", "train.batch_size=8", "--set", "train.cpus_per_worker=0.5",
-        "--set", f"train.max_steps={STEPS}", "--set", f"train.eval_every={STEPS // 2}",
-        "--set", "train.warmup_steps=2", "--set", "train.sample_chars=40",
+        "raylstm",
+        "train",
+        "--data",
+        str(amazon_dir / "reviews.tsv"),
+        "--workers",
+        "2",
+        "--storage",
+        str(runs),
+        "--name",
+        "ray-up",
+        "--set",
+        "model.hidden_size=32",
+        "--set",
+        "model.embed_dim=16",
+        "--set",
+        "model.num_layers=1",
+        "--set",
+        "data.seq_len=32",
+        "--set",
+        "train.batch_size=8",
+        "--set",
+        "train.cpus_per_worker=0.5",
+        "--set",
+        f"train.max_steps={STEPS}",
+        "--set",
+        f"train.eval_every={STEPS // 2}",
+        "--set",
+        "train.warmup_steps=2",
+        "--set",
+        "train.sample_chars=40",
     ]
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
@@ -64,7 +88,11 @@ def test_ray_up_job_submit_ray_down(tmp_path, amazon_dir):
     work.mkdir()
     proc = subprocess.run(
         ["bash", str(SCRIPTS / "ray_up_cycle.sh"), str(work), "configs/cluster.local.yaml", "--", *job],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=540,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=540,
     )
     out = proc.stdout + proc.stderr
     print(out[-6000:])  # shown with -s or on failure: the commands and what they printed at the end

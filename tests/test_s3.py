@@ -38,7 +38,9 @@ def _tiny_checkpoint(tmp: Path, step: int, val_bpc: float) -> Path:
     cfg.model.vocab_size = len(vocab)
     cfg.model.hidden_size, cfg.model.embed_dim, cfg.model.num_layers = 8, 4, 1
     model = build_model(cfg.model)
-    return save_checkpoint(tmp / f"checkpoint_{step:06d}", model, vocab, cfg, step=step, metrics={"val_bpc": val_bpc})
+    return save_checkpoint(
+        tmp / f"checkpoint_{step:06d}", model, vocab, cfg, step=step, metrics={"val_bpc": val_bpc}
+    )
 
 
 def test_pyarrow_honours_aws_endpoint_url(s3env):
@@ -54,14 +56,18 @@ def test_pyarrow_honours_aws_endpoint_url(s3env):
         assert f.read() == b"through moto"
     import boto3
 
-    body = boto3.client("s3", endpoint_url=s3env["AWS_ENDPOINT_URL"]).get_object(Bucket=BUCKET, Key="probe.txt")
+    body = boto3.client("s3", endpoint_url=s3env["AWS_ENDPOINT_URL"]).get_object(
+        Bucket=BUCKET, Key="probe.txt"
+    )
     assert body["Body"].read() == b"through moto"
 
 
 def test_json_round_trip_and_listing(s3env):
     run = f"s3://{BUCKET}/runs/roundtrip"
     assert not storage.exists(storage.join(run, "best.json"))
-    storage.write_json(storage.join(run, "best.json"), {"checkpoint": "checkpoint_000010", "metrics": {"val_bpc": 2.5}})
+    storage.write_json(
+        storage.join(run, "best.json"), {"checkpoint": "checkpoint_000010", "metrics": {"val_bpc": 2.5}}
+    )
     storage.write_text(storage.join(run, "notes.txt"), "héllo")
     assert storage.read_json(storage.join(run, "best.json"))["metrics"]["val_bpc"] == 2.5
     assert storage.read_text(storage.join(run, "notes.txt")) == "héllo"
@@ -90,7 +96,9 @@ def test_upload_then_localize_best_checkpoint(s3env, tmp_path):
     best_local = _tiny_checkpoint(local_run, 20, 2.0)
     run = f"s3://{BUCKET}/runs/upload"
     storage.upload_dir(local_run, run)
-    storage.write_json(storage.join(run, "best.json"), {"checkpoint": best_local.name, "metrics": {"val_bpc": 2.0}})
+    storage.write_json(
+        storage.join(run, "best.json"), {"checkpoint": best_local.name, "metrics": {"val_bpc": 2.0}}
+    )
 
     cache = tmp_path / "cache"
     local = storage.localize_checkpoint(run, cache=cache)
@@ -112,9 +120,16 @@ def test_local_paths_pass_through(tmp_path):
     ck = _tiny_checkpoint(tmp_path, 1, 4.0)
     assert storage.localize_checkpoint(str(ck)) == ck
     assert storage.to_uri(pafs.LocalFileSystem(), str(ck)) == str(ck)
-    assert storage.to_uri(pafs.S3FileSystem(anonymous=True, region="us-east-1"), "bkt/runs/x") == "s3://bkt/runs/x"
+    assert (
+        storage.to_uri(pafs.S3FileSystem(anonymous=True, region="us-east-1"), "bkt/runs/x")
+        == "s3://bkt/runs/x"
+    )
     assert storage.join("s3://b/runs/", "/x/", "best.json") == "s3://b/runs/x/best.json"
-    assert storage.is_remote("s3://b/k") and not storage.is_remote("file:///tmp/x") and not storage.is_remote("/tmp")
+    assert (
+        storage.is_remote("s3://b/k")
+        and not storage.is_remote("file:///tmp/x")
+        and not storage.is_remote("/tmp")
+    )
 
 
 def test_train_keeps_an_s3_run_on_s3(tmp_path, monkeypatch):

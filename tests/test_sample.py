@@ -69,7 +69,13 @@ def test_batched_equals_unbatched_each_with_own_params(sampler):
     params = [
         SampleParams(temperature=1.2, top_k=5, max_chars=50, seed=1),
         SampleParams(temperature=0.0, max_chars=30, seed=2),
-        SampleParams(temperature=0.8, top_p=0.9, max_chars=70, seed=3, stop=("."),),
+        SampleParams(
+            temperature=0.8,
+            top_p=0.9,
+            max_chars=70,
+            seed=3,
+            stop=("."),
+        ),
         SampleParams(temperature=2.0, max_chars=40, seed=4),
     ]
     batched = sampler.generate(prompts, params)
@@ -82,7 +88,10 @@ def test_n_samples_use_consecutive_seeds(sampler):
     p = SampleParams(temperature=1.5, max_chars=40, seed=100)
     many = sampler.generate(["I bought "], p, n=3)[0]
     assert [c.seed for c in many] == [100, 101, 102]
-    assert many[1].text == sampler.complete("I bought ", SampleParams(temperature=1.5, max_chars=40, seed=101)).text
+    assert (
+        many[1].text
+        == sampler.complete("I bought ", SampleParams(temperature=1.5, max_chars=40, seed=101)).text
+    )
     assert len({c.text for c in many}) > 1
 
 
@@ -102,8 +111,13 @@ def test_top_k_one_is_argmax(sampler):
 def test_choose_next_filters():
     logits = torch.tensor([[3.0, 2.0, 1.0, 0.0]] * 4)
     u = torch.tensor([0.999, 0.999, 0.999, 0.5])
-    got = choose_next(logits, torch.tensor([1.0, 1.0, 1.0, 0.0]), torch.tensor([2, 0, 0, 0]),
-                      torch.tensor([1.0, 1.0, 0.5, 1.0]), u)
+    got = choose_next(
+        logits,
+        torch.tensor([1.0, 1.0, 1.0, 0.0]),
+        torch.tensor([2, 0, 0, 0]),
+        torch.tensor([1.0, 1.0, 0.5, 1.0]),
+        u,
+    )
     # top-k 2 keeps ids {0,1}; no filter reaches the last id; top-p 0.5 keeps only id 0; temp 0 -> argmax.
     assert got.tolist() == [1, 3, 0, 0]
 
@@ -123,7 +137,10 @@ def test_invalid_params_name_the_field():
 
 def test_engine_continuous_batching_matches_generate(sampler):
     eng = Engine(sampler, max_rows=4)
-    jobs = [Job(f"I bought {i} ", SampleParams(temperature=1.0, max_chars=20 + 7 * i, seed=i), n=2) for i in range(5)]
+    jobs = [
+        Job(f"I bought {i} ", SampleParams(temperature=1.0, max_chars=20 + 7 * i, seed=i), n=2)
+        for i in range(5)
+    ]
     eng.submit(jobs[:2])
     streamed = {id(j): {0: "", 1: ""} for j in jobs}
     for k in range(400):
@@ -154,8 +171,17 @@ def test_engine_stream_holds_back_partial_stop(sampler):
 
 
 def test_cli_prints_seeded_text(run, capsys):
-    args = argparse.Namespace(checkpoint=str(run), prime="I bought ", temperature=[0.0, 1.0], length=30,
-                              top_k=0, top_p=1.0, stop=[], n=1, seed=3)
+    args = argparse.Namespace(
+        checkpoint=str(run),
+        prime="I bought ",
+        temperature=[0.0, 1.0],
+        length=30,
+        top_k=0,
+        top_p=1.0,
+        stop=[],
+        n=1,
+        seed=3,
+    )
     assert run_sample_cli(args) == 0
     out = capsys.readouterr().out
     sampler = Sampler.load(run)
@@ -167,8 +193,22 @@ def test_cli_prints_seeded_text(run, capsys):
 def test_cli_main_reports_unknown_chars_and_bad_values(run, capsys):
     from raylstm.cli import main
 
-    assert main(["sample", "--checkpoint", str(run), "--prime", "I bought \u00e9", "--length", "5",
-                 "--temperature", "0"]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                "--checkpoint",
+                str(run),
+                "--prime",
+                "I bought \u00e9",
+                "--length",
+                "5",
+                "--temperature",
+                "0",
+            ]
+        )
+        == 0
+    )
     captured = capsys.readouterr()
     assert "outside the vocabulary" in captured.err and "\u00e9" in captured.err
     assert main(["sample", "--checkpoint", str(run), "--top-p", "1.5"]) == 2

@@ -49,8 +49,14 @@ def srv(ray_session, tmp_path_factory):
     multi_cfg = dataclasses.replace(cfg, num_replicas=2, max_replicas=2)
     serve.run(build_app(multi_run, multi_cfg, token=""), name="multi", route_prefix="/multi", blocking=False)
     client = httpx.Client(base_url=handle.url, timeout=60)
-    yield SimpleNamespace(url=handle.url, run=base, reload_run=reload_run, multi_run=multi_run, http=client,
-                          sampler=Sampler.load(base))
+    yield SimpleNamespace(
+        url=handle.url,
+        run=base,
+        reload_run=reload_run,
+        multi_run=multi_run,
+        http=client,
+        sampler=Sampler.load(base),
+    )
     client.close()
     handle.shutdown()
 
@@ -65,7 +71,7 @@ def sse_events(resp) -> list:
     out = []
     for line in resp.iter_lines():
         if line.startswith("data: "):
-            data = line[len("data: "):]
+            data = line[len("data: ") :]
             out.append(data if data == "[DONE]" else json.loads(data))
     return out
 
@@ -82,13 +88,24 @@ def test_health_models_and_info(srv):
 
 def test_same_seed_same_text_cli_generate_completions(srv, capsys):
     prompt, seed, n = "I bought these ", 42, 60
-    args = argparse.Namespace(checkpoint=str(srv.run), prime=prompt, temperature=[0.9], length=n, top_k=0,
-                              top_p=1.0, stop=[], n=1, seed=seed)
+    args = argparse.Namespace(
+        checkpoint=str(srv.run),
+        prime=prompt,
+        temperature=[0.9],
+        length=n,
+        top_k=0,
+        top_p=1.0,
+        stop=[],
+        n=1,
+        seed=seed,
+    )
     run_sample_cli(args)
-    cli_text = capsys.readouterr().out.splitlines()[1][len(prompt):]
+    cli_text = capsys.readouterr().out.splitlines()[1][len(prompt) :]
     g = gen(srv, prompt=prompt, temperature=0.9, max_chars=n, seed=seed)["samples"][0]
-    c = srv.http.post("/v1/completions", json={"model": "raylstm", "prompt": prompt, "temperature": 0.9,
-                                               "max_tokens": n, "seed": seed}).json()
+    c = srv.http.post(
+        "/v1/completions",
+        json={"model": "raylstm", "prompt": prompt, "temperature": 0.9, "max_tokens": n, "seed": seed},
+    ).json()
     assert len(cli_text) == n
     assert g["text"] == cli_text == c["choices"][0]["text"]
     assert g["seed"] == seed
@@ -106,8 +123,10 @@ def test_stop_strings_end_output(srv):
     cut = free.index(".")
     s = gen(srv, prompt="I bought these ", temperature=0, max_chars=200, stop=["."])["samples"][0]
     assert s["text"] == free[:cut] and s["finish_reason"] == "stop"
-    c = srv.http.post("/v1/completions", json={"prompt": "I bought these ", "temperature": 0, "max_tokens": 200,
-                                               "stop": "."}).json()["choices"][0]
+    c = srv.http.post(
+        "/v1/completions",
+        json={"prompt": "I bought these ", "temperature": 0, "max_tokens": 200, "stop": "."},
+    ).json()["choices"][0]
     assert c["text"] == free[:cut] and c["finish_reason"] == "stop"
 
 
@@ -139,7 +158,9 @@ def test_sse_stream_equals_non_streamed(srv, stop):
 
 def test_concurrent_requests_share_model_steps(srv):
     before = srv.http.get("/v1/model").json()
-    bodies = [{"prompt": f"Great {i} ", "temperature": 1.0, "max_chars": 60 + i, "seed": i} for i in range(12)]
+    bodies = [
+        {"prompt": f"Great {i} ", "temperature": 1.0, "max_chars": 60 + i, "seed": i} for i in range(12)
+    ]
     results: dict[int, str] = {}
 
     def call(i: int) -> None:
@@ -153,7 +174,9 @@ def test_concurrent_requests_share_model_steps(srv):
         t.join()
     after = srv.http.get("/v1/model").json()
     for i, b in enumerate(bodies):
-        ref = srv.sampler.complete(b["prompt"], SampleParams(temperature=1.0, max_chars=b["max_chars"], seed=i))
+        ref = srv.sampler.complete(
+            b["prompt"], SampleParams(temperature=1.0, max_chars=b["max_chars"], seed=i)
+        )
         assert results[i] == ref.text  # batched with strangers == alone
     assert after["mean_rows_per_step"] > before["mean_rows_per_step"]  # rows shared steps
 
@@ -195,7 +218,9 @@ def test_422_names_the_field(srv, path, body, field):
 
 
 def test_malformed_json_is_422_naming_body(srv):
-    r = srv.http.post("/v1/generate", content=b'{"prompt": "a",', headers={"content-type": "application/json"})
+    r = srv.http.post(
+        "/v1/generate", content=b'{"prompt": "a",', headers={"content-type": "application/json"}
+    )
     assert r.status_code == 422
     assert r.json()["detail"][0]["loc"][0] == "body"
 
@@ -208,10 +233,13 @@ def test_unknown_model_is_404(srv):
 def test_token_enforced_when_set(srv):
     h = srv.http
     assert h.get("/secure/healthz").status_code == 200
-    for method, path, body in [("GET", "/secure/v1/models", None), ("GET", "/secure/v1/model", None),
-                               ("POST", "/secure/v1/generate", {"prompt": "a", "max_chars": 3}),
-                               ("POST", "/secure/v1/completions", {"prompt": "a", "max_tokens": 3}),
-                               ("POST", "/secure/admin/reload", {})]:
+    for method, path, body in [
+        ("GET", "/secure/v1/models", None),
+        ("GET", "/secure/v1/model", None),
+        ("POST", "/secure/v1/generate", {"prompt": "a", "max_chars": 3}),
+        ("POST", "/secure/v1/completions", {"prompt": "a", "max_tokens": 3}),
+        ("POST", "/secure/admin/reload", {}),
+    ]:
         assert h.request(method, path, json=body).status_code == 401, path
         bad = h.request(method, path, json=body, headers={"Authorization": "Bearer wrong"})
         assert bad.status_code == 401 and bad.headers["www-authenticate"] == "Bearer"
@@ -223,10 +251,13 @@ def test_openai_client(srv):
     openai = pytest.importorskip("openai")
     client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused")
     assert [m.id for m in client.models.list()] == ["raylstm"]
-    whole = client.completions.create(model="raylstm", prompt="I bought ", max_tokens=50, temperature=0.7, seed=5)
+    whole = client.completions.create(
+        model="raylstm", prompt="I bought ", max_tokens=50, temperature=0.7, seed=5
+    )
     assert len(whole.choices[0].text) == 50 and whole.usage.completion_tokens == 50
-    stream = client.completions.create(model="raylstm", prompt="I bought ", max_tokens=50, temperature=0.7, seed=5,
-                                       stream=True)
+    stream = client.completions.create(
+        model="raylstm", prompt="I bought ", max_tokens=50, temperature=0.7, seed=5, stream=True
+    )
     assert "".join(ch.choices[0].text for ch in stream if ch.choices) == whole.choices[0].text
     ref = srv.sampler.complete("I bought ", SampleParams(temperature=0.7, max_chars=50, seed=5))
     assert whole.choices[0].text == ref.text
@@ -242,12 +273,13 @@ def test_openapi_fuzz_finds_no_5xx(srv):
     failures: list[str] = []
 
     @given(case=schema.as_strategy())
-    @settings(max_examples=250, deadline=None, database=None,
-              suppress_health_check=list(HealthCheck))
+    @settings(max_examples=250, deadline=None, database=None, suppress_health_check=list(HealthCheck))
     def fuzz(case):
         resp = case.call(base_url=srv.url, timeout=30)
         if resp.status_code >= 500:
-            failures.append(f"{case.method} {case.path} {case.body!r} -> {resp.status_code} {resp.text[:200]}")
+            failures.append(
+                f"{case.method} {case.path} {case.body!r} -> {resp.status_code} {resp.text[:200]}"
+            )
         assert resp.status_code < 500
 
     fuzz()

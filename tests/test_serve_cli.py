@@ -24,9 +24,23 @@ def test_cli_serve_with_token_then_ctrl_c(tmp_path_factory, tmp_path):
     env = {**os.environ, "RAYLSTM_API_TOKEN": "cli-token", "RAY_AUTH_MODE": "disabled", "RAY_TMPDIR": ray_tmp}
     log = open(tmp_path / "serve.log", "w+")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "raylstm.cli", "serve", "--run", str(run), "--port", str(port),
-         "--set", "serve.num_cpus=0.5"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        [
+            sys.executable,
+            "-m",
+            "raylstm.cli",
+            "serve",
+            "--run",
+            str(run),
+            "--port",
+            str(port),
+            "--set",
+            "serve.num_cpus=0.5",
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180
@@ -44,8 +58,9 @@ def test_cli_serve_with_token_then_ctrl_c(tmp_path_factory, tmp_path):
             time.sleep(0.2)
         body = {"prompt": "I bought ", "max_chars": 20, "temperature": 0, "seed": 1}
         assert httpx.post(f"{url}/v1/generate", json=body, timeout=60).status_code == 401
-        ok = httpx.post(f"{url}/v1/generate", json=body, timeout=60,
-                        headers={"Authorization": "Bearer cli-token"})
+        ok = httpx.post(
+            f"{url}/v1/generate", json=body, timeout=60, headers={"Authorization": "Bearer cli-token"}
+        )
         assert ok.status_code == 200 and len(ok.json()["samples"][0]["text"]) == 20
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=90) == 0

@@ -60,8 +60,12 @@ serve deploy {tmp_path}/serve.yaml -a http://127.0.0.1:{dash}
 python {tmp_path}/check.py http://127.0.0.1:{port}
 """
     try:
-        out = subprocess.run(["unshare", "-p", "-f", "--mount-proc", "bash", "-c", script],
-                             capture_output=True, text=True, timeout=420)
+        out = subprocess.run(
+            ["unshare", "-p", "-f", "--mount-proc", "bash", "-c", script],
+            capture_output=True,
+            text=True,
+            timeout=420,
+        )
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
@@ -70,4 +74,6 @@ python {tmp_path}/check.py http://127.0.0.1:{port}
 
     from raylstm.sample import SampleParams, Sampler
 
-    assert text == Sampler.load(run).complete("I bought these ", SampleParams(temperature=0, max_chars=25)).text
+    assert (
+        text == Sampler.load(run).complete("I bought these ", SampleParams(temperature=0, max_chars=25)).text
+    )

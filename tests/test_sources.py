@@ -13,9 +13,11 @@ from raylstm.config import DataConfig
 from raylstm.data import load_splits
 from raylstm.sources import DataError, format_from_name, resolve_files, sniff_format
 
-TSV_HEADER = ("marketplace\tcustomer_id\treview_id\tproduct_id\tproduct_parent\tproduct_title\tproduct_category\t"
-              "star_rating\thelpful_votes\ttotal_votes\tvine\tverified_purchase\treview_headline\treview_body\t"
-              "review_date")
+TSV_HEADER = (
+    "marketplace\tcustomer_id\treview_id\tproduct_id\tproduct_parent\tproduct_title\tproduct_category\t"
+    "star_rating\thelpful_votes\ttotal_votes\tvine\tverified_purchase\treview_headline\treview_body\t"
+    "review_date"
+)
 
 
 def cfg(sources, **kw) -> DataConfig:
@@ -58,8 +60,15 @@ def bad_json(tmp_path_factory):
 
 def test_bad_json_rows_counted_and_good_rows_survive(ray_session, bad_json):
     s = load_splits(cfg([bad_json], max_row_bytes=1000))
-    assert s.manifest["skipped"] == {"invalid_json": 2, "invalid_utf8": 1, "nul_byte": 2, "missing_text": 1,
-                                     "empty_text": 1, "bad_text_type": 1, "too_long": 1}
+    assert s.manifest["skipped"] == {
+        "invalid_json": 2,
+        "invalid_utf8": 1,
+        "nul_byte": 2,
+        "missing_text": 1,
+        "empty_text": 1,
+        "bad_text_type": 1,
+        "too_long": 1,
+    }
     assert s.manifest["rows"]["records"] == 12 and s.manifest["rows"]["parsed"] == 3
     assert all_texts(s) == ["good review one", "good review three", "good review two"]
 
@@ -71,12 +80,35 @@ def test_strict_mode_names_file_and_line(ray_session, bad_json):
 
 def test_tsv_wrong_columns_and_blank_tail(ray_session, tmp_path):
     def row(i, body, n_fields=15):
-        f = ["US", str(i), f"RID{i}", "P1", "1", "Gift", "Gift Card", "5", "0", "0", "N", "Y", f"head {i}", body,
-             "2015-08-31"]
+        f = [
+            "US",
+            str(i),
+            f"RID{i}",
+            "P1",
+            "1",
+            "Gift",
+            "Gift Card",
+            "5",
+            "0",
+            "0",
+            "N",
+            "Y",
+            f"head {i}",
+            body,
+            "2015-08-31",
+        ]
         return "\t".join((f + ["extra"] * 3)[:n_fields])
 
-    lines = [TSV_HEADER, row(1, "first body"), row(2, "short row", 14), row(3, "second body"),
-             row(4, "long row", 16), row(5, "third body"), "", ""]
+    lines = [
+        TSV_HEADER,
+        row(1, "first body"),
+        row(2, "short row", 14),
+        row(3, "second body"),
+        row(4, "long row", 16),
+        row(5, "third body"),
+        "",
+        "",
+    ]
     p = tmp_path / "amazon_reviews_us_Test_v1_00.tsv"
     p.write_text("\n".join(lines))
     s = load_splits(cfg([p]))
@@ -89,7 +121,10 @@ def test_tsv_wrong_columns_and_blank_tail(ray_session, tmp_path):
     s = load_splits(cfg([p], include_title=True))
     assert "head 1. first body" in all_texts(s)
     assert sorted(r["key"] for r in s.train.take_all() + s.val.take_all() + s.test.take_all()) == [
-        "RID1", "RID3", "RID5"]
+        "RID1",
+        "RID3",
+        "RID5",
+    ]
 
 
 def test_csv_multiline_quoting_and_bad_rows(ray_session, tmp_path):
@@ -107,7 +142,7 @@ def test_csv_multiline_quoting_and_bad_rows(ray_session, tmp_path):
     s = load_splits(cfg([p]))
     assert s.manifest["skipped"] == {"wrong_columns": 1, "invalid_utf8": 1, "empty_text": 1}
     assert s.manifest["rows"]["records"] == 6
-    assert all_texts(s) == ["Plain review, with a comma", "Spans two lines and has \"quotes\"", "last one"]
+    assert all_texts(s) == ["Plain review, with a comma", 'Spans two lines and has "quotes"', "last one"]
     with pytest.raises(DataError, match=r"kaggle\.csv: line 5: wrong_columns"):
         load_splits(cfg([p], strict=True))
 
@@ -131,12 +166,33 @@ def test_missing_and_unreadable_sources_name_the_path(ray_session, tmp_path):
 
 def test_json2023_schema_key_and_verified_filter(ray_session, tmp_path):
     recs = [
-        {"rating": 5.0, "title": "t1", "text": "verified one", "user_id": "U1", "asin": "A", "timestamp": 1,
-         "verified_purchase": True},
-        {"rating": 1.0, "title": "t2", "text": "unverified two", "user_id": "U2", "asin": "A", "timestamp": 2,
-         "verified_purchase": False},
-        {"rating": 3.0, "title": "t3", "text": "verified three", "user_id": "U3", "asin": "B", "timestamp": 3,
-         "verified_purchase": True},
+        {
+            "rating": 5.0,
+            "title": "t1",
+            "text": "verified one",
+            "user_id": "U1",
+            "asin": "A",
+            "timestamp": 1,
+            "verified_purchase": True,
+        },
+        {
+            "rating": 1.0,
+            "title": "t2",
+            "text": "unverified two",
+            "user_id": "U2",
+            "asin": "A",
+            "timestamp": 2,
+            "verified_purchase": False,
+        },
+        {
+            "rating": 3.0,
+            "title": "t3",
+            "text": "verified three",
+            "user_id": "U3",
+            "asin": "B",
+            "timestamp": 3,
+            "verified_purchase": True,
+        },
     ]
     p = tmp_path / "Musical_Instruments.jsonl"
     p.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
@@ -150,14 +206,21 @@ def test_text_parquet_dir_and_glob(ray_session, tmp_path):
     d = tmp_path / "mixed"
     d.mkdir()
     (d / "sentences.txt").write_text("A fine phone indeed.\t1\nTerrible battery life.\t0\n\nNo label line\n")
-    pq.write_table(pa.table({"body": ["parquet one", None, "parquet two"], "review_id": ["p1", "p2", "p3"]}),
-                   d / "part.parquet")
+    pq.write_table(
+        pa.table({"body": ["parquet one", None, "parquet two"], "review_id": ["p1", "p2", "p3"]}),
+        d / "part.parquet",
+    )
     (d / "SOURCES.md").write_text("# not a review file\n")
     (d / ".hidden.json").write_text("{not json\n")
     s = load_splits(cfg([d], text_column="body"))
     assert s.manifest["skipped"] == {"missing_text": 1}
-    assert all_texts(s) == ["A fine phone indeed.", "No label line", "Terrible battery life.", "parquet one",
-                            "parquet two"]
+    assert all_texts(s) == [
+        "A fine phone indeed.",
+        "No label line",
+        "Terrible battery life.",
+        "parquet one",
+        "parquet two",
+    ]
     assert len(s.manifest["files"]) == 2
     s = load_splits(cfg([str(d / "*.txt")]))
     assert s.manifest["rows"]["records"] == 3
@@ -249,22 +312,41 @@ def test_s3_sources_and_prepared_dir_on_s3(tmp_path):
 
     bucket = "raylstm-data"
     json_bytes = b"\n".join([j2014("S1", "from s3 one"), b"{broken", j2014("S2", "from s3 two")]) + b"\n"
-    tsv_bytes = (TSV_HEADER + "\n" + "\t".join(["US", "1", "RID9", "P", "1", "t", "c", "5", "0", "0", "N", "Y",
-                                                "h", "tsv on s3", "2015-08-31"]) + "\n").encode()
+    tsv_bytes = (
+        TSV_HEADER
+        + "\n"
+        + "\t".join(
+            ["US", "1", "RID9", "P", "1", "t", "c", "5", "0", "0", "N", "Y", "h", "tsv on s3", "2015-08-31"]
+        )
+        + "\n"
+    ).encode()
     with s3_server(bucket) as env:
-        fs = pafs.S3FileSystem(endpoint_override=env["AWS_ENDPOINT_URL"], access_key="testing",
-                               secret_key="testing", region="us-east-1", scheme="http")
-        for name, data in [("a.json.gz", gzip.compress(json_bytes)), ("b.tsv", tsv_bytes),
-                           ("SOURCES.md", b"# not reviews\n")]:
+        fs = pafs.S3FileSystem(
+            endpoint_override=env["AWS_ENDPOINT_URL"],
+            access_key="testing",
+            secret_key="testing",
+            region="us-east-1",
+            scheme="http",
+        )
+        for name, data in [
+            ("a.json.gz", gzip.compress(json_bytes)),
+            ("b.tsv", tsv_bytes),
+            ("SOURCES.md", b"# not reviews\n"),
+        ]:
             with fs.open_output_stream(f"{bucket}/reviews/{name}", compression=None) as f:
                 f.write(data)
         script = tmp_path / "s3_job.py"
         script.write_text(S3_SCRIPT)
-        proc = subprocess.run([sys.executable, str(script), bucket], capture_output=True, text=True, timeout=300,
-                              env={**os.environ, **env, "RAY_AUTH_MODE": "disabled"})
+        proc = subprocess.run(
+            [sys.executable, str(script), bucket],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**os.environ, **env, "RAY_AUTH_MODE": "disabled"},
+        )
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
     assert line, proc.stdout[-2000:] + proc.stderr[-4000:]
-    got = json.loads(line[len("RESULT "):])
+    got = json.loads(line[len("RESULT ") :])
     assert got["fresh"]["records"] == 4 and got["skipped"] == {"invalid_json": 1}
     assert got["same"] and got["vocab_same"] and got["texts"] == ["from s3 one", "from s3 two", "tsv on s3"]
     files = {f["path"]: f for f in got["files"]}

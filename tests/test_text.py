@@ -37,8 +37,14 @@ def test_lowercase_and_ascii_folding():
     assert clean_text("naïve 日本 ok", ascii_only=True) == "naive ok"
 
 
-@pytest.mark.parametrize("raw", ["A &#34;good&#34;<br />  product\n\nreally &amp; truly ﬁne",
-                                 "&amp;amp;amp;#34;deep&amp;amp;amp;#34;", "\uff06amp;lt;b&gt;x"])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "A &#34;good&#34;<br />  product\n\nreally &amp; truly ﬁne",
+        "&amp;amp;amp;#34;deep&amp;amp;amp;#34;",
+        "\uff06amp;lt;b&gt;x",
+    ],
+)
 def test_idempotent(raw):
     once = clean_text(raw, lowercase=True)
     assert clean_text(once, lowercase=True) == once

@@ -59,8 +59,13 @@ def test_two_workers_learn_review_text(windows, tmp_path: Path):
 
 def test_presets_load_with_what_they_promise():
     seed = load_config(ROOT / "configs" / "seed.toml")
-    assert (seed.model.kind, seed.model.embed_dim, seed.model.hidden_size, seed.model.seed_dense,
-            seed.model.dropout) == ("seed", 128, 128, 256, 0.5)
+    assert (
+        seed.model.kind,
+        seed.model.embed_dim,
+        seed.model.hidden_size,
+        seed.model.seed_dense,
+        seed.model.dropout,
+    ) == ("seed", 128, 128, 256, 0.5)
     assert (seed.data.window_mode, seed.data.seed_context, seed.data.seed_step) == ("seed", 40, 3)
     assert seed.data.lowercase and seed.data.ascii_only and seed.train.optimizer == "rmsprop"
     assert seed.train.sample_prime == seed.train.sample_prime.lower()  # no unknown chars in its samples

@@ -31,12 +31,22 @@ def windows(ray_session):
     return make_windows(review_sources())
 
 
-def one_step(windows, workers: int, batch: int, storage: Path, name: str) -> tuple[dict[str, torch.Tensor], dict]:
+def one_step(
+    windows, workers: int, batch: int, storage: Path, name: str
+) -> tuple[dict[str, torch.Tensor], dict]:
     rows = windows.train.take(2 * B)
     train = ray.data.from_items([{"ids": np.asarray(r["ids"], np.int32)} for r in rows])
     val = ray.data.from_items([{"ids": np.asarray(r["ids"], np.int32)} for r in windows.val.take(8)])
-    cfg = tiny_config(num_workers=workers, batch_size=batch, max_steps=1, eval_every=1, warmup_steps=0,
-                      lr=1e-3, sample_chars=0, grad_clip=1.0)
+    cfg = tiny_config(
+        num_workers=workers,
+        batch_size=batch,
+        max_steps=1,
+        eval_every=1,
+        warmup_steps=0,
+        lr=1e-3,
+        sample_chars=0,
+        grad_clip=1.0,
+    )
     result = fit_windows(cfg, windows.vocab, train, val, storage=str(storage), name=name)
     return load_file(str(Path(result.best_checkpoint) / "model.safetensors")), result.best_metrics
 

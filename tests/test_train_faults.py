@@ -27,7 +27,11 @@ def sources() -> list[str]:
 
 def check_resume(lines: list[dict], total: int) -> dict:
     """The restart line: its first step is the step after the latest checkpoint written before it."""
-    restarts = [i for i, r in enumerate(lines) if r["restored_from_step"] >= 0 and r["step"] == r["attempt_first_step"]]
+    restarts = [
+        i
+        for i, r in enumerate(lines)
+        if r["restored_from_step"] >= 0 and r["step"] == r["attempt_first_step"]
+    ]
     assert restarts, "no attempt resumed from a checkpoint"
     i = restarts[0]
     before = [r["step"] for r in lines[:i] if r.get("checkpoint")]
@@ -54,8 +58,11 @@ def test_a_killed_worker_costs_only_the_work_since_the_last_checkpoint(ray_sessi
     t = threading.Thread(target=run, daemon=True)
     t.start()
     # Kill rank 0 (pid from its metrics) once a checkpoint exists and before the run ends.
-    line = wait_for(lambda: next((r for r in metrics_lines(run_dir) if r.get("checkpoint")), None), 240,
-                    "the first checkpoint")
+    line = wait_for(
+        lambda: next((r for r in metrics_lines(run_dir) if r.get("checkpoint")), None),
+        240,
+        "the first checkpoint",
+    )
     assert line["step"] < 240
     os.kill(line["pid"], signal.SIGKILL)
     t.join(timeout=300)
@@ -64,26 +71,58 @@ def test_a_killed_worker_costs_only_the_work_since_the_last_checkpoint(ray_sessi
     lines = metrics_lines(run_dir)
     restart = check_resume(lines, 240)
     assert restart["pid"] != line["pid"]
-    assert {r["pid"] for r in lines[lines.index(restart):]} .isdisjoint({line["pid"]})
+    assert {r["pid"] for r in lines[lines.index(restart) :]}.isdisjoint({line["pid"]})
 
 
 @pytest.mark.slow
 def test_a_stopped_driver_continues_from_its_latest_checkpoint_when_rerun(sources, tmp_path: Path):
     """`raylstm train` in a subprocess with its own local Ray; killed (with its process group) after the
     first checkpoint; the same command again continues the run instead of starting over."""
-    cmd = [sys.executable, "-m", "raylstm.cli", "train", "--config", str(ROOT / "configs" / "demo.toml"),
-           "--data", *sources, "--workers", "1", "--storage", str(tmp_path), "--name", "drv",
-           "--set", "data.dedupe=false", "--set", "data.seq_len=64", "--set", "model.hidden_size=96",
-           "--set", "train.max_steps=200", "--set", "train.eval_every=40", "--set", "train.log_every=10",
-           "--set", "train.cpus_per_worker=1.0", "--set", "train.sample_chars=40"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "raylstm.cli",
+        "train",
+        "--config",
+        str(ROOT / "configs" / "demo.toml"),
+        "--data",
+        *sources,
+        "--workers",
+        "1",
+        "--storage",
+        str(tmp_path),
+        "--name",
+        "drv",
+        "--set",
+        "data.dedupe=false",
+        "--set",
+        "data.seq_len=64",
+        "--set",
+        "model.hidden_size=96",
+        "--set",
+        "train.max_steps=200",
+        "--set",
+        "train.eval_every=40",
+        "--set",
+        "train.log_every=10",
+        "--set",
+        "train.cpus_per_worker=1.0",
+        "--set",
+        "train.sample_chars=40",
+    ]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["RAY_AUTH_MODE"] = "disabled"
     run_dir = tmp_path / "drv"
     log1 = open(tmp_path / "first.log", "w")
-    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log1, stderr=subprocess.STDOUT, start_new_session=True)
+    p = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=log1, stderr=subprocess.STDOUT, start_new_session=True
+    )
     try:
-        first = wait_for(lambda: next((r for r in metrics_lines(run_dir) if r.get("checkpoint")), None), 300,
-                         "the first checkpoint of the first driver")
+        first = wait_for(
+            lambda: next((r for r in metrics_lines(run_dir) if r.get("checkpoint")), None),
+            300,
+            "the first checkpoint of the first driver",
+        )
     finally:
         os.killpg(p.pid, signal.SIGKILL)  # the driver and the local Ray it started
         p.wait(timeout=60)

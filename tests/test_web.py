@@ -24,9 +24,19 @@ from raylstm.serve import start_server
 
 pytestmark = pytest.mark.slow
 CHROMIUM = Path("/usr/bin/chromium")
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--disable-dev-shm-usage", "--window-size=1100,900", "--remote-debugging-port=0"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--window-size=1100,900",
+    "--remote-debugging-port=0",
+]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -77,8 +87,11 @@ def browser(tmp_path_factory):
         pytest.skip("Debian chromium not installed at /usr/bin/chromium (apt-get install -y chromium)")
     pytest.importorskip("websockets", reason="the websockets package (dev extra) drives Chromium over CDP")
     profile = tmp_path_factory.mktemp("chromium-profile")
-    proc = subprocess.Popen([str(CHROMIUM), *FLAGS, f"--user-data-dir={profile}", "about:blank"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [str(CHROMIUM), *FLAGS, f"--user-data-dir={profile}", "about:blank"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         port_file = profile / "DevToolsActivePort"
         deadline = time.monotonic() + 60
@@ -117,7 +130,8 @@ def test_page_streams_generated_text(server, browser, tmp_path):
     browser.wait_for("document.readyState === 'complete' && !!document.getElementById('go')")
     # The info line is filled from /v1/model.
     assert "step 300" in browser.wait_for(
-        "document.getElementById('info').textContent.includes('step') && document.getElementById('info').textContent")
+        "document.getElementById('info').textContent.includes('step') && document.getElementById('info').textContent"
+    )
     browser.eval("""
         document.getElementById('prompt').value = 'I bought these ';
         const t = document.getElementById('temperature'); t.value = '0.8'; t.dispatchEvent(new Event('input'));
@@ -125,15 +139,20 @@ def test_page_streams_generated_text(server, browser, tmp_path):
         document.getElementById('seed').value = '11';
         document.getElementById('go').click();
     """)
-    state = browser.wait_for("['done', 'error'].includes(document.body.dataset.state) && document.body.dataset.state")
+    state = browser.wait_for(
+        "['done', 'error'].includes(document.body.dataset.state) && document.body.dataset.state"
+    )
     status = browser.eval("document.getElementById('status').textContent")
     assert state == "done", status
     text = browser.eval("document.getElementById('generated').textContent")
     chunks = int(browser.eval("document.getElementById('generated').dataset.chunks || '0'"))
     assert browser.eval("document.getElementById('tval').textContent") == "0.8"
     # What the page streamed is exactly what the API returns for the same request, and it came in pieces.
-    want = httpx.post(f"{server.url}/v1/generate", json={"prompt": "I bought these ", "temperature": 0.8,
-                                                          "max_chars": 400, "seed": 11}, timeout=60).json()
+    want = httpx.post(
+        f"{server.url}/v1/generate",
+        json={"prompt": "I bought these ", "temperature": 0.8, "max_chars": 400, "seed": 11},
+        timeout=60,
+    ).json()
     assert text == want["samples"][0]["text"] and len(text) == 400
     assert chunks > 1
 

@@ -79,13 +79,28 @@ def _make_windows(sources: tuple[str, ...], seq_len: int) -> Windows:
 
 def tiny_config(sources: list[str] | None = None, seq_len: int = 64, **train: object) -> Config:
     """A small, fast model: one 128-unit layer, 64-char windows, 2 workers of 0.5 CPU."""
-    cfg = load_config(None, [
-        f"data.seq_len={seq_len}", "data.dedupe=false", "data.shuffle_buffer=256",
-        "model.embed_dim=32", "model.hidden_size=128", "model.num_layers=1", "model.dropout=0.0",
-        "train.num_workers=2", "train.cpus_per_worker=0.5", "train.batch_size=32", "train.lr=5e-3",
-        "train.warmup_steps=10", "train.max_steps=150", "train.log_every=10", "train.eval_every=50",
-        "train.sample_chars=60", "train.max_failures=0",
-    ])
+    cfg = load_config(
+        None,
+        [
+            f"data.seq_len={seq_len}",
+            "data.dedupe=false",
+            "data.shuffle_buffer=256",
+            "model.embed_dim=32",
+            "model.hidden_size=128",
+            "model.num_layers=1",
+            "model.dropout=0.0",
+            "train.num_workers=2",
+            "train.cpus_per_worker=0.5",
+            "train.batch_size=32",
+            "train.lr=5e-3",
+            "train.warmup_steps=10",
+            "train.max_steps=150",
+            "train.log_every=10",
+            "train.eval_every=50",
+            "train.sample_chars=60",
+            "train.max_failures=0",
+        ],
+    )
     cfg.data.sources = list(sources or [])
     for k, v in train.items():
         setattr(cfg.train, k, v)
