@@ -156,14 +156,13 @@ def read_meta(path: str | Path, verify: bool = True) -> dict[str, Any]:
                 raise CheckpointError(f"{f}: missing file listed in {META}")
             if _sha256(f) != digest:
                 raise CheckpointError(f"{f}: checksum mismatch (corrupt or modified checkpoint)")
-    meta["_path"] = str(path)
     return meta
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> LoadedCheckpoint:
     """Load weights, vocab and config of a checkpoint (or a run's best) into a model in eval mode."""
-    meta = read_meta(path)
-    ckpt = Path(meta["_path"])
+    ckpt = resolve_checkpoint(path)
+    meta = read_meta(ckpt)
     config = Config.from_dict(meta["config"])
     vocab = CharVocab.load(ckpt / VOCAB)
     if vocab.fingerprint() != meta.get("vocab_fingerprint"):
@@ -189,7 +188,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 def load_training_state(path: str | Path) -> dict[str, Any]:
     """Optimizer and scheduler state for resuming (tensors and plain containers only)."""
-    ckpt = Path(read_meta(path, verify=False)["_path"])
+    ckpt = resolve_checkpoint(path)
+    read_meta(ckpt, verify=False)  # a clear error when this is no checkpoint
     f = ckpt / OPTIMIZER
     if not f.exists():
         raise CheckpointError(f"{f}: checkpoint has no optimizer state to resume from")

@@ -52,7 +52,7 @@ EOR = "\n"  # end-of-review marker; also the context the first char of every rev
 
 def _ppmd(order: int, mem_mib: int) -> Callable[[bytes], bytes]:
     def compress(data: bytes) -> bytes:
-        import pyppmd  # optional dependency (dev extra): imported only when a PPMd figure is asked for
+        import pyppmd  # a runtime dependency, imported only when a PPMd figure is asked for
 
         return pyppmd.compress(data, max_order=order, mem_size=mem_mib << 20, variant="H")
 

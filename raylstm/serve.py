@@ -46,6 +46,7 @@ from ray import serve
 from raylstm import storage as store
 from raylstm.checkpoint import BEST, META, CheckpointError, resolve_checkpoint
 from raylstm.config import Config, ServeConfig, load_config
+from raylstm.ray_env import serve_http_address
 from raylstm.sample import MAX_SEED, Engine, Event, Job, SampleParams, Sampler
 
 log = logging.getLogger("ray.serve")
@@ -630,13 +631,7 @@ def start_server(
     cfg.port = port if port is not None else cfg.port
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     serve.run(build_app(source, cfg, follow=follow, token=token), name=name, route_prefix="/", blocking=False)
-    try:
-        from ray.serve.context import _get_global_client
-
-        http = _get_global_client().http_config  # what Serve really listens on (an earlier start wins)
-        cfg.host, cfg.port = http.host, http.port
-    except (ImportError, AttributeError) as e:
-        log.debug("could not read Serve's HTTP config: %s", e)
+    cfg.host, cfg.port = serve_http_address(cfg.host, cfg.port)  # an earlier serve.start wins
     url = f"http://{'127.0.0.1' if cfg.host in ('0.0.0.0', '::') else cfg.host}:{cfg.port}"
     _wait_healthy(url)
     return ServerHandle(url=url, name=name)

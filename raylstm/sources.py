@@ -598,19 +598,13 @@ def _parquet_rows(batch: pa.Table, text_column: str) -> pa.Table:
 
 
 def read_parquet(paths, **kwargs):
-    """ray.data.read_parquet through Ray's v1 Parquet datasource. The v2 default in Ray 2.60 adds a
-    file-listing stage that measured 3-7 s per read of a one-file split here, vs ~0.1 s for v1; the
-    flag is read when the read is created, so it is set only around this call."""
+    """ray.data.read_parquet through the v1 datasource (`ray_env.v1_parquet_reader`)."""
     import ray
-    from ray.data.context import DataContext
 
-    ctx = DataContext.get_current()
-    old = ctx.use_datasource_v2
-    ctx.use_datasource_v2 = False
-    try:
+    from raylstm.ray_env import v1_parquet_reader
+
+    with v1_parquet_reader():
         return ray.data.read_parquet(paths, **kwargs)
-    finally:
-        ctx.use_datasource_v2 = old
 
 
 # --- entry point ---------------------------------------------------------------------------------------

@@ -11,7 +11,6 @@ from __future__ import annotations
 import html
 import re
 import unicodedata
-from dataclasses import dataclass
 
 # <br>, <br/>, <br />, <p>, </p>, <div ...>: block-ish tags become a space so words don't fuse.
 _TAG_RE = re.compile(r"</?[A-Za-z][A-Za-z0-9]*(?:\s[^<>]*)?/?>")
@@ -68,19 +67,6 @@ def fold_ascii(text: str) -> str:
         return text
     decomposed = unicodedata.normalize("NFKD", text)
     return decomposed.encode("ascii", "ignore").decode("ascii")
-
-
-@dataclass(frozen=True)
-class CleanOptions:
-    """The cleaning switches of `DataConfig`, as a small picklable value for Ray tasks."""
-
-    lowercase: bool = False
-    ascii_only: bool = False
-    min_chars: int = 0
-
-    @classmethod
-    def from_config(cls, cfg) -> CleanOptions:
-        return cls(lowercase=cfg.lowercase, ascii_only=cfg.ascii_only, min_chars=cfg.min_chars)
 
 
 def clean_text(text: str, lowercase: bool = False, ascii_only: bool = False) -> str:

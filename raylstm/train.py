@@ -29,6 +29,7 @@ from ray.train.torch import TorchTrainer
 from raylstm import storage as store
 from raylstm.checkpoint import BEST, load_checkpoint, write_best
 from raylstm.config import Config
+from raylstm.ray_env import quiet_dataset
 from raylstm.train_loop import SAMPLES_FILE, generate_samples, train_loop_per_worker
 from raylstm.vocab import CharVocab
 
@@ -174,10 +175,7 @@ def fit_windows(
     if cfg.data.materialize:
         train_ds, val_ds = train_ds.materialize(), val_ds.materialize()
     for ds in (train_ds, val_ds):
-        # Each epoch and each evaluation is a new execution of these datasets: without this, Ray Data
-        # prints its execution plan to the console every time (100 times in a demo run).
-        ds.context.print_on_execution_start = False
-        ds.context.enable_progress_bars = False
+        quiet_dataset(ds)  # each epoch and each evaluation is a new execution
     n_val = val_ds.count()
     if n_val == 0:
         raise ValueError(

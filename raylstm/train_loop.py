@@ -26,7 +26,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Iterable, Sequence
@@ -40,13 +39,10 @@ from torch import nn
 from raylstm.checkpoint import load_checkpoint, load_training_state, save_checkpoint
 from raylstm.config import Config, TrainConfig
 from raylstm.model import CharLSTM, build_model, unwrap
+from raylstm.ray_env import MIN_REPORT_INTERVAL_S, console_print
 from raylstm.vocab import CharVocab
 
 LN2 = math.log(2.0)
-# Ray Train's controller takes one report off each worker's queue (of size 1) per health-check interval
-# (2 s by default): reporting faster than that blocks training in ray.train.report. Metrics reports are
-# therefore sent at most this often (and asynchronously); the interval's averages still cover every step.
-MIN_REPORT_INTERVAL_S = float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2.0"))
 SAMPLES_FILE = "samples.json"  # written into each checkpoint dir next to the checkpoint's own files
 
 
@@ -269,7 +265,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     first_step = step + 1  # the first update this attempt makes: checkpoint step + 1 after a restart
     if rank == 0:
         how = f"resumed from checkpoint step {step}" if restored is not None else "fresh start"
-        _say(
+        console_print(
             f"[raylstm] {world} worker(s) on {device}, {unwrap(model).num_parameters():,} parameters, "
             f"{how}; training to step {total_steps}"
         )
@@ -418,21 +414,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         report(with_eval=True)
 
 
-def _say(message: str) -> None:
-    """One console line from rank 0. Straight to the process's stdout: Ray Train's patched print() would
-    both tee it and log it, so every line would show twice on the driver."""
-    print(message, file=sys.__stdout__, flush=True)
-
-
 def _print_progress(m: dict[str, Any], total_steps: int) -> None:
     parts = [f"step {m['step']}/{total_steps}", f"ep {m['epoch']}", f"loss {m['train_loss']:.3f}"]
     if "val_bpc" in m:
         parts.append(f"val {m['val_loss']:.3f} ({m['val_bpc']:.3f} bpc)")
     parts += [f"lr {m['lr']:.2e}", f"{m['chars_per_s'] / 1000:.1f}k chars/s/worker x{m['world_size']}"]
-    _say("[raylstm] " + " | ".join(parts))
+    console_print("[raylstm] " + " | ".join(parts))
 
 
 def _print_samples(step: int, prime: str, samples: dict[str, str]) -> None:
     for t, text in samples.items():
         snippet = (prime + text).replace("\n", " / ")[:160]
-        _say(f"[raylstm] sample step {step} T={t}: {snippet}")
+        console_print(f"[raylstm] sample step {step} T={t}: {snippet}")
