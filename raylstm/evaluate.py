@@ -43,7 +43,9 @@ from typing import Any
 
 import numpy as np
 
-EOR = "\n"  # end-of-review marker; also the context the first char of every review is predicted from
+from raylstm.text import (
+    EOR,
+)  # the end-of-review marker; also the context each review's first char is predicted from
 
 # ---------------------------------------------------------------------------------------------------------
 # Compressor baselines
