@@ -28,7 +28,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +38,9 @@ from torch import nn
 
 from raylstm.checkpoint import load_checkpoint, load_training_state, save_checkpoint
 from raylstm.config import Config, TrainConfig
-from raylstm.model import CharLSTM, build_model, unwrap
+from raylstm.model import build_model, unwrap
 from raylstm.ray_env import MIN_REPORT_INTERVAL_S, console_print
+from raylstm.sample import training_samples
 from raylstm.vocab import CharVocab
 
 LN2 = math.log(2.0)
@@ -159,52 +160,6 @@ def check_loss(loss: float, step: int, max_loss: float) -> None:
         )
 
 
-# --- sampling -------------------------------------------------------------------------------------------
-@torch.no_grad()
-def generate_samples(
-    model: CharLSTM,
-    vocab: CharVocab,
-    prime: str,
-    n_chars: int,
-    temperatures: Sequence[float],
-    seed: int = 0,
-    window: int | None = None,
-) -> dict[str, str]:
-    """One sample per temperature, generated together as a batch; {"0.5": text, ...} (text excludes prime).
-
-    Full-mode models carry the LSTM state from character to character. The seed model was trained on
-    fixed `window`-char contexts from a zero state, so (like the original project) it re-reads the last
-    `window` characters for every new one. Temperature 0 means argmax. The unknown id is never produced.
-    """
-    model = unwrap(model)
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    prime = prime or "\n"
-    temps = torch.tensor([float(t) for t in temperatures], device=device).unsqueeze(1)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    ids = torch.as_tensor(vocab.encode(prime), dtype=torch.long, device=device).unsqueeze(0)
-    ids = ids.repeat(len(temperatures), 1)
-    context = ids[:, -window:] if window else ids
-    logits, state = model(context)
-    out: list[torch.Tensor] = []
-    for _ in range(n_chars):
-        last = logits[:, -1].float()
-        last[:, vocab.unk_id] = -math.inf
-        probs = torch.softmax(last / temps.clamp_min(1e-6), dim=-1)
-        nxt = torch.multinomial(probs, 1, generator=gen)
-        nxt = torch.where(temps > 0, nxt, last.argmax(dim=-1, keepdim=True))
-        out.append(nxt)
-        if window:
-            context = torch.cat([context, nxt], dim=1)[:, -window:]
-            logits, _ = model(context)
-        else:
-            logits, state = model(nxt, state)
-    model.train(was_training)
-    gen_ids = torch.cat(out, dim=1).tolist() if out else [[] for _ in temperatures]
-    return {f"{t:g}": vocab.decode(row) for t, row in zip(temperatures, gen_ids)}
-
-
 # --- the worker loop ------------------------------------------------------------------------------------
 def _restore(model: nn.Module, checkpoint: Any, vocab: CharVocab) -> tuple[dict[str, Any], dict[str, Any]]:
     """Load weights from a Ray checkpoint into `model`; return (meta-ish dict, optimizer/scheduler state)."""
@@ -272,7 +227,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     train_shard = ray.train.get_dataset_shard("train")
     val_iter = ray.train.get_dataset_shard("val")
-    seed_window = cfg.data.seed_context if mode == "seed" else None
 
     # Interval accumulators (reset at every report).
     loss_acc, loss_n, chars_acc, preds_acc = 0.0, 0, 0, 0
@@ -317,16 +271,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             )
             metrics.update(val_loss=val_loss, val_bpc=val_loss / LN2, val_count=val_count)
             if rank == 0:
-                samples = {}
+                # raylstm.sample's one sampler: `raylstm sample --seed <sample_seed>` on this checkpoint
+                # (same prime, temperatures, length) prints exactly these samples.
+                prime, samples, sample_seed = tcfg.sample_prime, {}, tcfg.seed + step
                 if tcfg.sample_every_eval and tcfg.sample_chars > 0:
-                    samples = generate_samples(
-                        model,
-                        vocab,
-                        tcfg.sample_prime,
-                        tcfg.sample_chars,
-                        tcfg.temperatures,
-                        seed=tcfg.seed + step,
-                        window=seed_window,
+                    prime, samples = training_samples(
+                        model, vocab, cfg.data, prime, tcfg.sample_chars, tcfg.temperatures, sample_seed
                     )
                 tmp = Path(tempfile.mkdtemp(prefix="raylstm-ckpt-"))
                 path = save_checkpoint(
@@ -342,10 +292,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     data_position={"epoch": epoch, "batch_in_epoch": batch_in_epoch, "world_size": world},
                 )
                 (path / SAMPLES_FILE).write_text(
-                    json.dumps({"step": step, "prime": tcfg.sample_prime, "samples": samples}, indent=1)
+                    json.dumps(
+                        {"step": step, "prime": prime, "seed": sample_seed, "samples": samples}, indent=1
+                    )
                 )
                 checkpoint = ray.train.Checkpoint.from_directory(str(path))
-                _print_samples(step, tcfg.sample_prime, samples)
+                _print_samples(step, prime, sample_seed, samples)
             last_ckpt_step = step
             paused += time.perf_counter() - t0
         if rank == 0:
@@ -422,7 +374,7 @@ def _print_progress(m: dict[str, Any], total_steps: int) -> None:
     console_print("[raylstm] " + " | ".join(parts))
 
 
-def _print_samples(step: int, prime: str, samples: dict[str, str]) -> None:
+def _print_samples(step: int, prime: str, seed: int, samples: dict[str, str]) -> None:
     for t, text in samples.items():
         snippet = (prime + text).replace("\n", " / ")[:160]
-        console_print(f"[raylstm] sample step {step} T={t}: {snippet}")
+        console_print(f"[raylstm] sample step {step} T={t} seed {seed}: {snippet}")
