@@ -229,7 +229,12 @@ def _serve_parser(p: argparse.ArgumentParser) -> Command:
 # --- evaluate ------------------------------------------------------------------------------------------
 def _evaluate_parser(p: argparse.ArgumentParser) -> Command:
     p.add_argument("--checkpoint", required=True, help="a run dir (uses best.json) or a checkpoint dir")
-    p.add_argument("--data", nargs="*", default=None, help="review sources or a prepared dir")
+    p.add_argument(
+        "--data",
+        nargs="*",
+        default=None,
+        help="review sources or a `raylstm prepare` dir (default: the data the checkpoint was trained on)",
+    )
     p.add_argument(
         "--split",
         default="test",
@@ -247,9 +252,17 @@ def _evaluate_parser(p: argparse.ArgumentParser) -> Command:
     )
 
     def run(args: argparse.Namespace) -> int:
-        from raylstm.evaluate import run_evaluate_cli
+        from raylstm.checkpoint import load_checkpoint
+        from raylstm.evaluate import evaluate, format_table, write_json
+        from raylstm.ray_env import ensure_ray
 
-        return run_evaluate_cli(args)
+        checkpoint = load_checkpoint(args.checkpoint)  # a bad path fails here, before Ray starts
+        ensure_ray(args.address)
+        result = evaluate(checkpoint, split=args.split, sources=args.data, compressors=not args.no_baselines)
+        print(format_table(result))
+        if args.json_out:
+            print(f"wrote {write_json(result, args.json_out)}")
+        return 0
 
     return run
 

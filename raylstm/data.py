@@ -37,13 +37,16 @@ from raylstm.vocab import CharVocab
 DEMO_CORPUS = Path(__file__).resolve().parent / "demo" / "reviews_demo.json.gz"
 SPLITS = ("train", "val", "test")
 EOR = "\n"  # end-of-review marker in the training stream; cleaning never leaves one inside a review
-OUT_COLUMNS = ["text", "key", "rating"]
+# Columns of the split datasets and the prepared shards. `source` (the file a review came from) is kept
+# so per-file figures are a group-by over a split already read (raylstm.evaluate), never a re-read.
+OUT_COLUMNS = ["text", "key", "rating", "source"]
 BATCH_ROWS = 4096  # large batches: on 2 cores, per-task overhead dominates small ones
 
 
 @dataclass
 class ReviewSplits:
-    train: ray.data.Dataset  # rows {"text": str, "key": str, "rating": float|None}: cleaned review text
+    # rows {"text": str, "key": str, "rating": float|None, "source": str (the file)}: cleaned review text
+    train: ray.data.Dataset
     val: ray.data.Dataset
     test: ray.data.Dataset
     vocab: CharVocab  # from the train split's aggregated char counts (cfg.min_char_count), "\n" included
@@ -111,13 +114,19 @@ def _dedupe_candidates(batch: pa.Table) -> pa.Table:
 
 def _dedupe_winners(batch: pa.Table) -> pa.Table:
     texts = batch.column("text")
-    keys, ratings = [], []
+    keys, sources, ratings = [], [], []
     for w in batch.column(batch.column_names[1]).to_pylist():
-        key, _source, _row, rating = w.rsplit(_SEP, 3)  # split from the right: a key may hold anything
+        key, source, _row, rating = w.rsplit(_SEP, 3)  # split from the right: a key may hold anything
         keys.append(key)
+        sources.append(source)
         ratings.append(float(rating) if rating else None)
     return pa.table(
-        {"text": texts, "key": pa.array(keys, pa.string()), "rating": pa.array(ratings, pa.float64())}
+        {
+            "text": texts,
+            "key": pa.array(keys, pa.string()),
+            "rating": pa.array(ratings, pa.float64()),
+            "source": pa.array(sources, pa.string()),
+        }
     )
 
 
@@ -229,6 +238,7 @@ def _load_prepared(root: str) -> ReviewSplits:
                     "text": pa.array([], pa.string()),
                     "key": pa.array([], pa.string()),
                     "rating": pa.array([], pa.float64()),
+                    "source": pa.array([], pa.string()),
                 }
             )
             parts[split] = ray.data.from_arrow(empty)

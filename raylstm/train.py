@@ -40,6 +40,15 @@ SAMPLES_LOG = "samples.jsonl"
 CURVE_FILE = "learning_curve.png"
 SAMPLES_TXT = "samples.txt"
 CONFIG_FILE = "config.json"
+# metrics.jsonl field -> TensorBoard tag (plus train/bpc = train_loss / ln 2, beside val/bpc).
+TENSORBOARD_TAGS = {
+    "train_loss": "train/loss",
+    "val_loss": "val/loss",
+    "val_bpc": "val/bpc",
+    "lr": "train/lr",
+    "chars_per_s_total": "throughput/chars_per_s",
+    "preds_per_s_total": "throughput/preds_per_s",
+}
 
 
 @dataclass
@@ -77,13 +86,30 @@ class RunLog(UserCallback):
     """Runs on the Train controller (the driver's node) after every report of all workers.
 
     Appends one JSON line per report to metrics.jsonl (rank 0's metrics plus the total chars/s of all
-    workers), copies each checkpoint's samples to samples.jsonl, and keeps best.json pointing at the best
+    workers), writes the same scalars as TensorBoard event files beside it (`tensorboard --logdir runs/`),
+    copies each checkpoint's samples to samples.jsonl, and keeps best.json pointing at the best
     checkpoint so far, so a server can follow the run while it trains.
     """
 
     def __init__(self, run_dir: str, run_uri: str | None = None) -> None:
         self.run_dir = run_dir
         self.run_uri = run_uri
+        self._writer: Any = None  # SummaryWriter, opened on the controller (it does not pickle)
+
+    def _tensorboard(self, line: dict[str, Any]) -> None:
+        """The report's scalars, at its step, in the run dir's TensorBoard event file (flushed now, so
+        TensorBoard shows a run while it trains; a continued run adds a new event file beside the old)."""
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(log_dir=self.run_dir)
+        scalars = {tag: line.get(name) for name, tag in TENSORBOARD_TAGS.items()}
+        if isinstance(line.get("train_loss"), float):
+            scalars["train/bpc"] = line["train_loss"] / math.log(2)
+        for tag, value in scalars.items():
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                self._writer.add_scalar(tag, value, int(line["step"]), walltime=line["time"])
+        self._writer.flush()
 
     def _best_so_far(self) -> float:
         best = Path(self.run_dir) / BEST
@@ -114,6 +140,7 @@ class RunLog(UserCallback):
                     store.write_bytes(store.join(self.run_uri, BEST), best.read_bytes())
         with open(run_dir / METRICS_FILE, "a") as f:
             f.write(json.dumps(_plain(line)) + "\n")
+        self._tensorboard(_plain(line))
 
 
 def _plain(d: dict[str, Any]) -> dict[str, Any]:
