@@ -295,3 +295,215 @@ def best_single_unit(
         negative_mean=float(neg[:, j].mean()),
         train_accuracy=float(acc[j]),
     )
+
+
+# --- the labelled sets, the probe and the held-out rating figures ------------------------------------------
+@dataclass
+class LabelledSet:
+    """Reviews with a binary sentiment label (1 positive, 0 negative), split into train and held-out."""
+
+    name: str
+    train_texts: list[str]
+    train_labels: list[int]
+    test_texts: list[str]
+    test_labels: list[int]
+
+
+BLITZER_GLOB = "sorted_data_acl/*/*.review.gz"
+CELLS_FILE = "amazon_cells_labelled.txt"
+CELLS_TEST_FRACTION = 0.3  # of the 1,000 sentences: 300 held out
+
+
+def labelled_sets(amazon_dir: str | Path, data: Any) -> list[LabelledSet]:
+    """The labelled sentiment sets of ../shared/data/amazon, cleaned as `data` (a DataConfig) cleans:
+
+    blitzer       the 8,000 Blitzer reviews, rating 4-5 positive, 1-2 negative; split by `data`'s stable
+                  hash of the review key, so its held-out part is the held-out part of a model trained on
+                  them with the same fractions (the probe never sees a review the model trained on);
+    amazon_cells  the 1,000 UCI sentences (label 0/1), 30% held out by a stable hash of the sentence.
+    Blitzer needs Ray (raylstm.data.load_splits); the caller starts it."""
+    import dataclasses
+
+    from raylstm.data import load_splits, split_of
+    from raylstm.text import clean_text
+
+    root = Path(amazon_dir)
+    out = []
+    cfg = dataclasses.replace(data, sources=[str(root / BLITZER_GLOB)], format="auto", categories={})
+    splits = load_splits(cfg)
+
+    def rows(ds: Any) -> tuple[list[str], list[int]]:
+        got = sorted(ds.select_columns(["key", "text", "rating"]).take_all(), key=lambda r: r["key"])
+        got = [r for r in got if r["rating"] is not None and r["rating"] != 3]
+        return [r["text"] for r in got], [int(r["rating"] >= 4) for r in got]
+
+    tr, te = rows(splits.train), rows(splits.test)
+    out.append(LabelledSet("blitzer", tr[0], tr[1], te[0], te[1]))
+    path = root / CELLS_FILE
+    sets: dict[str, tuple[list[str], list[int]]] = {"train": ([], []), "test": ([], [])}
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        sentence, sep, label = line.rpartition("\t")
+        if not sep or label.strip() not in ("0", "1"):
+            raise ValueError(f"{path}:{lineno}: expected 'sentence<TAB>0|1', got {line[:60]!r}")
+        text = clean_text(sentence, data.lowercase, data.ascii_only)
+        part = "test" if split_of(sentence, 0.0, CELLS_TEST_FRACTION) == "test" else "train"
+        sets[part][0].append(text)
+        sets[part][1].append(int(label))
+    out.append(LabelledSet("amazon_cells", *sets["train"], *sets["test"]))
+    return out
+
+
+def _accuracy(pred: Sequence[Any], truth: Sequence[Any]) -> float:
+    return float(np.mean([p == t for p, t in zip(pred, truth)])) if truth else float("nan")
+
+
+def sentiment_report(
+    checkpoint: Any, sets: Sequence[LabelledSet], device: str = "cpu"
+) -> tuple[dict[str, Any], SentimentUnit]:
+    """Per labelled set: the linear probe on the final state, the single sentiment unit (found on the
+    first set's training part) and TF-IDF + LR, each fit on the set's training part and scored on its
+    held-out part. Returns {"unit": SentimentUnit dict, "sets": {name: figures}} and the unit."""
+    model, vocab = checkpoint.model, checkpoint.vocab
+    H, L = model.cfg.hidden_size, model.cfg.num_layers
+    feats = {
+        s.name: (review_states(model, vocab, s.train_texts, device=device),
+                 review_states(model, vocab, s.test_texts, device=device))
+        for s in sets
+    }  # fmt: skip
+    first = sets[0]
+    unit = best_single_unit(feats[first.name][0], first.train_labels, H, L)
+    unit.test_accuracy = _accuracy(unit.predict(feats[first.name][1]).tolist(), first.test_labels)
+    report: dict[str, Any] = {"unit_found_on": first.name, "sets": {}}
+    for s in sets:
+        f_train, f_test = feats[s.name]
+        probe = fit_probe(f_train, s.train_labels)
+        tfidf = tfidf_classifier(s.train_texts, s.train_labels)
+        own = best_single_unit(f_train, s.train_labels, H, L)
+        report["sets"][s.name] = {
+            "train": len(s.train_labels),
+            "test": len(s.test_labels),
+            "test_positive_share": float(np.mean(s.test_labels)),
+            "probe_accuracy": _accuracy(probe.predict(f_test).tolist(), s.test_labels),
+            "unit_accuracy": _accuracy(unit.predict(f_test).tolist(), s.test_labels),
+            "own_unit": {
+                "index": own.index,
+                "accuracy": _accuracy(own.predict(f_test).tolist(), s.test_labels),
+            },
+            "tfidf_accuracy": _accuracy(tfidf.predict(s.test_texts).tolist(), s.test_labels),
+        }
+    report["unit"] = unit.to_dict()
+    return report, unit
+
+
+def rating_metrics(pred: Sequence[str], truth: Sequence[str]) -> dict[str, float]:
+    """Accuracy and macro-F1 over the labels that occur in `truth`."""
+    from sklearn.metrics import f1_score
+
+    labels = sorted(set(truth))
+    return {
+        "accuracy": _accuracy(pred, truth),
+        "macro_f1": float(f1_score(truth, pred, labels=labels, average="macro", zero_division=0)),
+        "n": len(truth),
+    }
+
+
+def binary_of(rating: str) -> str | None:
+    """Positive (4-5) / negative (1-2); 3 stars are neither."""
+    return {"1": "negative", "2": "negative", "4": "positive", "5": "positive"}.get(rating)
+
+
+def heldout_rating_report(
+    checkpoint: Any,
+    train: Sequence[tuple[str, str, str | None]],
+    test: Sequence[tuple[str, str, str | None]],
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """Rating by Bayes' rule (the review's category known) beside the majority class and TF-IDF + LR fit
+    on `train`, on `test`: (text, rating "1".."5", category) rows. 5-way, and positive (4-5) vs negative
+    (1-2) over the rows that are either (Bayes: P(4)+P(5) vs P(1)+P(2); TF-IDF + LR: a binary model)."""
+    texts = [t for t, _, _ in test]
+    truth = [r for _, r, _ in test]
+    post = posterior(
+        checkpoint.model, checkpoint.vocab, checkpoint.conditions, texts, "rating",
+        {"category": [c for _, _, c in test]}, device,
+    )  # fmt: skip
+    bayes = post.predicted()
+    train_ratings = [r for _, r, _ in train]
+    majority = max(sorted(set(train_ratings)), key=train_ratings.count)
+    tfidf = tfidf_classifier([t for t, _, _ in train], train_ratings).predict(texts).tolist()
+    out: dict[str, Any] = {
+        "five_way": {
+            "bayes": rating_metrics(bayes, truth),
+            "majority": {**rating_metrics([majority] * len(truth), truth), "class": majority},
+            "tfidf_lr": rating_metrics(tfidf, truth),
+        }
+    }
+    idx = [i for i, r in enumerate(truth) if binary_of(r)]
+    btruth = [binary_of(truth[i]) for i in idx]
+    values = post.values
+    pos = post.probs[:, [values.index("4"), values.index("5")]].sum(axis=1)
+    neg = post.probs[:, [values.index("1"), values.index("2")]].sum(axis=1)
+    bbayes = ["positive" if pos[i] >= neg[i] else "negative" for i in idx]
+    btrain = [(t, binary_of(r)) for t, r, _ in train if binary_of(r)]
+    bmajority = max(("negative", "positive"), key=[b for _, b in btrain].count)
+    btfidf = tfidf_classifier([t for t, _ in btrain], [b for _, b in btrain]).predict([texts[i] for i in idx])
+    out["binary"] = {
+        "bayes": rating_metrics(bbayes, btruth),
+        "majority": {**rating_metrics([bmajority] * len(btruth), btruth), "class": bmajority},
+        "tfidf_lr": rating_metrics(btfidf.tolist(), btruth),
+    }
+    out["test_ratings"] = {v: truth.count(v) for v in values}
+    return out
+
+
+def heldout_category_report(
+    checkpoint: Any, train: Sequence[tuple[str, str | None, str]], test: Sequence[tuple[str, str | None, str]]
+) -> dict[str, Any]:
+    """Category by Bayes' rule (summed over ratings) beside the majority category, on (text, rating,
+    category) rows."""
+    texts = [t for t, _, _ in test]
+    truth = [c for _, _, c in test]
+    post = posterior(checkpoint.model, checkpoint.vocab, checkpoint.conditions, texts, "category")
+    cats = [c for _, _, c in train]
+    majority = max(sorted(set(cats)), key=cats.count)
+    return {
+        "bayes": rating_metrics(post.predicted(), truth),
+        "majority": {**rating_metrics([majority] * len(truth), truth), "class": majority},
+        "test_categories": {c: truth.count(c) for c in sorted(set(truth))},
+    }
+
+
+def heldout_report(
+    checkpoint: Any, sources: Sequence[str] | None = None, split: str = "test"
+) -> dict[str, Any]:
+    """`heldout_rating_report` and `heldout_category_report` of a conditioned checkpoint on `split` of its
+    training data (or `sources`), the baselines fit on the training split. Starts no Ray itself: the
+    caller does (raylstm.ray_env.ensure_ray), as for raylstm.evaluate."""
+    import dataclasses
+
+    from raylstm.conditions import rating_value
+    from raylstm.data import load_splits
+    from raylstm.evaluate import split_rows
+
+    if checkpoint.conditions is None:
+        raise ValueError(f"{checkpoint.path}: this model is not conditioned: there is no rating to read back")
+    cfg = checkpoint.config.data
+    if sources:
+        cfg = dataclasses.replace(cfg, sources=list(sources))
+    splits = load_splits(cfg)
+
+    def rows(ds: Any) -> list[tuple[str, str | None, str | None]]:
+        return [(r[1], rating_value(r[3]), r[4]) for r in split_rows(ds, ("rating", "category"))]
+
+    train, test = rows(splits.train), rows(getattr(splits, split))
+    out: dict[str, Any] = {"split": split, "sources": list(cfg.sources)}
+    if "rating" in checkpoint.conditions.fields:
+        out["rating"] = heldout_rating_report(
+            checkpoint, [r for r in train if r[1]], [r for r in test if r[1]]
+        )
+    if "category" in checkpoint.conditions.fields:
+        known = [r for r in test if r[2] in checkpoint.conditions.ids["category"]]
+        out["category"] = heldout_category_report(checkpoint, train, known)
+    return out
