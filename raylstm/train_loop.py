@@ -264,13 +264,13 @@ class Worker:
 
     cfg: Config
     vocab: CharVocab
-    conditions: ConditionVocab | None  # a conditioned model's condition vocabulary
     total_steps: int
     steps_per_epoch: int | None  # None when the driver did not count the windows (streamed data)
     val_kind: str  # "reviews" (score whole reviews) or "windows" (seed mode)
     rank: int
     world: int
     device: torch.device
+    conditions: ConditionVocab | None = None  # a conditioned model's condition vocabulary
 
     @classmethod
     def from_loop_config(cls, loop_config: dict[str, Any]) -> Worker:
