@@ -167,3 +167,32 @@ def test_single_unit_search_against_brute_force():
     assert (unit.index, unit.state, unit.unit, unit.layer, unit.sign) == (4, "c", 1, 1, -1)
     assert unit.train_accuracy == pytest.approx(best[0])
     assert np.mean(unit.predict(feats) == y) == pytest.approx(unit.train_accuracy)
+
+
+def test_cli_classify_prints_the_posterior_of_each_review(trained, tmp_path, capsys):
+    """`raylstm classify` is a thin layer: its JSON is the library's posterior for the same reviews."""
+    import json
+
+    from raylstm.checkpoint import save_checkpoint
+    from raylstm.cli import main
+
+    model, vocab, conds = trained
+    cfg = Config()
+    cfg.model = model.cfg
+    path = save_checkpoint(tmp_path / "c", model, vocab, cfg, step=1, conditions=conds)
+    texts = ["The tuner is awful, junk.", "The novel is perfect, great."]
+    assert main(["classify", "--checkpoint", str(path), *texts, "--category", "books"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    post = posterior(model, vocab, conds, texts, "rating", {"category": ["books", "books"]})
+    assert [o["text"] for o in out] == texts
+    for o, p in zip(out, post.as_dicts()):
+        assert o["rating"] == pytest.approx(p)
+    assert max(out[0]["rating"], key=out[0]["rating"].get) == "1"
+    assert max(out[1]["rating"], key=out[1]["rating"].get) == "5"
+    # An unconditioned checkpoint has no rating to read back: a clear error, exit status 2.
+    plain = Config()
+    plain.model.vocab_size, plain.model.hidden_size, plain.model.num_layers = len(vocab), 8, 1
+    torch.manual_seed(0)
+    p2 = save_checkpoint(tmp_path / "u", build_model(plain.model), vocab, plain, step=1)
+    assert main(["classify", "--checkpoint", str(p2), "fine"]) == 2
+    assert "not conditioned" in capsys.readouterr().err
