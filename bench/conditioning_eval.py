@@ -55,6 +55,28 @@ def steered_samples(sampler: Any, strength: float, n: int, seed: int) -> list[st
     return [g[0].text for g in sampler.generate(["\n"] * n, params)]
 
 
+def sampler_takes_conditions() -> bool:
+    """Whether this tree's sampler takes conditions and steering (the serving rewrite lands them)."""
+    from raylstm.sample import SampleParams
+
+    return {"conditions", "steer_sentiment"} <= set(SampleParams.__dataclass_fields__)
+
+
+def probe_figures(figures: dict[str, Any], plain_ckpt: Any, cond_ckpt: Any, base: Path, quick: bool) -> None:
+    """The probe and the sentiment unit, on both models (each read without conditions)."""
+    from raylstm.classify import labelled_sets, sentiment_report
+
+    sets = labelled_sets(AMAZON, plain_ckpt.config.data)
+    if quick:
+        for s in sets:
+            s.train_texts, s.train_labels = s.train_texts[::8], s.train_labels[::8]
+    figures["probe"] = {}
+    for name, ckpt in (("unconditioned", plain_ckpt), ("conditioned", cond_ckpt)):
+        report, unit = sentiment_report(ckpt, sets)
+        figures["probe"][name] = report
+        report["unit_file"] = str(unit.save(base / f"sentiment-unit-{name}.json"))
+
+
 def eval_stage(out_dir: Path, quick: bool = False) -> dict[str, Any]:
     import torch
 
@@ -63,8 +85,6 @@ def eval_stage(out_dir: Path, quick: bool = False) -> dict[str, Any]:
         binary_of,
         heldout_category_report,
         heldout_rating_report,
-        labelled_sets,
-        sentiment_report,
         tfidf_classifier,
     )
     from raylstm.data import load_splits
@@ -94,6 +114,11 @@ def eval_stage(out_dir: Path, quick: bool = False) -> dict[str, Any]:
     # The independent judge: TF-IDF + LR, positive (4-5) vs negative (1-2), fit on real training reviews.
     judged = [(t, binary_of(r)) for t, r, _ in rated_train if binary_of(r)]
     judge = tfidf_classifier([t for t, _ in judged], [b for _, b in judged], balanced=True)
+    probe_figures(figures, plain_ckpt, cond_ckpt, base, quick)
+    if not sampler_takes_conditions():
+        figures["eval_s"] = time.perf_counter() - t0
+        (base / "figures.json").write_text(json.dumps(figures, indent=2))
+        return figures
     sampler = Sampler.load(cond_ckpt)
     categories = list(cond_ckpt.conditions.values["category"])
     n = 20 if quick else SAMPLES_PER_RATING
@@ -119,17 +144,6 @@ def eval_stage(out_dir: Path, quick: bool = False) -> dict[str, Any]:
         str(r): conditioned_samples(sampler, r, [SHOW_CATEGORY], 3, seed=77) for r in (1, 3, 5)
     }
 
-    # The probe and the sentiment unit, on both models (each read without conditions).
-    sets = labelled_sets(AMAZON, plain_ckpt.config.data)
-    if quick:
-        for s in sets:
-            s.train_texts, s.train_labels = s.train_texts[::8], s.train_labels[::8]
-    figures["probe"] = {}
-    for name, ckpt in (("unconditioned", plain_ckpt), ("conditioned", cond_ckpt)):
-        report, unit = sentiment_report(ckpt, sets)
-        figures["probe"][name] = report
-        unit_path = unit.save(base / f"sentiment-unit-{name}.json")
-        report["unit_file"] = str(unit_path)
     steer = Sampler.load(plain_ckpt, sentiment_unit=base / "sentiment-unit-unconditioned.json")
     figures["steering"] = {}
     for strength, want in ((1.0, "positive"), (-1.0, "negative")):
@@ -158,7 +172,7 @@ def _pct(x: float) -> str:
 def to_markdown(f: dict[str, Any], command: str) -> str:
     runs = f["runs"]
     c, u = runs["conditioned"], runs["unconditioned"]
-    sj = f["samples_judged"]
+    sj = f.get("samples_judged")
     lines = [
         "## Conditioning: a review of a given rating and category, and the rating read back",
         "",
@@ -181,20 +195,26 @@ def to_markdown(f: dict[str, Any], command: str) -> str:
         f"Held-out bpc difference (conditioned - unconditioned): **{d:+.4f}** on {c['test_chars']:,} "
         f"chars of {c['test_reviews']:,} test reviews (the conditioned model reads each with its own rating "
         f"and category; target: no worse than +0.02).",
-        "",
-        f"### Generated reviews obey the condition ({sj['by_rating']['1']['n']} per rating, T = "
-        f"{sj['temperature']}, one review each, categories in turn)",
-        "",
-        f"Judge: TF-IDF (word 1-2-grams) + logistic regression, class-balanced, fit on the "
-        f"{sj['judge_train_reviews']:,} real training reviews rated 1-2 or 4-5 (none generated).",
-        "",
-        "| condition | judged as conditioned | mean length |",
-        "|---|---:|---:|",
     ]
-    for r, s in sj["by_rating"].items():
-        lines.append(
-            f"| {r} star(s) -> {s['want']} | **{_pct(s['share_as_conditioned'])}** | {s['mean_chars']:.0f} chars |"
-        )
+    if sj:
+        lines += [
+            "",
+            f"### Generated reviews obey the condition ({sj['by_rating']['1']['n']} per rating, T = "
+            f"{sj['temperature']}, one review each, categories in turn)",
+            "",
+            f"Judge: TF-IDF (word 1-2-grams) + logistic regression, class-balanced, fit on the "
+            f"{sj['judge_train_reviews']:,} real training reviews rated 1-2 or 4-5 (none generated).",
+            "",
+            "| condition | judged as conditioned | mean length |",
+            "|---|---:|---:|",
+        ]
+        for r, s in sj["by_rating"].items():
+            lines.append(
+                f"| {r} star(s) -> {s['want']} | **{_pct(s['share_as_conditioned'])}** | "
+                f"{s['mean_chars']:.0f} chars |"
+            )
+    else:
+        lines += ["", "Conditioned samples: not measured (this tree's sampler takes no conditions yet)."]
     lines += ["", "### Held-out rating by Bayes' rule (the review's category known)", ""]
     for key, title in (("five_way", "5-way (1-5 stars)"), ("binary", "positive (4-5) vs negative (1-2)")):
         rr = f["rating"][key]
@@ -231,19 +251,21 @@ def to_markdown(f: dict[str, Any], command: str) -> str:
                 f"{_pct(s['unit_accuracy'])} | {_pct(s['tfidf_accuracy'])} |"
             )
     unit = f["probe"]["unconditioned"]["unit"]
-    st = f["steering"]
+    st = f.get("steering")
     lines += [
         "",
         f"The unconditioned model's sentiment unit: {unit['state']}[{unit['unit']}] of layer {unit['layer']} "
-        f"(positive mean {unit['positive_mean']:.3f}, negative {unit['negative_mean']:.3f}). Steering it "
-        f"(`raylstm sample --steer-sentiment +1/-1`), {st['+1']['n']} samples each, same judge: +1 -> "
-        f"positive {_pct(st['+1']['share'])}, -1 -> negative {_pct(st['-1']['share'])}; unsteered: "
-        f"{_pct(st['none']['share_positive'])} positive.",
-        "",
-        f"### Samples ({SHOW_CATEGORY}, T = {SAMPLE_TEMPERATURE})",
-        "",
+        f"(positive mean {unit['positive_mean']:.3f}, negative {unit['negative_mean']:.3f}).",
     ]
-    for r, texts in f["shown_samples"].items():
+    if st:
+        lines[-1] += (
+            f" Steering it (`raylstm sample --steer-sentiment +1/-1`), {st['+1']['n']} samples each, same "
+            f"judge: +1 -> positive {_pct(st['+1']['share'])}, -1 -> negative {_pct(st['-1']['share'])}; "
+            f"unsteered: {_pct(st['none']['share_positive'])} positive."
+        )
+    if f.get("shown_samples"):
+        lines += ["", f"### Samples ({SHOW_CATEGORY}, T = {SAMPLE_TEMPERATURE})", ""]
+    for r, texts in f.get("shown_samples", {}).items():
         lines.append(f"{r} star(s):")
         lines.append("")
         lines += [f"> {t}" for t in texts]
