@@ -196,3 +196,33 @@ def test_cli_classify_prints_the_posterior_of_each_review(trained, tmp_path, cap
     p2 = save_checkpoint(tmp_path / "u", build_model(plain.model), vocab, plain, step=1)
     assert main(["classify", "--checkpoint", str(p2), "fine"]) == 2
     assert "not conditioned" in capsys.readouterr().err
+
+
+def test_heldout_rating_report_beside_majority_and_tfidf(trained):
+    """The held-out figures on the test's own rows: Bayes' rule beats the majority class 5-way and
+    binary, and every figure is sklearn's metric of the predictions it names."""
+    from sklearn.metrics import f1_score
+
+    from raylstm.classify import heldout_category_report, heldout_rating_report
+
+    model, vocab, conds = trained
+
+    class Ckpt:  # what the report reads of a LoadedCheckpoint
+        pass
+
+    ck = Ckpt()
+    ck.model, ck.vocab, ck.conditions = model, vocab, conds
+    rows = [(t, str(r), c) for t, r, c in corpus(300, seed=21)]
+    train = rows[:200] + [(t, "5", c) for t, _, c in rows[:100]]  # 100 more rated 5: 5 is the majority
+    test = [(t, str(r), c) for t, r, c in corpus(40, seed=22)]
+    rep = heldout_rating_report(ck, train, test)
+    five, binary = rep["five_way"], rep["binary"]
+    assert five["majority"]["class"] == "5" and five["majority"]["accuracy"] == pytest.approx(0.5)
+    assert five["bayes"]["accuracy"] >= 0.9 > five["majority"]["accuracy"]
+    assert binary["bayes"]["accuracy"] >= 0.9 and binary["majority"]["class"] == "positive"
+    truth = [r for _, r, _ in test]
+    maj_f1 = f1_score(truth, ["5"] * len(truth), labels=["1", "5"], average="macro", zero_division=0)
+    assert five["majority"]["macro_f1"] == pytest.approx(maj_f1)
+    assert rep["test_ratings"] == {"1": 20, "2": 0, "3": 0, "4": 0, "5": 20}
+    cat = heldout_category_report(ck, train, test)
+    assert cat["bayes"]["accuracy"] >= 0.9 and cat["test_categories"] == {"books": 20, "guitars": 20}
