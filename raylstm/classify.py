@@ -507,3 +507,37 @@ def heldout_report(
         known = [r for r in test if r[2] in checkpoint.conditions.ids["category"]]
         out["category"] = heldout_category_report(checkpoint, train, known)
     return out
+
+
+def steered_forward(
+    model: torch.nn.Module,
+    ids: torch.Tensor,
+    state: tuple[torch.Tensor, torch.Tensor] | None,
+    unit: SentimentUnit,
+    values: torch.Tensor,
+    cond: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """The model's forward with the sentiment unit fixed: ids [B, T] (+ state, cond) -> logits [B, T, V],
+    state, where after every step the unit's value in the top layer's h or c is overwritten by values[b]
+    (NaN: row b is not steered). One step at a time, since each step must read the fixed value."""
+    B, T = ids.shape
+    x = model.inputs(ids, cond) if cond is not None else model.inputs(ids)
+    steer = ~torch.isnan(values)
+    v = torch.nan_to_num(values).to(x.dtype)
+    outs = []
+    for t in range(T):
+        out, state = model.lstm(x[:, t : t + 1], state)
+        h, c = state
+        if unit.state == "h":
+            h = h.clone()
+            h[unit.layer, :, unit.unit] = torch.where(steer, v, h[unit.layer, :, unit.unit])
+            out = out.clone()
+            out[:, 0, unit.unit] = h[unit.layer, :, unit.unit]
+        else:
+            c = c.clone()
+            c[unit.layer, :, unit.unit] = torch.where(steer, v, c[unit.layer, :, unit.unit])
+        state = (h, c)
+        outs.append(out)
+    out = torch.cat(outs, dim=1)
+    # As CharLSTM.forward (SeedLSTM applies no dropout before its head).
+    return model.head(out if model.cfg.kind == "seed" else model.drop(out)), state

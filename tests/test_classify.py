@@ -226,3 +226,22 @@ def test_heldout_rating_report_beside_majority_and_tfidf(trained):
     assert rep["test_ratings"] == {"1": 20, "2": 0, "3": 0, "4": 0, "5": 20}
     cat = heldout_category_report(ck, train, test)
     assert cat["bayes"]["accuracy"] >= 0.9 and cat["test_categories"] == {"books": 20, "guitars": 20}
+
+
+def test_steered_forward_fixes_the_unit_and_is_the_plain_forward_for_unsteered_rows(trained):
+    from raylstm.classify import steered_forward
+
+    model, vocab, _ = trained
+    ids = torch.as_tensor(vocab.encode("\nThe capo is great, perfect."), dtype=torch.long)[None].repeat(2, 1)
+    cond = torch.tensor([[5, 1], [5, 1]])
+    with torch.no_grad():
+        plain, (h0, c0) = model(ids, None, cond)
+        for state_kind in ("h", "c"):
+            unit = SentimentUnit(3 if state_kind == "h" else 67, state_kind, 3, 0, 1, 0.0, 1.0, -1.0, 1.0)
+            values = torch.tensor([float("nan"), 2.5])
+            logits, (h, c) = steered_forward(model, ids, None, unit, values, cond)
+            torch.testing.assert_close(logits[0], plain[0], rtol=1e-5, atol=1e-5)  # row 0 not steered
+            torch.testing.assert_close(h[:, 0], h0[:, 0], rtol=1e-5, atol=1e-5)
+            fixed = (h if state_kind == "h" else c)[0, 1, 3]
+            assert fixed.item() == pytest.approx(2.5)
+            assert not torch.allclose(logits[1], plain[1], atol=1e-3)  # the fixed unit changes the text
