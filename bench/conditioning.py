@@ -47,7 +47,7 @@ def out_paths(out_dir: Path) -> tuple[Path, Path]:
 
 
 # --- stage 1: the two training runs ----------------------------------------------------------------------
-def train_one(name: str, out_dir: Path, quick: bool) -> dict[str, Any]:
+def train_one(name: str, out_dir: Path, quick: bool, steps: int | None = None) -> dict[str, Any]:
     """One run in this process (called by `--one-run NAME`): train, then held-out bpc."""
     t0 = time.perf_counter()
     from raylstm.config import load_config
@@ -57,6 +57,8 @@ def train_one(name: str, out_dir: Path, quick: bool) -> dict[str, Any]:
 
     base, runs = out_paths(out_dir)
     overrides = RUNS[name] + (QUICK if quick else [])
+    if steps:  # a shorter pair (development): not the 20-minute figures
+        overrides += [f"train.max_steps={steps}", f"train.eval_every={max(1, steps // 2)}"]
     cfg = load_config(CONFIG, overrides)
     cfg.data.sources = list(SOURCES)
     shutil.rmtree(runs / name, ignore_errors=True)  # a run name that exists would be continued
@@ -84,11 +86,12 @@ def train_one(name: str, out_dir: Path, quick: bool) -> dict[str, Any]:
     return out
 
 
-def train_stage(out_dir: Path, quick: bool) -> dict[str, Any]:
+def train_stage(out_dir: Path, quick: bool, steps: int | None = None) -> dict[str, Any]:
     results = {}
     for name in RUNS:
         cmd = [sys.executable, "-m", "bench.conditioning", "--one-run", name, "--out", str(out_dir)]
         cmd += ["--quick"] if quick else []
+        cmd += ["--steps", str(steps)] if steps else []
         print(f"[conditioning] {' '.join(cmd)}", flush=True)
         subprocess.run(cmd, cwd=ROOT, check=True)
         base, _ = out_paths(out_dir)
@@ -111,14 +114,17 @@ def main() -> None:
     ap.add_argument("--stage", choices=["all", "train", "eval"], default="all")
     ap.add_argument("--quick", action="store_true", help="tiny runs: check the path, not the figures")
     ap.add_argument("--out", default=str(ROOT / "bench" / "out"))
+    ap.add_argument(
+        "--steps", type=int, help="train.max_steps of both runs (a shorter pair, for development)"
+    )
     ap.add_argument("--one-run", choices=list(RUNS), help=argparse.SUPPRESS)
     args = ap.parse_args()
     out = Path(args.out)
     if args.one_run:
-        print(json.dumps(train_one(args.one_run, out, args.quick), indent=2))
+        print(json.dumps(train_one(args.one_run, out, args.quick, args.steps), indent=2))
         return
     if args.stage in ("all", "train"):
-        train_stage(out, args.quick)
+        train_stage(out, args.quick, args.steps)
     if args.stage in ("all", "eval"):
         from bench.conditioning_eval import eval_stage, to_markdown
 
