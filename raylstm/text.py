@@ -40,10 +40,7 @@ _ASCII_PUNCT = str.maketrans(
 
 def strip_html(text: str) -> str:
     """Unescape HTML entities (twice: some files double-escape, `&amp;#34;`) and replace tags by a space."""
-    for _ in range(2):
-        if "&" not in text:
-            break
-        text = html.unescape(text)
+    text = strip_entities(text)
     if "<" in text:
         text = _TAG_RE.sub(" ", text)
     return text
@@ -107,3 +104,76 @@ def reject_reason(text: str, min_chars: int) -> str | None:
     if len(text) < min_chars:
         return "too_short"
     return None
+
+
+# --- whole columns ---------------------------------------------------------------------------------------
+# Cleaning one review at a time in Python was most of `prepare`'s time. `clean_column` gives exactly
+# [clean_text(t) for t in texts] but runs Arrow's vectorised kernels (RE2) on the rows where the chain is
+# plain ASCII work, and clean_text itself only on the rest. RE2's \s is narrower than Python's, so the
+# whitespace Python's \s matches in ASCII is spelled out; NFKC and ASCII folding are the identity on ASCII.
+_ASCII_SPACE = "\\t\\n\\x0b\\x0c\\r\\x1c-\\x1f "  # [c for c in map(chr, range(128)) if re.match(r"\s", c)]
+_TAG_RE2 = f"</?[A-Za-z][A-Za-z0-9]*(?:[{_ASCII_SPACE}][^<>]*)?/?>"
+_INVISIBLE_ASCII_RE2 = "[\\x00-\\x08\\x0b\\x0c\\x0e-\\x1f\\x7f]"
+# What is left of ASCII whitespace once the invisibles are gone: runs that are not already one space (a
+# pattern that also matched single spaces would replace every word gap, at 10x the cost).
+_SPACE_RUN_RE2 = "[\\t\\n\\r ]{2,}|[\\t\\n\\r]"
+_SPACE_FIX_RE2 = "[\\t\\n\\r]|  |^ | $"  # rows where collapsing and stripping change anything
+
+
+def clean_column(texts, lowercase: bool = False, ascii_only: bool = False):
+    """`clean_text` over a pyarrow string array (no nulls), as a string array.
+
+    Per row the chain is: unescape entities (Python, only rows holding '&'), then, for rows that are ASCII
+    after that, tags -> invisibles -> lowercase -> whitespace runs -> strip as Arrow kernels. A row is taken
+    from the vectorised result when clean_text would stop after one pass (the result holds no '&' or '<',
+    or equals the input); every other row (non-ASCII, markup left over) goes through clean_text whole.
+    """
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    texts = texts.combine_chunks() if isinstance(texts, pa.ChunkedArray) else texts
+    if len(texts) == 0:
+        return pa.array([], pa.string())
+    has_amp = pc.match_substring(texts, "&").to_numpy(zero_copy_only=False)
+    pre = texts
+    if has_amp.any():
+        amp_rows = np.flatnonzero(has_amp)
+        unescaped = [strip_entities(t) for t in texts.take(pa.array(amp_rows)).to_pylist()]
+        pre = pc.replace_with_mask(texts, pa.array(has_amp), pa.array(unescaped, pa.string()))
+    # Each rewrite runs only on the rows it changes: replacing every single space by a space costs 10x
+    # the test (measured 0.45 s vs 0.02 s on 12 MB of reviews).
+    t = _rewrite(pre, pc.match_substring(pre, "<"), _TAG_RE2, " ")
+    t = _rewrite(t, pc.match_substring_regex(t, _INVISIBLE_ASCII_RE2), _INVISIBLE_ASCII_RE2, "")
+    if lowercase:
+        t = pc.ascii_lower(t)
+    t = _rewrite(t, pc.match_substring_regex(t, _SPACE_FIX_RE2), _SPACE_RUN_RE2, " ", strip=True)
+    markup_left = pc.or_(pc.match_substring(t, "&"), pc.match_substring(t, "<"))
+    one_pass = pc.or_(pc.invert(markup_left), pc.equal(t, texts))
+    fast = pc.and_(pc.string_is_ascii(pre), one_pass).to_numpy(zero_copy_only=False)
+    if fast.all():
+        return t
+    slow_rows = np.flatnonzero(~fast)
+    slow = [clean_text(x, lowercase, ascii_only) for x in texts.take(pa.array(slow_rows)).to_pylist()]
+    return pc.replace_with_mask(t, pa.array(~fast), pa.array(slow, pa.string()))
+
+
+def _rewrite(texts, rows, pattern: str, replacement: str, strip: bool = False):
+    """texts with `pattern` replaced on the rows of the boolean array `rows` only (and those stripped)."""
+    import pyarrow.compute as pc
+
+    if not pc.any(rows).as_py():
+        return texts
+    fixed = pc.replace_substring_regex(texts.filter(rows), pattern, replacement)
+    if strip:
+        fixed = pc.utf8_trim(fixed, " ")
+    return pc.replace_with_mask(texts, rows, fixed)
+
+
+def strip_entities(text: str) -> str:
+    """The entity half of strip_html: unescape at most twice (some files double-escape)."""
+    for _ in range(2):
+        if "&" not in text:
+            break
+        text = html.unescape(text)
+    return text
