@@ -1,5 +1,5 @@
-"""The one benchmark command: every bench/bench_*.py, the Keras peer and (opt-in) the quality run, each in
-its own process, then bench/REPORT.md with their tables, the machine, the exact commands, and PNG plots.
+"""The one benchmark command: every bench/bench_*.py, the Keras peer, the original project's published
+weights (seed_peer) and (opt-in) the quality run, each in its own process, then bench/REPORT.md with their tables, the machine, the exact commands, and PNG plots.
 
     make bench                                   # = .venv/bin/python -m bench.run_all
     .venv/bin/python -m bench.run_all --quick    # each piece in its quick mode (~1 min each)
@@ -310,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
             return 1
 
-    pieces = discover() + ["peer_keras"] + (["quality"] if args.with_quality else [])
+    pieces = discover() + ["peer_keras", "seed_peer"] + (["quality"] if args.with_quality else [])
     if args.only:
         pieces = [p for p in pieces if p in args.only] + [p for p in args.only if p not in pieces]
     info = machine()

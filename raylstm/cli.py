@@ -127,6 +127,7 @@ def _train_parser(p: argparse.ArgumentParser) -> Command:
 
     def run(args: argparse.Namespace) -> int:
         from raylstm.train import train
+        from raylstm.train_loop import TrainingDiverged
 
         cfg = _config(args)
         if args.data:
@@ -135,7 +136,12 @@ def _train_parser(p: argparse.ArgumentParser) -> Command:
             cfg.train.num_workers = args.workers
         if args.gpu:
             cfg.train.use_gpu = True
-        result = train(cfg, storage=args.storage, name=args.name, address=args.address)
+        try:
+            result = train(cfg, storage=args.storage, name=args.name, address=args.address)
+        except TrainingDiverged as e:
+            # Not a crash: the message says which setting to change, and the checkpoints before it stand.
+            print(f"raylstm train: {e}", file=sys.stderr)
+            return 3
         print(f"best checkpoint: {result.best_checkpoint}  val_bpc={result.best_metrics.get('val_bpc')}")
         print(f"run dir: {result.run_dir}")
         return 0
@@ -192,7 +198,12 @@ def _serve_parser(p: argparse.ArgumentParser) -> Command:
 # --- evaluate ------------------------------------------------------------------------------------------
 def _evaluate_parser(p: argparse.ArgumentParser) -> Command:
     p.add_argument("--checkpoint", required=True, help="a run dir (uses best.json) or a checkpoint dir")
-    p.add_argument("--data", nargs="*", default=None, help="review sources or a prepared dir")
+    p.add_argument(
+        "--data",
+        nargs="*",
+        default=None,
+        help="review sources or a `raylstm prepare` dir (default: the data the checkpoint was trained on)",
+    )
     p.add_argument(
         "--split",
         default="test",
@@ -210,9 +221,17 @@ def _evaluate_parser(p: argparse.ArgumentParser) -> Command:
     )
 
     def run(args: argparse.Namespace) -> int:
-        from raylstm.evaluate import run_evaluate_cli
+        from raylstm.checkpoint import load_checkpoint
+        from raylstm.evaluate import evaluate, format_table, write_json
+        from raylstm.ray_env import ensure_ray
 
-        return run_evaluate_cli(args)
+        checkpoint = load_checkpoint(args.checkpoint)  # a bad path fails here, before Ray starts
+        ensure_ray(args.address)
+        result = evaluate(checkpoint, split=args.split, sources=args.data, compressors=not args.no_baselines)
+        print(format_table(result))
+        if args.json_out:
+            print(f"wrote {write_json(result, args.json_out)}")
+        return 0
 
     return run
 

@@ -22,14 +22,17 @@ bzip2 -9, xz -9e (LZMA2, 64 MiB dictionary), and PPMd var. H (the 7-Zip PPMd) at
 Model scoring is a plain torch loop on the driver over length-sorted, padded batches of whole reviews
 (each review in one forward pass, no chunking: reviews are at most a few thousand chars): a held-out
 split of a few MB takes seconds to a minute on 2 cores. Above `RAY_SCORE_MIN_CHARS` the model is run
-by `ray_model_bpc` as parallel Ray Data actors over blocks of the split, and the bits are summed (the
-same numbers: scoring is per review). The compressors need the held-out and training text as strings
-on the driver in any case; the training context is capped at its last 64 MiB (xz's dictionary size).
+by `ray_score_by_source` as parallel Ray Data actors over blocks of the split, and the bits are summed
+(the same numbers: scoring is per review). Either way each review is scored once, and the per-file
+figures are a group-by of those per-review bits over the split's `source` column. The compressors
+need the held-out and training text as strings on the driver in any case; the training context is
+capped at its last 64 MiB (xz's dictionary size).
 """
 
 from __future__ import annotations
 
 import bz2
+import dataclasses
 import gzip
 import json
 import lzma
@@ -39,9 +42,14 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from raylstm.config import DataConfig
+
+if TYPE_CHECKING:
+    from raylstm.checkpoint import LoadedCheckpoint
 
 EOR = "\n"  # end-of-review marker; also the context the first char of every review is predicted from
 
@@ -128,7 +136,7 @@ def join_reviews(texts: Iterable[str]) -> str:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def score_reviews(
+def review_bits(
     model: Any,
     vocab: Any,
     texts: Sequence[str],
@@ -136,12 +144,12 @@ def score_reviews(
     max_batch_chars: int = 65_536,
     max_batch: int = 128,
     device: str = "cpu",
-) -> tuple[float, int, int]:
-    """(total bits, chars scored, unknown chars) of `texts`, each review + "\\n" scored from "\\n".
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per review of `texts`: (bits, chars scored, unknown chars), each review + "\\n" scored from "\\n".
 
     Reviews are sorted by length and packed into padded batches of at most `max_batch_chars` padded
-    positions, so a few long reviews do not pad thousands of short ones. Returns totals, not a ratio,
-    so that shards can be summed exactly.
+    positions, so a few long reviews do not pad thousands of short ones. Per review (in the order of
+    `texts`), so that any grouping of the reviews (a shard, a source file) sums exactly.
     """
     import torch
 
@@ -149,7 +157,9 @@ def score_reviews(
     if eor_id is None:
         raise ValueError("the checkpoint's vocabulary has no end-of-review marker '\\n'")
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    total_bits, total_chars, unknown = 0.0, 0, 0
+    bits = np.zeros(len(texts), dtype=np.float64)
+    chars = np.zeros(len(texts), dtype=np.int64)
+    unknown = np.zeros(len(texts), dtype=np.int64)
     was_training = model.training
     model.eval()
     start = 0
@@ -163,14 +173,16 @@ def score_reviews(
                 and (end - start + 1) * (len(texts[order[end]]) + 1) <= max_batch_chars
             ):
                 end += 1
-            batch = [texts[i] for i in order[start:end]]
+            rows = order[start:end]
             start = end
-            longest = len(batch[-1]) + 1
-            ids = np.full((len(batch), longest + 1), eor_id, dtype=np.int64)  # inputs: "\n" + review + "\n"
-            mask = np.zeros((len(batch), longest), dtype=bool)
-            for r, t in enumerate(batch):
+            longest = len(texts[rows[-1]]) + 1
+            ids = np.full((len(rows), longest + 1), eor_id, dtype=np.int64)  # inputs: "\n" + review + "\n"
+            mask = np.zeros((len(rows), longest), dtype=bool)
+            for r, i in enumerate(rows):
+                t = texts[i]
                 enc = vocab.encode(t)
-                unknown += int((enc == vocab.unk_id).sum())
+                unknown[i] = int((enc == vocab.unk_id).sum())
+                chars[i] = len(t) + 1
                 ids[r, 1 : 1 + len(t)] = enc
                 ids[r, 1 + len(t)] = eor_id
                 mask[r, : len(t) + 1] = True
@@ -181,38 +193,56 @@ def score_reviews(
             nll = torch.nn.functional.cross_entropy(
                 logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="none"
             ).view(y.shape)
-            total_bits += float((nll * m).sum()) / math.log(2)
-            total_chars += int(m.sum())
+            bits[rows] = ((nll * m).sum(dim=1).double() / math.log(2)).cpu().numpy()
     model.train(was_training)
-    return total_bits, total_chars, unknown
+    return bits, chars, unknown
 
 
-def model_bpc(checkpoint: Any, texts: Sequence[str], device: str = "cpu") -> dict[str, Any]:
-    """Bits per char of a checkpoint (path, run dir, or a LoadedCheckpoint) on reviews `texts`."""
-    from raylstm.checkpoint import LoadedCheckpoint, load_checkpoint
+def score_reviews(model: Any, vocab: Any, texts: Sequence[str], **kwargs: Any) -> tuple[float, int, int]:
+    """(total bits, chars scored, unknown chars) of `texts` (see `review_bits`; same keyword arguments)."""
+    bits, chars, unknown = review_bits(model, vocab, texts, **kwargs)
+    return float(bits.sum()), int(chars.sum()), int(unknown.sum())
 
-    ckpt = checkpoint if isinstance(checkpoint, LoadedCheckpoint) else load_checkpoint(checkpoint, device)
-    t0 = time.perf_counter()
-    bits, chars, unknown = score_reviews(ckpt.model, ckpt.vocab, texts, device=device)
-    secs = time.perf_counter() - t0
-    return {
-        "bpc": bits / chars if chars else float("nan"),
-        "bits": bits,
-        "chars": chars,
-        "reviews": len(texts),
-        "unknown_chars": unknown,
-        "seconds": secs,
-        "checkpoint": str(ckpt.path),
-        "step": ckpt.step,
-    }
+
+def bits_by_source(
+    sources: Sequence[str], bits: np.ndarray, chars: np.ndarray, unknown: np.ndarray
+) -> dict[str, dict[str, Any]]:
+    """Per-review scores grouped by source file: {source: {"bits", "chars", "unknown", "reviews"}}."""
+    src = np.asarray(sources, dtype=object)
+    out: dict[str, dict[str, Any]] = {}
+    for name in sorted(set(sources)):
+        sel = src == name
+        out[name] = {
+            "bits": float(bits[sel].sum()),
+            "chars": int(chars[sel].sum()),
+            "unknown": int(unknown[sel].sum()),
+            "reviews": int(sel.sum()),
+        }
+    return out
+
+
+def merge_by_source(parts: Iterable[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Sum `bits_by_source` results of disjoint sets of reviews (shards, batches), source by source."""
+    out: dict[str, dict[str, Any]] = {}
+    for part in parts:
+        for name, s in part.items():
+            acc = out.setdefault(name, {"bits": 0.0, "chars": 0, "unknown": 0, "reviews": 0})
+            for k in acc:
+                acc[k] += s[k]
+    return dict(sorted(out.items()))
 
 
 # Above this many held-out chars, `evaluate` scores on Ray Data (parallel tasks) instead of the driver.
 RAY_SCORE_MIN_CHARS = 20_000_000
 
 
-def ray_model_bpc(checkpoint_path: str | Path, ds: Any, concurrency: int = 2) -> tuple[float, int, int]:
-    """Score a Ray Dataset of {"text"} rows in parallel actors; returns (bits, chars, unknown)."""
+def ray_score_by_source(
+    checkpoint_path: str | Path, ds: Any, concurrency: int = 2
+) -> dict[str, dict[str, Any]]:
+    """Score a Ray Dataset of {"text", "source"?} rows in parallel actors; `bits_by_source` totals.
+
+    Each actor scores its batches review by review and emits one row per (batch, source): the group-by
+    over source files is then a sum over those few rows on the driver, with no second read."""
 
     class _Scorer:
         def __init__(self) -> None:
@@ -221,18 +251,29 @@ def ray_model_bpc(checkpoint_path: str | Path, ds: Any, concurrency: int = 2) ->
             self.ckpt = load_checkpoint(checkpoint_path)
 
         def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-            bits, chars, unk = score_reviews(
-                self.ckpt.model, self.ckpt.vocab, [str(t) for t in batch["text"]]
-            )
-            return {"bits": np.array([bits]), "chars": np.array([chars]), "unknown": np.array([unk])}
+            texts = [str(t) for t in batch["text"]]
+            srcs = [str(s) for s in batch["source"]] if "source" in batch else [""] * len(texts)
+            by_src = bits_by_source(srcs, *review_bits(self.ckpt.model, self.ckpt.vocab, texts))
+            return {
+                "source": np.array(list(by_src), dtype=object),
+                **{
+                    k: np.array([v[k] for v in by_src.values()])
+                    for k in ("bits", "chars", "unknown", "reviews")
+                },
+            }
 
-    parts = (
-        ds.select_columns(["text"]).map_batches(_Scorer, batch_size=512, concurrency=concurrency).take_all()
-    )
-    return (
-        sum(float(p["bits"]) for p in parts),
-        sum(int(p["chars"]) for p in parts),
-        sum(int(p["unknown"]) for p in parts),
+    cols = [c for c in ("text", "source") if c in ds.schema().names]
+    rows = ds.select_columns(cols).map_batches(_Scorer, batch_size=512, concurrency=concurrency).take_all()
+    return merge_by_source(
+        {
+            str(r["source"]): {
+                "bits": float(r["bits"]),
+                "chars": int(r["chars"]),
+                "unknown": int(r["unknown"]),
+                "reviews": int(r["reviews"]),
+            }
+        }
+        for r in rows
     )
 
 
@@ -258,72 +299,85 @@ def baselines(test: str, train: str = "") -> dict[str, dict[str, Any]]:
 
 
 def split_rows(ds: Any) -> list[tuple[str, str, str]]:
-    """(key, text, source) of every row, sorted by key: one order on every machine and block layout."""
+    """(key, text, source) of every row, sorted by key: one order on every machine and block layout.
+
+    source is the file the review came from ("" for splits without a `source` column, such as a dir
+    prepared before `prepare` kept it)."""
     cols = [c for c in ("key", "text", "source") if c in ds.schema().names]
     rows = ds.select_columns(cols).take_all()
-    out = [(str(r.get("key") or r["text"]), r["text"], str(r.get("source", ""))) for r in rows]
+    out = [(str(r.get("key") or r["text"]), r["text"], str(r.get("source") or "")) for r in rows]
     out.sort(key=lambda r: (r[0], r[1]))
     return out
 
 
 def evaluate(
-    checkpoint: str | Path,
-    data_cfg: Any | None = None,
+    checkpoint: str | Path | LoadedCheckpoint,
+    data_cfg: DataConfig | None = None,
     split: str = "test",
     *,
+    sources: Sequence[str] | None = None,
     compressors: bool = True,
-    per_file: bool = True,
     max_context_chars: int = 64 << 20,
 ) -> dict[str, Any]:
-    """Held-out bpc of `checkpoint` on `split` of `data_cfg` (default: the data it was trained on), with
-    unigram and compressor baselines on the identical string. Returns a JSON-able dict.
+    """Held-out bpc of `checkpoint` on `split`, with unigram and compressor baselines on the identical
+    string, and the model's bpc per source file. Returns a JSON-able dict (`format_table` prints it).
 
-    The split is recomputed by `raylstm.data.load_splits` from the data config (stable hash of review
-    keys), so with the checkpoint's own val/test fractions it is exactly the held-out set of training.
+    `checkpoint` is a checkpoint dir, a run dir (its best.json) or an already loaded checkpoint. The
+    data is `data_cfg`, by default the data config the checkpoint was trained with; `sources`
+    replaces its sources (review files or a `raylstm prepare` dir). The split is recomputed by
+    `raylstm.data.load_splits` (stable hash of review keys) or read back from the prepared dir, so with
+    the checkpoint's own val/test fractions it is exactly the held-out set of training.
+
+    Per-file figures are one group-by of the per-review scores over the rows' `source` column: every
+    review is scored once, and each file's figure is the bits of its own held-out reviews (a review that
+    dedupe kept from one file of several is counted for that file).
     """
-    from raylstm.checkpoint import load_checkpoint
+    from raylstm.checkpoint import LoadedCheckpoint, load_checkpoint
     from raylstm.data import load_splits
 
-    ckpt = load_checkpoint(checkpoint)
-    cfg = data_cfg if data_cfg is not None else ckpt.config.data
-    splits = load_splits(cfg)
-    if split == "all":
-        ds = splits.train.union(splits.val, splits.test)
-    elif split in ("train", "val", "test"):
-        ds = getattr(splits, split)
-    else:
+    if split not in ("train", "val", "test", "all"):
         raise ValueError(f"split must be one of train, val, test, all; got {split!r}")
+    ckpt = checkpoint if isinstance(checkpoint, LoadedCheckpoint) else load_checkpoint(checkpoint)
+    cfg = data_cfg if data_cfg is not None else ckpt.config.data
+    if sources:
+        cfg = dataclasses.replace(cfg, sources=list(sources))
+    splits = load_splits(cfg)
+    ds = splits.train.union(splits.val, splits.test) if split == "all" else getattr(splits, split)
     rows = split_rows(ds)
     if not rows:
         raise ValueError(f"the {split!r} split of {cfg.sources or 'the demo corpus'} is empty")
     texts = [t for _, t, _ in rows]
     test = join_reviews(texts)
 
-    total_chars = len(test)
     t0 = time.perf_counter()
-    if total_chars >= RAY_SCORE_MIN_CHARS:
-        bits, chars, unknown = ray_model_bpc(ckpt.path, ds)
+    if len(test) >= RAY_SCORE_MIN_CHARS:
+        by_source = ray_score_by_source(ckpt.path, ds)
         how = "ray-data"
     else:
-        bits, chars, unknown = score_reviews(ckpt.model, ckpt.vocab, texts)
+        scores = review_bits(ckpt.model, ckpt.vocab, texts)
+        by_source = bits_by_source([s for _, _, s in rows], *scores)
         how = "driver"
+    bits = sum(s["bits"] for s in by_source.values())
+    chars = sum(s["chars"] for s in by_source.values())
     model = {
         "bpc": bits / chars,
+        "bits": bits,
         "chars": chars,
         "reviews": len(texts),
-        "unknown_chars": unknown,
+        "unknown_chars": sum(s["unknown"] for s in by_source.values()),
         "seconds": time.perf_counter() - t0,
         "scored_on": how,
         "checkpoint": str(ckpt.path),
         "step": ckpt.step,
     }
-
-    per_source = _per_source_bpc(ckpt, cfg, split) if per_file else {}
+    per_source = {
+        src: {"bpc": s["bits"] / s["chars"], **s} for src, s in by_source.items() if src and s["chars"]
+    }
 
     result: dict[str, Any] = {
         "split": split,
         "sources": list(cfg.sources),
-        "chars": total_chars,
+        "chars": len(test),
         "reviews": len(texts),
         "model": model,
         "per_source": per_source,
@@ -336,36 +390,12 @@ def evaluate(
     return result
 
 
-def _per_source_bpc(ckpt: Any, cfg: Any, split: str) -> dict[str, dict[str, Any]]:
-    """Model bpc of each local source file's own `split`, when the sources expand to several files.
-
-    The split is a hash of each review's key, so a file's held-out reviews are the same whether it is
-    read alone or with others (except reviews that dedupe removed in favour of a copy in another file).
-    Remote (s3://) sources are skipped: per-file figures there would re-read the whole bucket per file.
-    """
-    import dataclasses
-
-    import pyarrow.fs as pafs
-
-    from raylstm.data import is_prepared_dir, load_splits
-    from raylstm.sources import resolve_files
-
-    if not cfg.sources or is_prepared_dir(list(cfg.sources)):
-        return {}
-    files = resolve_files(list(cfg.sources))
-    if len(files) < 2 or not all(isinstance(fs, pafs.LocalFileSystem) for fs, _, _ in files):
-        return {}
-    out: dict[str, dict[str, Any]] = {}
-    for _, path, _ in files:
-        sp = load_splits(dataclasses.replace(cfg, sources=[path]))
-        ds = sp.train.union(sp.val, sp.test) if split == "all" else getattr(sp, split)
-        texts = [t for _, t, _ in split_rows(ds)]
-        if not texts:
-            out[path] = {"bpc": None, "chars": 0, "reviews": 0}
-            continue
-        b, c, _ = score_reviews(ckpt.model, ckpt.vocab, texts)
-        out[path] = {"bpc": b / c, "chars": c, "reviews": len(texts)}
-    return out
+def write_json(result: dict[str, Any], path: str | Path) -> Path:
+    """The evaluation as JSON at `path` (parent dirs created)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
+    return path
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -388,28 +418,8 @@ def format_table(result: dict[str, Any]) -> str:
     if result.get("per_source"):
         lines.append("per source file (model bpc on that file's own held-out reviews):")
     for src, s in result.get("per_source", {}).items():
-        bpc = "   n/a" if s["bpc"] is None else f"{s['bpc']:.4f}"
-        lines.append(f"  {bpc}  {s['chars']:>10,} chars  {src}")
+        lines.append(f"  {s['bpc']:.4f}  {s['chars']:>10,} chars  {s['reviews']:>7,} reviews  {src}")
     return "\n".join(lines)
-
-
-def run_evaluate_cli(args: Any) -> int:
-    """`raylstm evaluate`: table on stdout, JSON to --json when given."""
-    from raylstm.checkpoint import read_meta
-    from raylstm.config import Config
-    from raylstm.ray_env import ensure_ray
-
-    cfg = Config.from_dict(read_meta(args.checkpoint)["config"]).data
-    if args.data:
-        cfg.sources = list(args.data)
-    ensure_ray(args.address)
-    result = evaluate(args.checkpoint, cfg, args.split, compressors=not getattr(args, "no_baselines", False))
-    print(format_table(result))
-    if args.json_out:
-        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json_out).write_text(json.dumps(result, indent=2))
-        print(f"wrote {args.json_out}")
-    return 0
 
 
 # ---------------------------------------------------------------------------------------------------------

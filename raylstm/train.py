@@ -2,10 +2,13 @@
 
     train(cfg, storage, name)
       ensure_ray(address)                     join RAY_ADDRESS (ray job submit) or start a local Ray
-      load_splits + window_dataset            Ray Data: text -> windows of ids            (raylstm.data)
-      fit_windows(...)                        TorchTrainer(train_loop_per_worker) with DDP workers
+      load_splits + window_dataset            Ray Data: text -> segments of windows of ids  (raylstm.data)
+      fit_windows(...)                        TorchTrainer(train_loop_per_worker) with DDP workers; val =
+                                              the val reviews, each scored whole (seed mode: windows)
         RunLog callback (controller)          metrics.jsonl, samples.jsonl, best.json as training goes
-      after fit                               best.json (authoritative), learning_curve.png, samples.txt
+      after fit                               a diverged run raises TrainingDiverged (its message says
+                                              what to change); else best.json (authoritative),
+                                              learning_curve.png, samples.txt
 
 The run dir is storage/name. Running the same name with the same storage again continues that run from
 its latest checkpoint (Ray Train finds the run's snapshot there); a finished run continued this way has
@@ -23,6 +26,7 @@ from typing import Any
 
 import ray
 import ray.train
+from ray.data import ExecutionOptions
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
 from ray.train.torch import TorchTrainer
 
@@ -30,7 +34,7 @@ from raylstm import storage as store
 from raylstm.checkpoint import BEST, load_checkpoint, write_best
 from raylstm.config import Config
 from raylstm.ray_env import quiet_dataset
-from raylstm.train_loop import SAMPLES_FILE, generate_samples, train_loop_per_worker
+from raylstm.train_loop import SAMPLES_FILE, TrainingDiverged, generate_samples, train_loop_per_worker
 from raylstm.vocab import CharVocab
 
 METRICS_FILE = "metrics.jsonl"
@@ -38,6 +42,15 @@ SAMPLES_LOG = "samples.jsonl"
 CURVE_FILE = "learning_curve.png"
 SAMPLES_TXT = "samples.txt"
 CONFIG_FILE = "config.json"
+# metrics.jsonl field -> TensorBoard tag (plus train/bpc = train_loss / ln 2, beside val/bpc).
+TENSORBOARD_TAGS = {
+    "train_loss": "train/loss",
+    "val_loss": "val/loss",
+    "val_bpc": "val/bpc",
+    "lr": "train/lr",
+    "chars_per_s_total": "throughput/chars_per_s",
+    "preds_per_s_total": "throughput/preds_per_s",
+}
 
 
 @dataclass
@@ -75,13 +88,30 @@ class RunLog(UserCallback):
     """Runs on the Train controller (the driver's node) after every report of all workers.
 
     Appends one JSON line per report to metrics.jsonl (rank 0's metrics plus the total chars/s of all
-    workers), copies each checkpoint's samples to samples.jsonl, and keeps best.json pointing at the best
+    workers), writes the same scalars as TensorBoard event files beside it (`tensorboard --logdir runs/`),
+    copies each checkpoint's samples to samples.jsonl, and keeps best.json pointing at the best
     checkpoint so far, so a server can follow the run while it trains.
     """
 
     def __init__(self, run_dir: str, run_uri: str | None = None) -> None:
         self.run_dir = run_dir
         self.run_uri = run_uri
+        self._writer: Any = None  # SummaryWriter, opened on the controller (it does not pickle)
+
+    def _tensorboard(self, line: dict[str, Any]) -> None:
+        """The report's scalars, at its step, in the run dir's TensorBoard event file (flushed now, so
+        TensorBoard shows a run while it trains; a continued run adds a new event file beside the old)."""
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(log_dir=self.run_dir)
+        scalars = {tag: line.get(name) for name, tag in TENSORBOARD_TAGS.items()}
+        if isinstance(line.get("train_loss"), float):
+            scalars["train/bpc"] = line["train_loss"] / math.log(2)
+        for tag, value in scalars.items():
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                self._writer.add_scalar(tag, value, int(line["step"]), walltime=line["time"])
+        self._writer.flush()
 
     def _best_so_far(self) -> float:
         best = Path(self.run_dir) / BEST
@@ -112,6 +142,7 @@ class RunLog(UserCallback):
                     store.write_bytes(store.join(self.run_uri, BEST), best.read_bytes())
         with open(run_dir / METRICS_FILE, "a") as f:
             f.write(json.dumps(_plain(line)) + "\n")
+        self._tensorboard(_plain(line))
 
 
 def _plain(d: dict[str, Any]) -> dict[str, Any]:
@@ -145,7 +176,10 @@ def train(
         ensure_ray(address, **(ray_init_kwargs or {}))
     splits = load_splits(cfg.data)
     train_ds = window_dataset(splits.train, splits.vocab, cfg.data)
-    val_ds = window_dataset(splits.val, splits.vocab, cfg.data)
+    if cfg.data.window_mode == "full":
+        val_ds = splits.val.select_columns(["text"])  # whole reviews, scored as `raylstm evaluate` does
+    else:
+        val_ds = window_dataset(splits.val, splits.vocab, cfg.data)
     return fit_windows(
         cfg,
         splits.vocab,
@@ -166,9 +200,14 @@ def fit_windows(
     name: str | None = None,
     manifest: dict | None = None,
 ) -> TrainResult:
-    """Run TorchTrainer on ready window datasets (rows {"ids": int32[...]}) and write the run's outputs."""
+    """Run TorchTrainer on ready datasets and write the run's outputs.
+
+    `train_ds` rows are {"ids": int32[width]} from `data.window_dataset`; `val_ds` rows are either reviews
+    {"text": str} (each scored whole, from a zero state, every character with the review before it) or
+    windows {"ids"} (what seed mode validates on)."""
     cfg.model.vocab_size = len(vocab)
     tcfg = cfg.train
+    check_plan(cfg)
     name = name or default_run_name(cfg)
     storage_path, run_dir = resolve_storage(storage, name)
 
@@ -176,22 +215,30 @@ def fit_windows(
         train_ds, val_ds = train_ds.materialize(), val_ds.materialize()
     for ds in (train_ds, val_ds):
         quiet_dataset(ds)  # each epoch and each evaluation is a new execution
-    n_val = val_ds.count()
-    if n_val == 0:
+    val_kind = "reviews" if "text" in val_ds.columns() else "windows"
+    if val_ds.count() == 0:
         raise ValueError(
-            "the validation split has no windows: use more data, a larger data.val_fraction "
+            "the validation split is empty: use more data, a larger data.val_fraction "
             "or a shorter data.seq_len"
         )
     steps_per_epoch = None
     if cfg.data.materialize or tcfg.max_steps <= 0:
-        n_train = train_ds.count()
-        steps_per_epoch = (n_train // tcfg.num_workers) // tcfg.batch_size
-        if steps_per_epoch == 0:
+        n_rows = train_ds.count()
+        # Ray's equal split and drop_last: each worker takes whole batches of its equal share of the rows.
+        batches = (n_rows // tcfg.num_workers) // tcfg.batch_size
+        if batches == 0:
             raise ValueError(
-                f"{n_train} training windows cannot fill one batch of train.batch_size={tcfg.batch_size} on "
-                f"each of train.num_workers={tcfg.num_workers}: lower the batch size or add data"
+                f"{n_rows} training rows cannot fill one batch of train.batch_size={tcfg.batch_size} on "
+                f"each of train.num_workers={tcfg.num_workers}: lower the batch size, "
+                "data.segment_windows or data.seq_len, or add data"
             )
-    total_steps = tcfg.max_steps if tcfg.max_steps > 0 else tcfg.epochs * steps_per_epoch
+        steps_per_epoch = batches * (cfg.data.segment_windows if cfg.data.window_mode == "full" else 1)
+    if tcfg.max_steps <= 0:
+        total_steps = tcfg.epochs * steps_per_epoch
+    else:  # the LR schedule ends where training will end: max_steps, or the epochs if they run out first
+        total_steps = (
+            min(tcfg.max_steps, tcfg.epochs * steps_per_epoch) if steps_per_epoch else tcfg.max_steps
+        )
 
     print(f"[raylstm] run dir {run_dir}\n[raylstm] resolved config:\n{cfg.to_json()}", flush=True)
     (run_dir / CONFIG_FILE).write_text(cfg.to_json())
@@ -200,6 +247,8 @@ def fit_windows(
             json.dumps(manifest, indent=2, sort_keys=True, default=str)
         )
 
+    reports_before = len(read_metrics(run_dir)) if (run_dir / METRICS_FILE).exists() else 0
+    train_options = ExecutionOptions(preserve_order=cfg.data.preserve_order)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -207,6 +256,7 @@ def fit_windows(
             "vocab": vocab.to_dict(),
             "total_steps": total_steps,
             "steps_per_epoch": steps_per_epoch,
+            "val_kind": val_kind,
         },
         scaling_config=ScalingConfig(
             num_workers=tcfg.num_workers,
@@ -227,11 +277,37 @@ def fit_windows(
         ),
         datasets={"train": train_ds, "val": val_ds},
         # Only train is split: every worker reads the whole val set and evaluates its stride of it, so
-        # val bpc is over the same windows whatever the worker count (see train_loop.evaluate).
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        # val bpc is over the same reviews whatever the worker count (see train_loop.evaluate). With
+        # preserve_order the split hands out blocks in the same order to the same workers every time.
+        dataset_config=ray.train.DataConfig(
+            datasets_to_split=["train"], execution_options={"train": train_options}
+        ),
     )
     result = trainer.fit()
+    raise_if_diverged(run_dir, reports_before)
     return finish_run(cfg, run_dir, result, run_uri(storage_path, name))
+
+
+def check_plan(cfg: Config) -> None:
+    """Refuse settings that would train, but not as asked, before any worker starts."""
+    from raylstm.data import window_shape
+
+    window_shape(cfg.data)  # segment and window settings
+    n = cfg.data.segment_windows
+    if n > 1 and cfg.train.eval_every % n:
+        raise ValueError(
+            f"train.eval_every ({cfg.train.eval_every}) must be a multiple of data.segment_windows ({n}): "
+            "checkpoints then fall where every batch row starts a new segment from a zero state, so a "
+            "resumed run continues exactly as the uninterrupted one (the carried LSTM state is not saved)"
+        )
+
+
+def raise_if_diverged(run_dir: Path, reports_before: int) -> None:
+    """The workers stop a diverged run by reporting it (a raising worker would be retried): raise it here,
+    with the message that names the setting to change."""
+    for line in read_metrics(run_dir)[reports_before:] if (run_dir / METRICS_FILE).exists() else []:
+        if line.get("diverged"):
+            raise TrainingDiverged(line["diverged"])
 
 
 def finish_run(

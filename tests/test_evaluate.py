@@ -150,20 +150,28 @@ def test_batched_review_scoring_equals_char_by_char_loop() -> None:
     vocab, model = _tiny_vocab_and_model(texts)
     # A small batch budget forces several batches with padding of different lengths.
     bits, chars, unknown = ev.score_reviews(model, vocab, texts, max_batch_chars=150, max_batch=3)
-    direct_bits = 0.0
+    each, each_chars, _ = ev.review_bits(model, vocab, texts, max_batch_chars=150, max_batch=3)
+    direct = []
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # hundreds of 1-char steps: thread hand-offs would dominate on a busy machine
     with torch.inference_mode():
         for t in texts:
             ids = torch.from_numpy(vocab.encode("\n" + t + "\n").astype("int64"))
-            state = None
+            state, review = None, 0.0
             for i in range(len(ids) - 1):
                 logits, state = model(ids[i : i + 1].view(1, 1), state)
-                direct_bits -= float(torch.log_softmax(logits[0, -1], -1)[ids[i + 1]]) / math.log(2)
+                review -= float(torch.log_softmax(logits[0, -1], -1)[ids[i + 1]]) / math.log(2)
+            direct.append(review)
     torch.set_num_threads(threads)
     assert chars == sum(len(t) + 1 for t in texts)
+    assert list(each_chars) == [len(t) + 1 for t in texts]
     assert unknown == 0
-    assert bits == pytest.approx(direct_bits, rel=1e-5)
+    assert bits == pytest.approx(sum(direct), rel=1e-5)
+    # Per review, in the caller's order (not the length-sorted batch order): what per-file sums need.
+    assert list(each) == pytest.approx(direct, rel=1e-5)
+    by_file = ev.bits_by_source(["a", "b", "a", "b", "a", "b", "a", "b"], each, each_chars, each_chars * 0)
+    assert by_file["a"]["bits"] == pytest.approx(sum(direct[0::2]), rel=1e-5)
+    assert by_file["b"]["chars"] == sum(len(t) + 1 for t in texts[1::2])
     # An untrained model is close to uniform over the vocabulary: a sanity bound that could fail.
     assert bits / chars == pytest.approx(math.log2(len(vocab)), abs=0.5)
 
@@ -245,36 +253,70 @@ def test_evaluate_refuses_a_missing_checkpoint(tmp_path: Path) -> None:
     assert main(["evaluate", "--checkpoint", str(tmp_path / "nope")]) == 2
 
 
-@pytest.mark.slow
-def test_evaluate_reports_each_source_file(trained_checkpoint: Path, tmp_path: Path) -> None:
+def _write_word_salad_reviews(path: Path, n: int = 300) -> Path:
     import json
 
-    from raylstm.config import DataConfig
-    from raylstm.data import DEMO_CORPUS
+    with open(path, "w") as f:
+        for i, text in enumerate(t for t in _review_text(n, seed=9) if len(t) >= 40):
+            row = {
+                "reviewerID": f"U{i}",
+                "asin": "B0TEST",
+                "reviewText": text,
+                "overall": 4.0,
+                "summary": "ok",
+            }
+            f.write(json.dumps(row) + "\n")
+    return path
 
-    extra = tmp_path / "more_reviews.json"
-    with open(extra, "w") as f:
-        for i, text in enumerate(t for t in _review_text(80, seed=9) if len(t) >= 40):
-            f.write(
-                json.dumps(
-                    {
-                        "reviewerID": f"U{i}",
-                        "asin": "B0TEST",
-                        "reviewText": text,
-                        "overall": 4.0,
-                        "summary": "fine",
-                    }
-                )
-                + "\n"
-            )
-    res = ev.evaluate(
-        trained_checkpoint, DataConfig(sources=[str(DEMO_CORPUS), str(extra)]), split="all", compressors=False
-    )
-    assert set(res["per_source"]) == {str(DEMO_CORPUS), str(extra)}
-    # Every held-out char belongs to exactly one file (no review is in both).
-    assert sum(s["chars"] for s in res["per_source"].values()) == res["chars"]
-    # The model was trained on the demo corpus, not on shuffled word salad: it must do better there.
-    assert res["per_source"][str(DEMO_CORPUS)]["bpc"] < res["per_source"][str(extra)]["bpc"]
+
+@pytest.mark.slow
+def test_per_file_bpc_of_a_prepared_dir_equals_each_file_scored_alone(
+    trained_checkpoint: Path, tmp_path: Path, capsys
+) -> None:
+    """`raylstm evaluate --data PREPARED_DIR` prints per-file bpc from one scoring of the split (a
+    group-by over the shards' `source` column); each figure must be the bits of that file's own held-out
+    reviews, found independently by splitting the file alone and scoring its reviews directly."""
+    import json
+
+    from raylstm.checkpoint import load_checkpoint
+    from raylstm.cli import main
+    from raylstm.config import DataConfig
+    from raylstm.data import DEMO_CORPUS, load_splits
+    from raylstm.prepare import prepare
+
+    files = [str(DEMO_CORPUS), str(_write_word_salad_reviews(tmp_path / "salad.json"))]
+    prepared = tmp_path / "prepared"
+    prepare(DataConfig(sources=files), prepared)
+
+    out = tmp_path / "eval.json"
+    argv = ["evaluate", "--checkpoint", str(trained_checkpoint), "--data", str(prepared), "--no-baselines"]
+    assert main([*argv, "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    per_source = json.loads(out.read_text())["per_source"]
+    assert sorted(per_source) == sorted(files)
+
+    ckpt = load_checkpoint(trained_checkpoint)
+    total_bits, total_chars = 0.0, 0
+    for path in files:
+        alone = [t for _, t, _ in ev.split_rows(load_splits(DataConfig(sources=[path])).test)]
+        bits, chars, _ = ev.score_reviews(ckpt.model, ckpt.vocab, alone)
+        assert per_source[path]["reviews"] == len(alone) > 0
+        assert per_source[path]["chars"] == chars
+        assert per_source[path]["bits"] == pytest.approx(bits, rel=1e-6)
+        # The printed table carries the same figure, naming the file.
+        line = next(ln for ln in printed.splitlines() if ln.endswith(f"reviews  {path}"))
+        assert float(line.split()[0]) == pytest.approx(bits / chars, abs=1e-4)
+        total_bits, total_chars = total_bits + bits, total_chars + chars
+    model = json.loads(out.read_text())["model"]
+    assert (model["chars"], model["bits"]) == (total_chars, pytest.approx(total_bits, rel=1e-6))
+    # Trained on the demo corpus, not on shuffled word salad: the figures must tell the files apart.
+    assert per_source[files[0]]["bpc"] < per_source[files[1]]["bpc"]
+
+    # The same files as raw sources (read, cleaned, split in memory): the same per-file figures.
+    raw = ev.evaluate(trained_checkpoint, sources=files, compressors=False)
+    for path in files:
+        assert raw["per_source"][path]["chars"] == per_source[path]["chars"]
+        assert raw["per_source"][path]["bits"] == pytest.approx(per_source[path]["bits"], rel=1e-9)
 
 
 @pytest.mark.slow
@@ -282,15 +324,17 @@ def test_ray_data_scoring_matches_driver_scoring(trained_checkpoint: Path) -> No
     """Large splits are scored by parallel Ray Data actors: per-review scoring makes the sum identical."""
     from raylstm.checkpoint import load_checkpoint
     from raylstm.config import DataConfig
-    from raylstm.data import load_splits
+    from raylstm.data import DEMO_CORPUS, load_splits
 
     splits = load_splits(DataConfig())
     ckpt = load_checkpoint(trained_checkpoint)
     texts = [t for _, t, _ in ev.split_rows(splits.train)]
-    bits, chars, unknown = ev.ray_model_bpc(trained_checkpoint, splits.train.repartition(3), concurrency=2)
+    by_source = ev.ray_score_by_source(trained_checkpoint, splits.train.repartition(3), concurrency=2)
     d_bits, d_chars, d_unknown = ev.score_reviews(ckpt.model, ckpt.vocab, texts)
-    assert (chars, unknown) == (d_chars, d_unknown)
-    assert bits == pytest.approx(d_bits, rel=1e-4)
+    assert list(by_source) == [str(DEMO_CORPUS)]
+    got = by_source[str(DEMO_CORPUS)]
+    assert (got["chars"], got["unknown"], got["reviews"]) == (d_chars, d_unknown, len(texts))
+    assert got["bits"] == pytest.approx(d_bits, rel=1e-4)
 
 
 # --- the Keras peer (bench/peer_keras.py) ------------------------------------------------------------------
