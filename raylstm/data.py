@@ -63,6 +63,7 @@ SPILL_CHUNK_ROWS = 8192  # record batches in a spill file: a remote (s3://) read
 # Text per pass-2 group: its memory (the rows, their sort, the output tables) is a few times this, and
 # does not grow with the corpus; several groups per core keep both cores busy.
 GROUP_BYTES = 48 << 20
+MIN_GROUPS = 4
 WORK_DIR = "_work"  # spill files, under the output directory (visible wherever the output is)
 # Prepared shards: one Parquet file per split per group (~GROUP_BYTES of text, ~20 MB zstd), row groups of
 # 16k reviews (~10 MB of text): a streaming reader holds one row group per read task, so a small object
@@ -431,9 +432,10 @@ def _build_splits(
         spills = [s for s in summaries if s["path"]]
         spills.sort(key=lambda s: s["path"])
         bucket_bytes = sum((np.asarray(s["text_bytes"]) for s in spills), np.zeros(1 << FINE_BITS, np.int64))
-        cpus = int(ray.cluster_resources().get("CPU", 1))
-        min_groups = min(2 * cpus, -(-int(bucket_bytes.sum()) // (1 << 20)))  # tiny corpora: one group
-        groups = plan_groups(bucket_bytes, GROUP_BYTES, max(1, min_groups))
+        # At least MIN_GROUPS groups (both cores busy on a mid-sized corpus), but none under ~4 MB (a tiny
+        # corpus is one group). Independent of the cluster, so the same corpus gives the same shards anywhere.
+        min_groups = max(1, min(MIN_GROUPS, int(bucket_bytes.sum()) >> 22))
+        groups = plan_groups(bucket_bytes, GROUP_BYTES, min_groups)
         offsets = [np.concatenate([[0], np.cumsum(s["rows"])]) for s in spills]
         task = ray.remote(num_cpus=1)(_write_group)
         refs = []
@@ -441,6 +443,7 @@ def _build_splits(
             slices = [(s["path"], int(o[lo]), int(o[hi])) for s, o in zip(spills, offsets) if o[hi] > o[lo]]
             refs.append(task.remote(slices, g, cfg, root, fs))
         results = ray.get(refs)
+        work_bytes = sum(i.size for i in fs.get_file_info(pafs.FileSelector(work)))
     finally:
         fs.delete_dir(work)
 
@@ -468,6 +471,7 @@ def _build_splits(
             {"path": f["path"], "size": f["size"], "records": per_source.get(f["source"], 0)} for f in files
         ],
         "vocab_size": len(vocab),
+        "work_bytes": work_bytes,  # written once to OUT/_work by pass 1, read once by pass 2, deleted
         "config": _config_dict(cfg),
     }
     return manifest, vocab

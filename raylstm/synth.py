@@ -107,7 +107,10 @@ def build_pool(sources: list[str]) -> Pool:
 
     defaults = DataConfig()
     ds, _ = read_reviews(sources, ReadOptions())
-    rows = ds.filter(lambda r: r["reason"] is None).select_columns(["text", "title", "key", "rating"])
+    rows = ds.map_batches(
+        lambda b: b.filter(pc.is_null(b.column("reason"))).select(["text", "title", "key", "rating"]),
+        batch_format="pyarrow",
+    )
     held_out: set[str] = set()
     train: list[tuple[list[str], float | None, str]] = []
     for batch in rows.iter_batches(batch_format="pyarrow", batch_size=4096):
