@@ -39,7 +39,8 @@ def test_synth_layouts_read_back_exactly_unique_and_train_only(ray_session, tmp_
         mine = [r for r in rows if r["source"] == f["path"]]
         assert len(mine) == f["reviews"] > 0, f["path"]
         assert sum(len(r["text"].encode()) for r in mine) == f["text_bytes"]
-    assert abs(manifest["text_bytes"] - 600_000) < 3
+    # each shard stops at the first review that reaches its share
+    assert 600_000 <= manifest["text_bytes"] < 600_000 + 3 * 20_000
 
     texts = [r["text"] for r in rows]
     assert len(set(texts)) == len(texts)
