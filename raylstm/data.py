@@ -43,17 +43,28 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import ray
 
+from raylstm import storage
 from raylstm.config import DataConfig
 from raylstm.sources import BAD_REASONS, DataError, ReadOptions, read_parquet, read_reviews
-from raylstm.text import clean_column, clean_text, join_title
+from raylstm.text import EOR, clean_column, clean_text, join_title
 from raylstm.vocab import CharVocab
 
 DEMO_CORPUS = Path(__file__).resolve().parent / "demo" / "reviews_demo.json.gz"
 SPLITS = ("train", "val", "test")
-EOR = "\n"  # end-of-review marker in the training stream; cleaning never leaves one inside a review
-# Columns of the split datasets and the prepared shards. `source` (the file a review came from) is kept
-# so per-file figures are a group-by over a split already read (raylstm.evaluate), never a re-read.
-OUT_COLUMNS = ["text", "key", "rating", "source"]
+# Columns of the split datasets and the prepared shards: the text and its key (the split), and what later
+# stages condition or group on: rating and category (a conditioned model), verified, and source (the file a
+# review came from: per-file figures are a group-by over a split already read, raylstm.evaluate).
+OUT_COLUMNS = ["text", "key", "rating", "verified", "category", "source"]
+OUT_SCHEMA = pa.schema(
+    [
+        ("text", pa.string()),
+        ("key", pa.string()),
+        ("rating", pa.float64()),
+        ("verified", pa.bool_()),
+        ("category", pa.string()),
+        ("source", pa.string()),
+    ]
+)
 BATCH_ROWS = 4096  # large batches: on 2 cores, per-task overhead dominates small ones
 # Pass 1 works on batches of this many rows (~20 MB of review text): each writes one spill file, and a
 # pass-2 group reads a slice of every spill file, so fewer, larger files mean fewer reads.
@@ -74,8 +85,7 @@ SHARD_COMPRESSION = "zstd"
 
 @dataclass
 class ReviewSplits:
-    # rows {"text": str, "key": str, "rating": float|None, "source": str (the file)}: cleaned review text
-    train: ray.data.Dataset
+    train: ray.data.Dataset  # rows of OUT_COLUMNS: cleaned review text, its key, rating, verified, ...
     val: ray.data.Dataset
     test: ray.data.Dataset
     vocab: CharVocab  # from the train split's aggregated char counts (cfg.min_char_count), "\n" included
@@ -269,7 +279,7 @@ def _write_group(
     )
     out = {"cleaned": cleaned, "splits": {}, "chars": {}}
     for split in SPLITS:
-        part = table.filter(pa.array(splits == split)).select(OUT_COLUMNS)
+        part = table.filter(pa.array(splits == split)).select(OUT_COLUMNS).cast(OUT_SCHEMA)
         n_chars = int(pc.sum(pc.utf8_length(part.column("text"))).as_py() or 0)
         out["splits"][split] = {"rows": part.num_rows, "chars": n_chars}
         if split == "train":
@@ -334,43 +344,19 @@ def _unwrap_data_error(e: BaseException) -> BaseException | None:
 
 
 def is_prepared_dir(sources: list[str]) -> bool:
-    if len(sources) != 1 or "://" in sources[0]:
-        return len(sources) == 1 and "://" in sources[0] and _remote_has_manifest(sources[0])
-    return (Path(sources[0]) / "manifest.json").is_file()
-
-
-def _remote_has_manifest(uri: str) -> bool:
-    fs, path = pafs.FileSystem.from_uri(uri.rstrip("/") + "/manifest.json")
-    return fs.get_file_info(path).type == pafs.FileType.File
-
-
-def _read_remote_text(uri: str) -> str:
-    fs, path = pafs.FileSystem.from_uri(uri)
-    with fs.open_input_stream(path, compression=None) as f:
-        return f.readall().decode("utf-8")
+    """One source that is a directory written by `raylstm prepare` (it has manifest.json), local or URI."""
+    return len(sources) == 1 and storage.exists(storage.join(sources[0], "manifest.json"))
 
 
 def _load_prepared(root: str) -> ReviewSplits:
-    if "://" in root:
-        manifest = json.loads(_read_remote_text(root.rstrip("/") + "/manifest.json"))
-        vocab = CharVocab.from_dict(json.loads(_read_remote_text(root.rstrip("/") + "/vocab.json")))
-    else:
-        manifest = json.loads((Path(root) / "manifest.json").read_text())
-        vocab = CharVocab.load(Path(root) / "vocab.json")
+    manifest = storage.read_json(storage.join(root, "manifest.json"))
+    vocab = CharVocab.from_dict(storage.read_json(storage.join(root, "vocab.json")))
     parts = {}
     for split in SPLITS:
         if manifest["splits"][split]["rows"] == 0:
-            empty = pa.table(
-                {
-                    "text": pa.array([], pa.string()),
-                    "key": pa.array([], pa.string()),
-                    "rating": pa.array([], pa.float64()),
-                    "source": pa.array([], pa.string()),
-                }
-            )
-            parts[split] = ray.data.from_arrow(empty)
+            parts[split] = ray.data.from_arrow(OUT_SCHEMA.empty_table())
         else:
-            parts[split] = read_parquet(f"{root.rstrip('/')}/{split}")
+            parts[split] = read_parquet(storage.join(root, split))
     return ReviewSplits(parts["train"], parts["val"], parts["test"], vocab, manifest)
 
 
@@ -411,8 +397,6 @@ def build_splits(
 def _build_splits(
     cfg: DataConfig, sources: list[str], out_dir: str, override_num_blocks: int | None
 ) -> tuple[dict, CharVocab]:
-    from raylstm import storage
-
     fs, root = storage.resolve(out_dir)
     work = f"{root}/{WORK_DIR}"
     fs.create_dir(work, recursive=True)
