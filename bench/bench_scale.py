@@ -7,7 +7,7 @@ while this process samples the memory of that process and all its descendants:
 
   prepare   ray.init(num_cpus=2, object_store_memory=1 GiB), a warm-up prepare of the demo corpus (worker
             start-up, not counted), then `raylstm.prepare.prepare` on the corpus, timed.
-  plain     `plain_python`: one process, gzip + json.loads per line, text.clean_text, drop short and
+  plain     `plain_python`: one process, gzip + orjson.loads per line (the parser sources.py uses), text.clean_text, drop short and
             already-seen texts (a set of every kept text), split_of(key), vocabulary counts, Parquet per
             split written every 50k rows. The same per-row work, without Ray.
 
@@ -47,6 +47,7 @@ def plain_python(paths: list[str], out_dir: str, min_chars: int, val: float, tes
     """Single process, same per-row work as prepare, on 2023 JSON lines (.jsonl.gz)."""
     import gzip
 
+    import orjson
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -85,7 +86,7 @@ def plain_python(paths: list[str], out_dir: str, min_chars: int, val: float, tes
                 if not line.strip():
                     continue
                 records += 1
-                obj = json.loads(line)
+                obj = orjson.loads(line)
                 text = clean_text(obj["text"])
                 if len(text) < max(min_chars, 1) or text in seen:
                     continue
@@ -308,7 +309,7 @@ def markdown(rows: list[dict], png: Path, report_dir: Path, command: str) -> str
         "train split recombined into unique reviews (see docs/data.md). Size = UTF-8 bytes of review text. "
         "Each side runs in a fresh process on this 2-core machine: `prepare` under "
         f"`ray.init(num_cpus=2, object_store_memory={OBJECT_STORE >> 20} MiB)` after a warm-up (worker "
-        "start-up not counted); plain = one Python process doing the same per-row work (gzip + json.loads, "
+        "start-up not counted); plain = one Python process doing the same per-row work (gzip + orjson.loads, "
         "`text.clean_text`, drop short and already-seen texts held in a set, `split_of`, vocabulary counts, "
         "Parquet per split every 50k rows). Peak memory = the largest sum of PSS over the side's whole "
         "process tree (driver, raylet, GCS, workers; the object store counted once, as pages mapped), "
