@@ -167,13 +167,20 @@ def _pss_kib(pid: int) -> int:
 
 
 def _tree(pid: int) -> list[int]:
-    import psutil
-
-    try:
-        p = psutil.Process(pid)
-        return [pid, *(c.pid for c in p.children(recursive=True))]
-    except psutil.NoSuchProcess:
-        return []
+    """pid and all its descendants, from /proc/*/stat (Ray's raylet, GCS and workers are among them)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
 
 
 def run_side(side: str, corpus: Path, out: Path) -> dict:
