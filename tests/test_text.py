@@ -142,7 +142,10 @@ def test_clean_column_equals_clean_text(lowercase, ascii_only):
     @settings(max_examples=80, deadline=None)
     @given(st.lists(texts, min_size=1, max_size=40))
     def check(batch):
-        got = clean_column(pa.array(batch, pa.string()), lowercase, ascii_only).to_pylist()
-        assert got == [clean_text(t, lowercase, ascii_only) for t in batch]
+        want = [clean_text(t, lowercase, ascii_only) for t in batch]
+        assert clean_column(pa.array(batch, pa.string()), lowercase, ascii_only).to_pylist() == want
+        # a slice (a non-zero offset into the buffers) and large_string take the same path
+        sliced = pa.array(["&x<", *batch], pa.large_string()).slice(1)
+        assert clean_column(sliced, lowercase, ascii_only).to_pylist() == want
 
     check()
