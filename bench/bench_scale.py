@@ -340,7 +340,7 @@ def markdown(rows: list[dict], png: Path, report_dir: Path, command: str) -> str
             lines.append(
                 f"| {r['size']} | {d['records']:,} | {r['gz_bytes'] / 1e6:,.0f} MB | {side} | {d['seconds']:.1f} "
                 f"| {mb / d['seconds']:.1f} | {d['records'] / d['seconds']:,.0f} | "
-                f"{d['peak_pss_bytes'] / 2**30:.2f} GiB | {spill} | {ratio} |"
+                f"{_gib(d['peak_pss_bytes'])} | {spill} | {ratio} |"
             )
     same = all(r["prepare"]["kept"] == r["plain"]["kept"] for r in rows)
     lines += ["", f"Same rows kept by both sides at every size: {'yes' if same else 'NO'}.", ""]
@@ -351,8 +351,9 @@ def markdown(rows: list[dict], png: Path, report_dir: Path, command: str) -> str
             f"- Linear time: {per['1GB']:.1f} s/GB at 1 GB, {per['4GB']:.1f} s/GB at 4 GB "
             f"({per['4GB'] / per['1GB'] - 1:+.0%}; target within 15%)."
         )
-    if "100MB" in by and "4GB" in by:
-        m100, m4 = by["100MB"]["prepare"]["peak_pss_bytes"], by["4GB"]["prepare"]["peak_pss_bytes"]
+    m100 = by.get("100MB", {}).get("prepare", {}).get("peak_pss_bytes", 0)
+    m4 = by.get("4GB", {}).get("prepare", {}).get("peak_pss_bytes", 0)
+    if m100 and m4:
         lines.append(
             f"- Flat memory: the 4 GB run under a {OBJECT_STORE >> 20} MiB object store peaked at "
             f"{m4 / 2**30:.2f} GiB, {m4 / m100 - 1:+.0%} vs the 100 MB run's {m100 / 2**30:.2f} GiB "
@@ -375,6 +376,10 @@ def markdown(rows: list[dict], png: Path, report_dir: Path, command: str) -> str
         "",
     ]
     return "\n".join(lines)
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n else "n/a"  # 0: the sampler did not run
 
 
 def replace_section(report: Path, section: str) -> None:
