@@ -112,14 +112,17 @@ def build_pool(sources: list[str]) -> Pool:
         batch_format="pyarrow",
     )
     held_out: set[str] = set()
-    train: list[tuple[list[str], float | None, str]] = []
+    reviews = []
     for batch in rows.iter_batches(batch_format="pyarrow", batch_size=4096):
-        for text, title, key, rating in zip(*(batch.column(c).to_pylist() for c in batch.column_names)):
-            parts = [s.strip() for s in _SENTENCE_BREAK.split(text) if s.strip()]
-            if split_of(key, defaults.val_fraction, defaults.test_fraction) != "train":
-                held_out.update(parts)
-            else:
-                train.append((parts, rating, title or ""))
+        reviews.extend(zip(*(batch.column(c).to_pylist() for c in ("key", "text", "title", "rating"))))
+    reviews.sort(key=lambda r: (r[0], r[1]))  # Ray Data's block order varies; the pool must not
+    train: list[tuple[list[str], float | None, str]] = []
+    for key, text, title, rating in reviews:
+        parts = [s.strip() for s in _SENTENCE_BREAK.split(text) if s.strip()]
+        if split_of(key, defaults.val_fraction, defaults.test_fraction) != "train":
+            held_out.update(parts)
+        else:
+            train.append((parts, rating, title or ""))
     seen: set[str] = set()
     pool: list[str] = []
     for parts, _, _ in train:
