@@ -44,6 +44,7 @@ import pyarrow.fs as pafs
 import ray
 
 from raylstm import storage
+from raylstm.conditions import ConditionVocab, field_value
 from raylstm.config import DataConfig
 from raylstm.sources import BAD_REASONS, DataError, ReadOptions, read_parquet, read_reviews
 from raylstm.text import EOR, clean_column, clean_text, join_title
@@ -501,14 +502,80 @@ def stream_rows(texts: list[str], vocab: CharVocab, width: int, stride: int) -> 
     return np.ascontiguousarray(view, dtype=np.int32)
 
 
-def _windows(batch: pa.Table, vocab: CharVocab, width: int, stride: int) -> dict[str, np.ndarray]:
-    return {"ids": stream_rows(batch.column("text").to_pylist(), vocab, width, stride)}
+def stream_condition_rows(
+    texts: list[str], cond_ids: np.ndarray, vocab: CharVocab, width: int, stride: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """`stream_rows` plus, for every id of every row, the condition ids of the review it belongs to:
+    (ids int32 [N, width], cond int16 [N, width, F]) from reviews and their condition ids [n_reviews, F].
+
+    A review's characters and the "\\n" that ends it carry its conditions. The training loop reads a
+    window's conditions beside its targets (cond[:, 1:], as y = ids[:, 1:]): the input "\\n" that ends one
+    review is read with the conditions of the review it starts, whose first character it predicts.
+
+        stream   |I loved it.\\n|Broke in a week.\\n|
+        cond     |5 5 5 ... 5 5|1 1 1 .......... 1 1|
+    """
+    ids = stream_rows(texts, vocab, width, stride)
+    F = cond_ids.shape[1] if cond_ids.ndim == 2 else 0
+    if not len(ids):
+        return ids, np.zeros((0, width, F), np.int16)
+    lengths = np.fromiter((len(t) + 1 for t in texts), dtype=np.int64, count=len(texts))
+    per_id = np.repeat(np.asarray(cond_ids, dtype=np.int16), lengths, axis=0)  # [stream length, F]
+    view = np.lib.stride_tricks.sliding_window_view(per_id, width, axis=0)[::stride][: len(ids)]
+    return ids, np.ascontiguousarray(view.transpose(0, 2, 1), dtype=np.int16)
+
+
+def _windows(
+    batch: pa.Table, vocab: CharVocab, width: int, stride: int, conditions: ConditionVocab | None = None
+) -> dict[str, np.ndarray]:
+    texts = batch.column("text").to_pylist()
+    if conditions is None:
+        return {"ids": stream_rows(texts, vocab, width, stride)}
+    cond = conditions.encode_rows({f: batch.column(f).to_pylist() for f in conditions.fields})
+    ids, cond_rows = stream_condition_rows(texts, cond, vocab, width, stride)
+    return {"ids": ids, "cond": cond_rows}
+
+
+def _condition_summary(batch: pa.Table, fields: tuple[str, ...]) -> dict[str, list]:
+    """One summary row per block: counts of the joint condition values of its reviews."""
+    cols = [[field_value(f, v) for v in batch.column(f).to_pylist()] for f in fields]
+    counts = Counter(zip(*cols)) if cols else Counter()
+    return {"counts": [json.dumps([[list(k), n] for k, n in counts.items()])]}
+
+
+def condition_vocab(train_ds: ray.data.Dataset, fields: list[str] | tuple[str, ...]) -> ConditionVocab:
+    """The condition vocabulary of a training split (its rating/category columns), from per-block counts
+    summed on the driver: the corpus is never collected."""
+    fields = tuple(fields)
+    missing = [f for f in fields if f not in train_ds.schema().names]
+    if missing:
+        raise ValueError(
+            f"model.conditions asks for {missing}, which the training split has no column for "
+            f"(its columns: {train_ds.schema().names}); prepare the data again with this version"
+        )
+    rows = (
+        train_ds.select_columns(list(fields))
+        .map_batches(
+            _condition_summary, fn_kwargs={"fields": fields}, batch_format="pyarrow", batch_size=None
+        )
+        .take_all()
+    )
+    joint: Counter = Counter()
+    for r in rows:
+        for k, n in json.loads(r["counts"]):
+            joint[tuple(k)] += n
+    return ConditionVocab.from_counts(fields, joint)
 
 
 def window_dataset(
-    text_ds: ray.data.Dataset, vocab: CharVocab, cfg: DataConfig, batch_rows: int = BATCH_ROWS
+    text_ds: ray.data.Dataset,
+    vocab: CharVocab,
+    cfg: DataConfig,
+    batch_rows: int = BATCH_ROWS,
+    conditions: ConditionVocab | None = None,
 ) -> ray.data.Dataset:
-    """Encoded training rows, streamed: rows {"ids": int32[width]} (see `window_shape`).
+    """Encoded training rows, streamed: rows {"ids": int32[width]} (see `window_shape`), and with
+    `conditions` also {"cond": int16[width, F]}: each id's review's condition ids (`stream_condition_rows`).
 
     full:  each review + "\\n", concatenated within a batch of reviews, cut into segments of
            segment_windows windows; x = ids[:-1], y = ids[1:] (every position supervised). The tail of each
@@ -528,7 +595,7 @@ def window_dataset(
     width, stride = window_shape(cfg)
     return text_ds.map_batches(
         _windows,
-        fn_kwargs={"vocab": vocab, "width": width, "stride": stride},
+        fn_kwargs={"vocab": vocab, "width": width, "stride": stride, "conditions": conditions},
         batch_format="pyarrow",
         batch_size=batch_rows,
     )
