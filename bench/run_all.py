@@ -323,7 +323,9 @@ def main(argv: list[str] | None = None) -> int:
     info = machine()
     results = []
     for name in pieces:
-        long = {"quality": 1800.0, "conditioning": 4200.0}  # one and two 20-minute runs, plus figures
+        # quality trains for ~20 min, conditioning one and two 20-minute runs plus figures; bench_scale
+        # prepares 5 GB of corpora twice (~25 min; 10 MB and 100 MB only in --quick)
+        long = {"quality": 1800.0, "conditioning": 4200.0, "bench_scale": 600.0 if args.quick else 3600.0}
         r = run_piece(name, out_dir, args.quick, long.get(name, args.timeout))
         r["command"] = command_for(name, args.quick)
         results.append(r)

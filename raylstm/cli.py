@@ -64,6 +64,38 @@ def _prepare_parser(p: argparse.ArgumentParser) -> Command:
     return run
 
 
+# --- synth -------------------------------------------------------------------------------------------
+def _synth_parser(p: argparse.ArgumentParser) -> Command:
+    p.add_argument(
+        "sources",
+        nargs="*",
+        help="real review files/dirs whose train-split sentences are recombined (default: demo corpus)",
+    )
+    p.add_argument("--out", required=True, help="empty or new directory for the shards and synth.json")
+    p.add_argument("--size", default="100MB", help="review text to write (UTF-8 bytes), e.g. 10MB, 4GB")
+    p.add_argument(
+        "--layout",
+        choices=["json", "tsv", "parquet", "mixed"],
+        default="json",
+        help="2023 JSON lines (.jsonl.gz), Amazon TSV (.tsv.gz), Parquet, or shards rotating all three",
+    )
+    p.add_argument("--shards", type=int, default=8, help="files to write (one Ray task each)")
+    p.add_argument("--seed", type=int, default=0, help="the same seed and arguments write the same bytes")
+
+    def run(args: argparse.Namespace) -> int:
+        import json
+
+        from raylstm.synth import generate, parse_size
+
+        manifest = generate(
+            args.out, parse_size(args.size), args.sources, args.layout, args.shards, args.seed
+        )
+        print(json.dumps({k: v for k, v in manifest.items() if k != "files"}, indent=2))
+        return 0
+
+    return run
+
+
 # --- download ------------------------------------------------------------------------------------------
 def _download_parser(p: argparse.ArgumentParser) -> Command:
     p.add_argument("category", nargs="?", default="Musical_Instruments", help="Amazon Reviews 2023 category")
@@ -360,6 +392,10 @@ def _demo_parser(p: argparse.ArgumentParser) -> Command:
 
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], Command]]] = {
     "prepare": ("clean, split and encode review files into Parquet shards + vocab.json", _prepare_parser),
+    "synth": (
+        "write a large synthetic review corpus (real sentences, unique reviews) for scale tests",
+        _synth_parser,
+    ),
     "download": (
         "fetch a public Amazon Reviews 2023 category file (resumable, checksummed)",
         _download_parser,

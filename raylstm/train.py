@@ -178,7 +178,14 @@ def train(
 
     if not ray.is_initialized():
         ensure_ray(address, **(ray_init_kwargs or {}))
-    splits = load_splits(cfg.data)
+    name = name or default_run_name(cfg)
+    storage_path, run_dir = resolve_storage(storage, name)
+    # Raw sources are prepared once into the run's own data/ (streamed, never held in the object store),
+    # where every node sees it when the storage is shared or s3://; a prepared dir is read as it is.
+    work_dir = (
+        store.join(storage_path, name, "data") if store.is_remote(storage_path) else str(run_dir / "data")
+    )
+    splits = load_splits(cfg.data, work_dir=work_dir)
     conditions = condition_vocab(splits.train, cfg.model.conditions) if cfg.model.conditions else None
     train_ds = window_dataset(splits.train, splits.vocab, cfg.data, conditions=conditions)
     if cfg.data.window_mode == "full":
