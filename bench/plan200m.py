@@ -293,6 +293,17 @@ def markdown(f: dict[str, Any], command: str) -> str:
         f"| steady-state chars/s (median of the reports between evaluations) "
         f"| {f['chars_per_s_steady_median']:,.0f} ({f['ratio_steady']:.3f} of the ceiling) |",
         f"| best val bpc | {f['best_val_bpc']:.4f} |",
+    ]
+    if f["predictions"] != PREDICTIONS:
+        # This run's start-up once, then its rate after start-up (training, evaluations, checkpoints).
+        startup = f["start_to_first_report_s"]
+        per_pred = (f["wall_to_best_s"] - startup) / f["best_predictions"]
+        lines.append(
+            f"| {PREDICTIONS:,} predictions projected (this run's start-up + its rate after start-up) "
+            f"| {(startup + PREDICTIONS * per_pred) / 60:.0f} min (at the ceiling: "
+            f"{PREDICTIONS / bc['chars_per_s'] / 60:.0f} min) |"
+        )
+    lines += [
         "",
         "### Held-out test split (the same reviews for every row)",
         "",
@@ -338,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--finish", action="store_true", help=f"only the held-out scoring, of the run in --out/{TRAIN_JSON}"
     )
+    ap.add_argument("--markdown", action="store_true", help="only plan200m.md, from --out/plan200m.json")
     args = ap.parse_args(argv)
     if args.quick and args.predictions == PREDICTIONS:
         args.predictions = 2_000_000
@@ -345,7 +357,9 @@ def main(argv: list[str] | None = None) -> int:
     command = shlex.join(
         [".venv/bin/python", "-m", "bench.plan200m", *(argv if argv is not None else sys.argv[1:])]
     )
-    if args.finish:
+    if args.markdown:
+        fig = json.loads((Path(args.out) / "plan200m.json").read_text())
+    elif args.finish:
         fig = finish(Path(args.out))
     else:
         fig = run_plan(Path(args.out), args.predictions, args.seconds, args.quick, args.lr, command=command)
