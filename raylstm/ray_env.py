@@ -20,6 +20,8 @@ Workarounds (measured on Ray 2.60.0, 2 cores; recheck them when the Ray pin in p
                             shows twice on the driver.
   serve_http_address()      Serve's actual HTTP host/port (an earlier serve.start wins) are only on the
                             private global client.
+  ray_logs_dir()            the session's log directory (where a quiet run's Ray lines go) is only on
+                            the private global node.
 """
 
 from __future__ import annotations
@@ -104,3 +106,11 @@ def serve_http_address(default_host: str, default_port: int) -> tuple[str, int]:
         return http.host, http.port
     except (ImportError, AttributeError):
         return default_host, default_port
+
+
+def ray_logs_dir() -> str | None:
+    """This Ray session's log directory on the driver's node, or None when Ray cannot say."""
+    try:
+        return ray._private.worker._global_node.get_logs_dir_path()
+    except AttributeError:
+        return None

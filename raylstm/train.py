@@ -29,7 +29,8 @@ from ray.train.torch import TorchTrainer
 from raylstm import storage as store
 from raylstm.checkpoint import BEST, load_checkpoint, write_best
 from raylstm.config import Config
-from raylstm.ray_env import quiet_dataset
+from raylstm.progress import MetricsFollower, quiet_ray_console
+from raylstm.ray_env import quiet_dataset, ray_logs_dir
 from raylstm.train_loop import SAMPLES_FILE, generate_samples, train_loop_per_worker
 from raylstm.vocab import CharVocab
 
@@ -163,13 +164,19 @@ def train(
     name: str | None = None,
     address: str | None = None,
     ray_init_kwargs: dict | None = None,
+    verbose: bool = False,
 ) -> TrainResult:
-    """Train `cfg` on its data sources with Ray Train; returns where the run and its best checkpoint are."""
+    """Train `cfg` on its data sources with Ray Train; returns where the run and its best checkpoint are.
+
+    The console shows raylstm's own lines and a progress line (`raylstm.progress`); `verbose` shows
+    Ray's log lines instead (workers, the Train controller, Ray Data's per-execution progress)."""
     from raylstm.data import load_splits, window_dataset
     from raylstm.ray_env import ensure_ray
 
     if not ray.is_initialized():
-        ensure_ray(address, **(ray_init_kwargs or {}))
+        ensure_ray(address, **{"log_to_driver": verbose, **(ray_init_kwargs or {})})
+    if not verbose:
+        quiet_ray_console()
     splits = load_splits(cfg.data)
     train_ds = window_dataset(splits.train, splits.vocab, cfg.data)
     val_ds = window_dataset(splits.val, splits.vocab, cfg.data)
@@ -181,6 +188,7 @@ def train(
         storage=storage,
         name=name,
         manifest=getattr(splits, "manifest", None),
+        verbose=verbose,
     )
 
 
@@ -192,8 +200,13 @@ def fit_windows(
     storage: str = "runs",
     name: str | None = None,
     manifest: dict | None = None,
+    verbose: bool = False,
 ) -> TrainResult:
-    """Run TorchTrainer on ready window datasets (rows {"ids": int32[...]}) and write the run's outputs."""
+    """Run TorchTrainer on ready window datasets (rows {"ids": int32[...]}) and write the run's outputs.
+
+    While it runs, the driver follows metrics.jsonl and shows the progress (`raylstm.progress`): one
+    live line on a terminal, plain lines elsewhere (always plain with `verbose`, where Ray's own lines
+    interleave)."""
     cfg.model.vocab_size = len(vocab)
     tcfg = cfg.train
     name = name or default_run_name(cfg)
@@ -220,8 +233,16 @@ def fit_windows(
             )
     total_steps = tcfg.max_steps if tcfg.max_steps > 0 else tcfg.epochs * steps_per_epoch
 
-    print(f"[raylstm] run dir {run_dir}\n[raylstm] resolved config:\n{cfg.to_json()}", flush=True)
     (run_dir / CONFIG_FILE).write_text(cfg.to_json())
+    if verbose:
+        print(f"[raylstm] run dir {run_dir}\n[raylstm] resolved config:\n{cfg.to_json()}", flush=True)
+    else:
+        print(f"[raylstm] run dir {run_dir} (resolved config: {CONFIG_FILE} there)", flush=True)
+        print(
+            f"[raylstm] {tcfg.num_workers} worker(s), {total_steps} steps; Ray's own log lines are in "
+            f"{ray_logs_dir() or 'the Ray session logs'} (--verbose shows them here)",
+            flush=True,
+        )
     if manifest:
         (run_dir / "data_manifest.json").write_text(
             json.dumps(manifest, indent=2, sort_keys=True, default=str)
@@ -257,7 +278,8 @@ def fit_windows(
         # val bpc is over the same windows whatever the worker count (see train_loop.evaluate).
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
-    result = trainer.fit()
+    with MetricsFollower(run_dir / METRICS_FILE, total_steps, live=False if verbose else None):
+        result = trainer.fit()
     return finish_run(cfg, run_dir, result, run_uri(storage_path, name))
 
 
