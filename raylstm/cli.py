@@ -105,6 +105,7 @@ def _train_parser(p: argparse.ArgumentParser) -> Command:
 
     def run(args: argparse.Namespace) -> int:
         from raylstm.train import train
+        from raylstm.train_loop import TrainingDiverged
 
         cfg = _config(args)
         if args.data:
@@ -113,7 +114,14 @@ def _train_parser(p: argparse.ArgumentParser) -> Command:
             cfg.train.num_workers = args.workers
         if args.gpu:
             cfg.train.use_gpu = True
-        result = train(cfg, storage=args.storage, name=args.name, address=args.address, verbose=args.verbose)
+        try:
+            result = train(
+                cfg, storage=args.storage, name=args.name, address=args.address, verbose=args.verbose
+            )
+        except TrainingDiverged as e:
+            # Not a crash: the message says which setting to change, and the checkpoints before it stand.
+            print(f"raylstm train: {e}", file=sys.stderr)
+            return 3
         print(f"best checkpoint: {result.best_checkpoint}  val_bpc={result.best_metrics.get('val_bpc')}")
         print(f"run dir: {result.run_dir}")
         return 0

@@ -48,8 +48,14 @@ class DataConfig:
     # Held-out fractions by stable hash of the review key; 5% of a large corpus is plenty to rank checkpoints.
     val_fraction: float = 0.05
     test_fraction: float = 0.05
-    # Characters per training window (the model sees seq_len inputs and predicts seq_len targets).
+    # Characters per training window (the model sees seq_len inputs and predicts seq_len targets), which
+    # is also how far back gradients flow (truncated BPTT).
     seq_len: int = 128
+    # Stateful truncated BPTT: each batch row reads a segment of this many consecutive windows of its
+    # stream, carrying the LSTM state (detached) from one window to the next and starting each segment
+    # from a zero state. 1 = independent windows, each from a zero state. Longer segments give every
+    # character more context than seq_len at the same cost per character; see docs/train.md.
+    segment_windows: int = 1
     # "full": every position supervised; "seed": the original project's 40-char context -> 1 next char.
     window_mode: Literal["full", "seed"] = "full"
     # The original's window: 40 chars of context, a new sample every 3 chars.
@@ -59,6 +65,10 @@ class DataConfig:
     shuffle_buffer: int = 2048
     # Keep the encoded windows in the object store between epochs (small corpora); large corpora stream.
     materialize: bool = True
+    # Deterministic data order (Ray Data preserve_order, seeded local shuffles): the same run reads the
+    # same batches, so a resumed run trains on what the uninterrupted one would have. Free on
+    # materialized windows; a streamed corpus may trade it for throughput.
+    preserve_order: bool = True
 
 
 @dataclass
@@ -92,8 +102,9 @@ class TrainConfig:
     # Mild decay on matrices only; LSTMs overfit small review corpora quickly.
     weight_decay: float = 0.01
     betas: tuple[float, float] = (0.9, 0.99)
-    # Optimizer: "adamw" for raylstm, "rmsprop" for the seed preset (what the original used).
-    optimizer: Literal["adamw", "rmsprop"] = "adamw"
+    # Optimizer: "adamw" for raylstm, "rmsprop" for the seed preset (what the original used), "sgd" (no
+    # momentum) where an update must be linear in the gradient (the DDP equivalence test).
+    optimizer: Literal["adamw", "rmsprop", "sgd"] = "adamw"
     warmup_steps: int = 100
     # Cosine decays to lr * min_lr_ratio by max_steps. max_steps <= 0 means "epochs decide".
     max_steps: int = 2000
@@ -118,6 +129,9 @@ class TrainConfig:
     sample_prime: str = "I bought this "
     temperatures: tuple[float, ...] = (0.2, 0.5, 1.0, 1.2)
     seed: int = 1337
+    # A directory for each worker's record of what it restored and which windows it trained on (how the
+    # tests check resume and data sharding against independent references); "" = off, no cost.
+    trace_dir: str = ""
 
 
 @dataclass

@@ -340,36 +340,64 @@ def _config_dict(cfg: DataConfig) -> dict:
 
 
 # --- windows -------------------------------------------------------------------------------------------
-def _windows(batch: pa.Table, vocab: CharVocab, width: int, stride: int) -> dict[str, np.ndarray]:
-    texts = batch.column("text").to_pylist()
+def window_shape(cfg: DataConfig) -> tuple[int, int]:
+    """(width, stride) in ids of one training row for `cfg`.
+
+    full:  a row is a segment of segment_windows consecutive windows of seq_len+1 ids (each window shares
+           its last id with the next): width segment_windows * seq_len + 1, stride segment_windows * seq_len.
+    seed:  the original's windows of seed_context+1 ids every seed_step ids.
+    """
+    if cfg.window_mode == "full":
+        if cfg.segment_windows < 1:
+            raise ValueError(f"data.segment_windows must be >= 1, got {cfg.segment_windows}")
+        return cfg.segment_windows * cfg.seq_len + 1, cfg.segment_windows * cfg.seq_len
+    if cfg.window_mode == "seed":
+        if cfg.segment_windows != 1:
+            raise ValueError(
+                "data.segment_windows > 1 (stateful BPTT) needs data.window_mode = 'full': seed windows "
+                "overlap, so there is no stream to carry the state along"
+            )
+        return cfg.seed_context + 1, cfg.seed_step
+    raise ValueError(f"data.window_mode must be 'full' or 'seed', got {cfg.window_mode!r}")
+
+
+def stream_rows(texts: list[str], vocab: CharVocab, width: int, stride: int) -> np.ndarray:
+    """Reviews -> one stream (each review + "\\n") -> rows of `width` ids every `stride` ids, int32 [N, width].
+
+    The tail shorter than a row is dropped. Pure numpy: the Ray Data map below and the benchmarks call it.
+    """
     ids = vocab.encode(EOR.join(texts) + EOR) if texts else np.zeros(0, np.int32)
     if ids.size < width:
-        return {"ids": np.zeros((0, width), np.int32)}
+        return np.zeros((0, width), np.int32)
     view = np.lib.stride_tricks.sliding_window_view(ids, width)[::stride]
-    return {"ids": np.ascontiguousarray(view, dtype=np.int32)}
+    return np.ascontiguousarray(view, dtype=np.int32)
+
+
+def _windows(batch: pa.Table, vocab: CharVocab, width: int, stride: int) -> dict[str, np.ndarray]:
+    return {"ids": stream_rows(batch.column("text").to_pylist(), vocab, width, stride)}
 
 
 def window_dataset(
     text_ds: ray.data.Dataset, vocab: CharVocab, cfg: DataConfig, batch_rows: int = BATCH_ROWS
 ) -> ray.data.Dataset:
-    """Encoded training windows, streamed: rows {"ids": int32[width]}.
+    """Encoded training rows, streamed: rows {"ids": int32[width]} (see `window_shape`).
 
-    full:  each review + "\\n", concatenated within a batch of reviews, cut into windows of seq_len+1 ids
-           with stride seq_len; x = ids[:-1], y = ids[1:] (every position supervised). The tail of each
-           batch shorter than a window is dropped (under one window per 4096 reviews).
+    full:  each review + "\\n", concatenated within a batch of reviews, cut into segments of
+           segment_windows windows; x = ids[:-1], y = ids[1:] (every position supervised). The tail of each
+           batch shorter than a segment is dropped (under one segment per 4096 reviews).
 
-           reviews  |I loved it.\\n|Broke in a week.\\n|Works.\\n| ...
-           windows  [0 ........ T] [T ........ 2T] [2T ....... 3T]   (each shares its last id with the next)
+           reviews   |I loved it.\\n|Broke in a week.\\n|Works.\\n|Too loud.\\n| ...
+           segment   [0 ...... T][T ...... 2T] ... [(n-1)T ..... nT]     n = segment_windows
+           windows    window 0    window 1          window n-1    (each shares its last id with the next)
+
+           A batch row of the training loop is one segment: its n windows are n consecutive optimizer
+           steps, and the LSTM state at the end of window j is the initial state of window j+1.
+           segment_windows = 1 gives independent windows.
 
     seed:  the original Keras samples: windows of seed_context+1 ids every seed_step ids; the model
            reads the first seed_context ids and predicts only the last one.
     """
-    if cfg.window_mode == "full":
-        width, stride = cfg.seq_len + 1, cfg.seq_len
-    elif cfg.window_mode == "seed":
-        width, stride = cfg.seed_context + 1, cfg.seed_step
-    else:
-        raise ValueError(f"data.window_mode must be 'full' or 'seed', got {cfg.window_mode!r}")
+    width, stride = window_shape(cfg)
     return text_ds.map_batches(
         _windows,
         fn_kwargs={"vocab": vocab, "width": width, "stride": stride},

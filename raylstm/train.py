@@ -2,10 +2,13 @@
 
     train(cfg, storage, name)
       ensure_ray(address)                     join RAY_ADDRESS (ray job submit) or start a local Ray
-      load_splits + window_dataset            Ray Data: text -> windows of ids            (raylstm.data)
-      fit_windows(...)                        TorchTrainer(train_loop_per_worker) with DDP workers
+      load_splits + window_dataset            Ray Data: text -> segments of windows of ids  (raylstm.data)
+      fit_windows(...)                        TorchTrainer(train_loop_per_worker) with DDP workers; val =
+                                              the val reviews, each scored whole (seed mode: windows)
         RunLog callback (controller)          metrics.jsonl, samples.jsonl, best.json as training goes
-      after fit                               best.json (authoritative), learning_curve.png, samples.txt
+      after fit                               a diverged run raises TrainingDiverged (its message says
+                                              what to change); else best.json (authoritative),
+                                              learning_curve.png, samples.txt
 
 The run dir is storage/name. Running the same name with the same storage again continues that run from
 its latest checkpoint (Ray Train finds the run's snapshot there); a finished run continued this way has
@@ -23,6 +26,7 @@ from typing import Any
 
 import ray
 import ray.train
+from ray.data import ExecutionOptions
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
 from ray.train.torch import TorchTrainer
 
@@ -31,7 +35,7 @@ from raylstm.checkpoint import BEST, load_checkpoint, write_best
 from raylstm.config import Config
 from raylstm.progress import MetricsFollower, quiet_ray_console
 from raylstm.ray_env import quiet_dataset, ray_logs_dir
-from raylstm.train_loop import SAMPLES_FILE, generate_samples, train_loop_per_worker
+from raylstm.train_loop import SAMPLES_FILE, TrainingDiverged, generate_samples, train_loop_per_worker
 from raylstm.vocab import CharVocab
 
 METRICS_FILE = "metrics.jsonl"
@@ -98,6 +102,8 @@ class RunLog(UserCallback):
     def _tensorboard(self, line: dict[str, Any]) -> None:
         """The report's scalars, at its step, in the run dir's TensorBoard event file (flushed now, so
         TensorBoard shows a run while it trains; a continued run adds a new event file beside the old)."""
+        if not isinstance(line.get("step"), int):
+            return  # nothing to place on TensorBoard's step axis
         if self._writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -107,7 +113,7 @@ class RunLog(UserCallback):
             scalars["train/bpc"] = line["train_loss"] / math.log(2)
         for tag, value in scalars.items():
             if isinstance(value, (int, float)) and math.isfinite(value):
-                self._writer.add_scalar(tag, value, int(line["step"]), walltime=line["time"])
+                self._writer.add_scalar(tag, value, line["step"], walltime=line["time"])
         self._writer.flush()
 
     def _best_so_far(self) -> float:
@@ -179,7 +185,10 @@ def train(
         quiet_ray_console()
     splits = load_splits(cfg.data)
     train_ds = window_dataset(splits.train, splits.vocab, cfg.data)
-    val_ds = window_dataset(splits.val, splits.vocab, cfg.data)
+    if cfg.data.window_mode == "full":
+        val_ds = splits.val.select_columns(["text"])  # whole reviews, scored as `raylstm evaluate` does
+    else:
+        val_ds = window_dataset(splits.val, splits.vocab, cfg.data)
     return fit_windows(
         cfg,
         splits.vocab,
@@ -202,13 +211,16 @@ def fit_windows(
     manifest: dict | None = None,
     verbose: bool = False,
 ) -> TrainResult:
-    """Run TorchTrainer on ready window datasets (rows {"ids": int32[...]}) and write the run's outputs.
+    """Run TorchTrainer on ready datasets and write the run's outputs.
 
-    While it runs, the driver follows metrics.jsonl and shows the progress (`raylstm.progress`): one
-    live line on a terminal, plain lines elsewhere (always plain with `verbose`, where Ray's own lines
-    interleave)."""
+    `train_ds` rows are {"ids": int32[width]} from `data.window_dataset`; `val_ds` rows are either reviews
+    {"text": str} (each scored whole, from a zero state, every character with the review before it) or
+    windows {"ids"} (what seed mode validates on). While it runs, the driver follows metrics.jsonl and
+    shows the progress (`raylstm.progress`): one live line on a terminal, plain lines elsewhere (always
+    plain with `verbose`, where Ray's own lines interleave)."""
     cfg.model.vocab_size = len(vocab)
     tcfg = cfg.train
+    check_plan(cfg)
     name = name or default_run_name(cfg)
     storage_path, run_dir = resolve_storage(storage, name)
 
@@ -216,22 +228,30 @@ def fit_windows(
         train_ds, val_ds = train_ds.materialize(), val_ds.materialize()
     for ds in (train_ds, val_ds):
         quiet_dataset(ds)  # each epoch and each evaluation is a new execution
-    n_val = val_ds.count()
-    if n_val == 0:
+    val_kind = "reviews" if "text" in val_ds.columns() else "windows"
+    if val_ds.count() == 0:
         raise ValueError(
-            "the validation split has no windows: use more data, a larger data.val_fraction "
+            "the validation split is empty: use more data, a larger data.val_fraction "
             "or a shorter data.seq_len"
         )
     steps_per_epoch = None
     if cfg.data.materialize or tcfg.max_steps <= 0:
-        n_train = train_ds.count()
-        steps_per_epoch = (n_train // tcfg.num_workers) // tcfg.batch_size
-        if steps_per_epoch == 0:
+        n_rows = train_ds.count()
+        # Ray's equal split and drop_last: each worker takes whole batches of its equal share of the rows.
+        batches = (n_rows // tcfg.num_workers) // tcfg.batch_size
+        if batches == 0:
             raise ValueError(
-                f"{n_train} training windows cannot fill one batch of train.batch_size={tcfg.batch_size} on "
-                f"each of train.num_workers={tcfg.num_workers}: lower the batch size or add data"
+                f"{n_rows} training rows cannot fill one batch of train.batch_size={tcfg.batch_size} on "
+                f"each of train.num_workers={tcfg.num_workers}: lower the batch size, "
+                "data.segment_windows or data.seq_len, or add data"
             )
-    total_steps = tcfg.max_steps if tcfg.max_steps > 0 else tcfg.epochs * steps_per_epoch
+        steps_per_epoch = batches * (cfg.data.segment_windows if cfg.data.window_mode == "full" else 1)
+    if tcfg.max_steps <= 0:
+        total_steps = tcfg.epochs * steps_per_epoch
+    else:  # the LR schedule ends where training will end: max_steps, or the epochs if they run out first
+        total_steps = (
+            min(tcfg.max_steps, tcfg.epochs * steps_per_epoch) if steps_per_epoch else tcfg.max_steps
+        )
 
     (run_dir / CONFIG_FILE).write_text(cfg.to_json())
     if verbose:
@@ -248,6 +268,8 @@ def fit_windows(
             json.dumps(manifest, indent=2, sort_keys=True, default=str)
         )
 
+    reports_before = len(read_metrics(run_dir)) if (run_dir / METRICS_FILE).exists() else 0
+    train_options = ExecutionOptions(preserve_order=cfg.data.preserve_order)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -255,6 +277,7 @@ def fit_windows(
             "vocab": vocab.to_dict(),
             "total_steps": total_steps,
             "steps_per_epoch": steps_per_epoch,
+            "val_kind": val_kind,
         },
         scaling_config=ScalingConfig(
             num_workers=tcfg.num_workers,
@@ -275,12 +298,38 @@ def fit_windows(
         ),
         datasets={"train": train_ds, "val": val_ds},
         # Only train is split: every worker reads the whole val set and evaluates its stride of it, so
-        # val bpc is over the same windows whatever the worker count (see train_loop.evaluate).
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        # val bpc is over the same reviews whatever the worker count (see train_loop.evaluate). With
+        # preserve_order the split hands out blocks in the same order to the same workers every time.
+        dataset_config=ray.train.DataConfig(
+            datasets_to_split=["train"], execution_options={"train": train_options}
+        ),
     )
     with MetricsFollower(run_dir / METRICS_FILE, total_steps, live=False if verbose else None):
         result = trainer.fit()
+    raise_if_diverged(run_dir, reports_before)
     return finish_run(cfg, run_dir, result, run_uri(storage_path, name))
+
+
+def check_plan(cfg: Config) -> None:
+    """Refuse settings that would train, but not as asked, before any worker starts."""
+    from raylstm.data import window_shape
+
+    window_shape(cfg.data)  # segment and window settings
+    n = cfg.data.segment_windows
+    if n > 1 and cfg.train.eval_every % n:
+        raise ValueError(
+            f"train.eval_every ({cfg.train.eval_every}) must be a multiple of data.segment_windows ({n}): "
+            "checkpoints then fall where every batch row starts a new segment from a zero state, so a "
+            "resumed run continues exactly as the uninterrupted one (the carried LSTM state is not saved)"
+        )
+
+
+def raise_if_diverged(run_dir: Path, reports_before: int) -> None:
+    """The workers stop a diverged run by reporting it (a raising worker would be retried): raise it here,
+    with the message that names the setting to change."""
+    for line in read_metrics(run_dir)[reports_before:] if (run_dir / METRICS_FILE).exists() else []:
+        if line.get("diverged"):
+            raise TrainingDiverged(line["diverged"])
 
 
 def finish_run(

@@ -2,33 +2,42 @@
 
     driver (train.py)                          each worker (this file)
     -----------------                          ------------------------------------------------------
-    datasets {"train", "val"}  --split-->      get_dataset_shard("train").iter_torch_batches
-    train_loop_config {config, vocab,   -->    restore from get_checkpoint()  (model, optimizer, scheduler,
-                       total_steps, ...}         step, epoch, data position)
-                                               loop: forward -> loss -> backward (DDP all-reduce) -> clip
-                                                     -> AdamW/RMSprop step -> warmup+cosine LR
-                                               every log_every:  report(metrics)           (all ranks)
-                                               every eval_every: val (all-reduced sums) + samples +
-                                                                 report(metrics, checkpoint) (rank 0 writes)
+    datasets {"train", "val"}  --split-->      get_dataset_shard("train"): segments of windows
+    train_loop_config {config, vocab,   -->    resume(): model, optimizer, scheduler, position from
+                       plan}                     get_checkpoint()
+                                               per window: train_step (forward from the carried state ->
+                                                 loss -> backward (DDP all-reduce) -> clip -> step -> LR)
+                                               agree_on_step: mean loss and rank 0's report decision
+                                                 (one all-reduce); a diverged loss stops every rank
+                                               every log_every:  report(interval metrics)    (all ranks)
+                                               every eval_every: evaluate_and_checkpoint: val bpc
+                                                 (all-reduced) + samples + report(metrics, checkpoint)
 
-Batches are rows of `ids` (int32): full mode has seq_len+1 ids per row, x = ids[:, :-1], y = ids[:, 1:]
-(a loss at every position); seed mode has seed_context+1 ids, x = ids[:, :-1], y = ids[:, -1] (the
-original project's one prediction per window).
+Training rows are segments of `segment_windows` consecutive windows (data.window_dataset); a batch is B
+segments, and each of its windows is one optimizer step:
 
-The small pieces (LR schedule, optimizer, loss, evaluation, sampling, loss guard) are plain functions of
-torch objects so tests and benchmarks use them without Ray.
+    batch ids [B, n*T+1]   row b: |-- window 0 --|-- window 1 --| ... |-- window n-1 --|
+    step k:  x = ids[:, kT : kT+T], y = ids[:, kT+1 : kT+T+1]; state (h, c) [L, B, H] from step k-1,
+             detached (truncated BPTT); a new batch starts every row from a zero state.
+
+Seed mode rows are the original's windows: x = ids[:, :-1], y = ids[:, -1] (one prediction per window).
+
+The small pieces (LR schedule, optimizer, loss, evaluation, sampling, loss guard, train step) are plain
+functions of torch objects so tests and benchmarks use them without Ray.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import math
 import os
-import shutil
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +45,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raylstm.checkpoint import load_checkpoint, load_training_state, save_checkpoint
+from raylstm.checkpoint import (
+    CheckpointError,
+    LoadedCheckpoint,
+    load_checkpoint,
+    load_training_state,
+    save_checkpoint,
+)
 from raylstm.config import Config, TrainConfig
-from raylstm.model import CharLSTM, build_model, unwrap
+from raylstm.model import CharLSTM, LSTMState, build_model, unwrap
 from raylstm.ray_env import MIN_REPORT_INTERVAL_S, console_print
 from raylstm.vocab import CharVocab
 
@@ -70,11 +85,14 @@ def lr_multiplier(it: int, warmup_steps: int, total_steps: int, min_lr_ratio: fl
 
 
 def make_optimizer(model: nn.Module, tcfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW with weight decay on matrices only (biases/1-d params are not decayed), or the seed's RMSprop."""
+    """AdamW with weight decay on matrices only (biases/1-d params are not decayed), the seed's RMSprop,
+    or plain SGD (no momentum, no decay: an update linear in the gradient)."""
     params = [p for p in model.parameters() if p.requires_grad]
     if tcfg.optimizer == "rmsprop":
         # Keras' RMSprop defaults (rho=0.9, eps=1e-7), which the original project used.
         return torch.optim.RMSprop(params, lr=tcfg.lr, alpha=0.9, eps=1e-7)
+    if tcfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=tcfg.lr, momentum=0.0)
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": tcfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -89,7 +107,7 @@ def make_scheduler(optimizer: torch.optim.Optimizer, tcfg: TrainConfig, total_st
     return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
 
 
-# --- loss and evaluation --------------------------------------------------------------------------------
+# --- loss, one training step, evaluation ----------------------------------------------------------------
 def split_batch(ids: torch.Tensor, window_mode: str) -> tuple[torch.Tensor, torch.Tensor]:
     """[B, T+1] ids -> (x [B, T], y): y [B, T] in full mode, y [B] (the last id) in seed mode."""
     x = ids[:, :-1]
@@ -97,14 +115,23 @@ def split_batch(ids: torch.Tensor, window_mode: str) -> tuple[torch.Tensor, torc
 
 
 def loss_sum_and_count(model: nn.Module, ids: torch.Tensor, window_mode: str) -> tuple[torch.Tensor, int]:
-    """Summed cross-entropy (nats) and the number of predictions it covers."""
+    """Summed cross-entropy (nats) and the number of predictions it covers, from a zero state."""
+    loss_sum, n, _ = window_loss(model, ids, window_mode, None)
+    return loss_sum, n
+
+
+def window_loss(
+    model: nn.Module, ids: torch.Tensor, window_mode: str, state: LSTMState | None
+) -> tuple[torch.Tensor, int, LSTMState]:
+    """Summed cross-entropy (nats) of one window read from `state`, its prediction count, and the LSTM
+    state after the window (the state the next window of the same stream starts from)."""
     x, y = split_batch(ids, window_mode)
-    logits, _ = model(x)
+    logits, state = model(x, state)
     if window_mode == "seed":
         logits = logits[:, -1]
     logits = logits.reshape(-1, logits.shape[-1]).float()
     y = y.reshape(-1)
-    return F.cross_entropy(logits, y, reduction="sum"), y.numel()
+    return F.cross_entropy(logits, y, reduction="sum"), y.numel(), state
 
 
 def autocast_for(device: torch.device, precision: str):
@@ -113,38 +140,83 @@ def autocast_for(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
 
+def segment_windows(segments: torch.Tensor, seq_len: int) -> Iterator[torch.Tensor]:
+    """[B, n*T+1] segment ids -> n consecutive windows [B, T+1]; window j+1 starts where window j's x ends."""
+    n = (segments.shape[1] - 1) // seq_len
+    for j in range(n):
+        yield segments[:, j * seq_len : (j + 1) * seq_len + 1]
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    ids: torch.Tensor,
+    state: LSTMState | None,
+    tcfg: TrainConfig,
+    window_mode: str,
+) -> tuple[torch.Tensor, int, LSTMState]:
+    """One optimizer update on one window from `state`: (mean loss, predictions, state after the window).
+
+    The returned state is detached: the next window starts from it, but gradients stop here (truncated
+    BPTT). The loss stays a tensor so the caller decides when to synchronise.
+    """
+    with autocast_for(ids.device, tcfg.precision):
+        loss_sum, n, state = window_loss(model, ids, window_mode, state)
+        loss = loss_sum / n
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if tcfg.grad_clip > 0:
+        nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+    optimizer.step()
+    scheduler.step()
+    return loss.detach(), n, (state[0].detach(), state[1].detach())
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
-    batches: Iterable[dict[str, torch.Tensor]],
+    batches: Iterable[dict[str, Any]],
     window_mode: str,
     device: torch.device,
     precision: str = "fp32",
     rank: int = 0,
     world_size: int = 1,
     max_batches: int = 0,
+    vocab: CharVocab | None = None,
 ) -> tuple[float, int]:
     """Mean validation loss (nats/char) and prediction count over ALL workers.
 
+    A batch is either reviews {"text": [...]} (each scored whole from a zero state after "\\n", exactly as
+    `raylstm evaluate` scores the test split: every character with the whole review before it; needs
+    `vocab`) or windows {"ids": [B, T+1]} (seed mode: the window the model was trained on).
     Every worker iterates the same (unsplit) validation set and computes every world_size-th batch, then
     the sums are all-reduced: the result is the loss on the whole set, identical on every rank and the
     same for 1 or N workers. `max_batches` caps the global number of batches (0 = all).
     """
-    was_training = model.training
-    model.eval()
+    from raylstm.evaluate import score_reviews
+
+    bare = unwrap(model)
+    was_training = bare.training
+    bare.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)
     for i, batch in enumerate(batches):
         if max_batches and i >= max_batches:
             break
         if i % world_size != rank:
             continue
-        with autocast_for(device, precision):
-            s, n = loss_sum_and_count(model, batch["ids"].to(device, non_blocking=True), window_mode)
-        total[0] += s.double()
-        total[1] += n
+        if "text" in batch:
+            bits, chars, _ = score_reviews(bare, vocab, [str(t) for t in batch["text"]], device=device)
+            total[0] += bits * LN2
+            total[1] += chars
+        else:
+            with autocast_for(device, precision):
+                s, n = loss_sum_and_count(bare, batch["ids"].to(device, non_blocking=True), window_mode)
+            total[0] += s.double()
+            total[1] += n
     if world_size > 1:
         torch.distributed.all_reduce(total)
-    model.train(was_training)
+    bare.train(was_training)
     count = int(total[1].item())
     return (total[0].item() / count if count else float("nan")), count
 
@@ -205,213 +277,410 @@ def generate_samples(
     return {f"{t:g}": vocab.decode(row) for t, row in zip(temperatures, gen_ids)}
 
 
-# --- the worker loop ------------------------------------------------------------------------------------
-def _restore(model: nn.Module, checkpoint: Any, vocab: CharVocab) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Load weights from a Ray checkpoint into `model`; return (meta-ish dict, optimizer/scheduler state)."""
+# --- the worker's pieces --------------------------------------------------------------------------------
+@dataclass
+class Worker:
+    """What one worker knows and never changes during an attempt."""
+
+    cfg: Config
+    vocab: CharVocab
+    total_steps: int
+    steps_per_epoch: int | None  # None when the driver did not count the windows (streamed data)
+    val_kind: str  # "reviews" (score whole reviews) or "windows" (seed mode)
+    rank: int
+    world: int
+    device: torch.device
+
+    @classmethod
+    def from_loop_config(cls, loop_config: dict[str, Any]) -> Worker:
+        import ray.train
+        import ray.train.torch
+
+        cfg = Config.from_dict(loop_config["config"])
+        # One intra-op thread per reserved CPU: two workers on two cores must not each spin up two threads.
+        torch.set_num_threads(max(1, int(round(cfg.train.cpus_per_worker))))
+        ctx = ray.train.get_context()
+        return cls(
+            cfg=cfg,
+            vocab=CharVocab.from_dict(loop_config["vocab"]),
+            total_steps=int(loop_config["total_steps"]),
+            steps_per_epoch=loop_config.get("steps_per_epoch"),
+            val_kind=loop_config.get("val_kind", "windows"),
+            rank=ctx.get_world_rank(),
+            world=ctx.get_world_size(),
+            device=ray.train.torch.get_device(),
+        )
+
+    @property
+    def windows_per_row(self) -> int:
+        return self.cfg.data.segment_windows if self.cfg.data.window_mode == "full" else 1
+
+
+@dataclass
+class Position:
+    """Where training is: global step, epoch, and optimizer steps taken in this epoch (on this worker
+    count). Saved in every checkpoint as `data_position`."""
+
+    step: int = 0
+    epoch: int = 0
+    steps_in_epoch: int = 0
+
+    def to_dict(self, w: Worker) -> dict[str, Any]:
+        # Windows of this epoch read by all workers together: what a resume on another worker count needs.
+        windows = self.steps_in_epoch * w.cfg.train.batch_size * w.world
+        return {
+            "epoch": self.epoch,
+            "steps_in_epoch": self.steps_in_epoch,
+            "windows_in_epoch": windows,
+            "world_size": w.world,
+            "batch_size": w.cfg.train.batch_size,
+        }
+
+    @classmethod
+    def from_checkpoint(cls, step: int, epoch: int, data_position: dict[str, Any], w: Worker) -> Position:
+        """The position to continue from. On the same worker count and batch size it is exact; otherwise
+        the same share of the epoch's windows is skipped (a whole number of segment batches, rounded
+        down), since each worker's shard is then a different part of the data anyway."""
+        if "windows_in_epoch" in data_position:
+            windows = int(data_position["windows_in_epoch"])
+        else:  # checkpoints written before segments: batch_in_epoch batches of the same batch size
+            windows = int(data_position.get("batch_in_epoch", 0)) * w.cfg.train.batch_size
+            windows *= int(data_position.get("world_size", w.world))
+        per_step = w.cfg.train.batch_size * w.world
+        steps = windows // per_step
+        steps -= steps % w.windows_per_row
+        return cls(step=step, epoch=epoch, steps_in_epoch=steps)
+
+
+def restore(
+    checkpoint: Any, vocab: CharVocab, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
+) -> LoadedCheckpoint:
+    """Load a Ray checkpoint's weights, optimizer and scheduler state into the given objects (in place);
+    returns the loaded checkpoint (step, epoch, data_position). Refuses another vocabulary."""
     with checkpoint.as_directory() as d:
         loaded = load_checkpoint(d)
         if loaded.vocab != vocab:
-            from raylstm.checkpoint import CheckpointError
-
             raise CheckpointError(
                 f"{d}: the run's checkpoint was trained with a different vocabulary than this data's; "
                 "use a new run name (or the same data) to continue"
             )
-        model.load_state_dict(loaded.model.state_dict())
+        unwrap(model).load_state_dict(loaded.model.state_dict())
         state = load_training_state(d)
-    info = {"step": loaded.step, "epoch": loaded.epoch, "data_position": loaded.data_position}
-    return info, state
+    optimizer.load_state_dict(state["optimizer"])
+    if state.get("scheduler") is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    return loaded
 
 
+def resume(w: Worker, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> Position | None:
+    """Continue from this run's latest checkpoint, if it has one: its state, and where to read on."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    loaded = restore(checkpoint, w.vocab, model, optimizer, scheduler)
+    return Position.from_checkpoint(loaded.step, loaded.epoch, loaded.data_position, w)
+
+
+def epoch_windows(w: Worker, shard: Any, epoch: int, skip_steps: int) -> Iterator[tuple[torch.Tensor, bool]]:
+    """(window ids [B, T+1], starts_segment) for every optimizer step of one epoch, after skipping the
+    first `skip_steps` (a resume: the batches are read, not computed on, so the epoch keeps its length).
+
+    With data.preserve_order the order is the same in every attempt: the shard's blocks are dispatched
+    deterministically and the local shuffle is seeded by (seed, epoch, rank).
+    """
+    dcfg, tcfg = w.cfg.data, w.cfg.train
+    seed = None
+    if dcfg.preserve_order:
+        seed = int.from_bytes(
+            hashlib.blake2b(f"{tcfg.seed}/{epoch}/{w.rank}".encode(), digest_size=4).digest()
+        )
+    batches = shard.iter_torch_batches(
+        batch_size=tcfg.batch_size,
+        dtypes=torch.long,
+        device=w.device,
+        drop_last=True,  # equal batch counts on every rank keep DDP's collectives in lockstep
+        local_shuffle_buffer_size=dcfg.shuffle_buffer or None,
+        local_shuffle_seed=seed if dcfg.shuffle_buffer else None,
+    )
+    n, seen = w.windows_per_row, 0
+    for batch in batches:
+        if seen + n <= skip_steps:
+            seen += n
+            continue
+        rows = batch["ids"]
+        windows = segment_windows(rows, dcfg.seq_len) if dcfg.window_mode == "full" else iter([rows])
+        for j, window in enumerate(windows):
+            if seen >= skip_steps:
+                yield window, j == 0 or seen == skip_steps
+            seen += 1
+
+
+def agree_on_step(loss: torch.Tensor, want_report: bool, w: Worker) -> tuple[float, bool]:
+    """(mean loss over all ranks, rank 0's report decision), the same on every rank, in one all-reduce.
+
+    Every rank must stop at the same step when the loss diverges, and call report() the same number of
+    times (it is a barrier), so both decisions are taken on shared numbers."""
+    if w.world == 1:
+        return float(loss), want_report
+    flag = 1.0 if (want_report and w.rank == 0) else 0.0
+    t = torch.stack([loss.float(), torch.tensor(flag, device=loss.device)])
+    torch.distributed.all_reduce(t)
+    mean_loss, flag_sum = t.tolist()
+    return mean_loss / w.world, flag_sum > 0
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The RNG seed of one worker's update number `step`: dropout masks then depend only on (seed, step,
+    rank), so a resumed run draws the masks the uninterrupted run would have, and ranks draw different
+    ones."""
+    return int.from_bytes(hashlib.blake2b(f"{seed}:{step}:{rank}".encode(), digest_size=8).digest()) >> 1
+
+
+@dataclass
+class IntervalMeter:
+    """Train loss and throughput since the last report, with evaluation/checkpoint time left out."""
+
+    loss_sum: float = 0.0
+    steps: int = 0
+    chars: int = 0
+    preds: int = 0
+    start: float = field(default_factory=time.perf_counter)
+    paused: float = 0.0
+
+    def add(self, loss: float, chars: int, preds: int) -> None:
+        self.loss_sum += loss
+        self.steps += 1
+        self.chars += chars
+        self.preds += preds
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start - self.paused
+
+    @contextmanager
+    def paused_while(self) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.paused += time.perf_counter() - t0
+
+    def metrics(self) -> dict[str, float]:
+        secs = max(1e-9, self.seconds())
+        return {
+            "train_loss": self.loss_sum / max(1, self.steps),
+            "chars_per_s": self.chars / secs,
+            "preds_per_s": self.preds / secs,
+        }
+
+    def reset(self) -> None:
+        self.__init__()
+
+
+class Trace:
+    """A worker's own record (train.trace_dir): the state it restored, and every window it trained on.
+
+    Tests compare it with independent references (the checkpoint files, the dataset's rows). Writing it
+    costs a hash per batch row per step, so it is off (None) unless train.trace_dir is set."""
+
+    def __init__(self, directory: str, rank: int) -> None:
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.rank = rank
+        self._windows = open(self.dir / f"windows-rank{rank}-pid{os.getpid()}.jsonl", "a")
+
+    def restored(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
+        """The state this attempt starts from (before its first update): weights, optimizer tensors, LR."""
+        from safetensors.torch import save_file
+
+        tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in unwrap(model).state_dict().items()}
+        opt = optimizer.state_dict()
+        for idx, st in opt["state"].items():
+            for name, v in st.items():
+                if torch.is_tensor(v):
+                    tensors[f"optimizer.{idx}.{name}"] = v.detach().cpu().contiguous().reshape(v.shape)
+        stem = self.dir / f"restore-step{step:07d}-rank{self.rank}-pid{os.getpid()}"
+        save_file(tensors, f"{stem}.safetensors")
+        sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+        info = {"step": step, "lr": [g["lr"] for g in optimizer.param_groups], "scheduler": sched}
+        Path(f"{stem}.json").write_text(json.dumps(info, indent=1))
+
+    def window(self, step: int, epoch: int, ids: torch.Tensor, reset: bool) -> None:
+        """Update `step` reads `ids` [B, T+1], from a zero state when `reset` (else the carried one)."""
+        rows = ids.to("cpu", torch.int32).numpy()
+        digests = [hashlib.blake2b(r.tobytes(), digest_size=8).hexdigest() for r in rows]
+        line = {"step": step, "epoch": epoch, "reset": reset, "rows": digests}
+        self._windows.write(json.dumps(line) + "\n")
+        self._windows.flush()
+
+
+def evaluate_and_checkpoint(
+    w: Worker,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    pos: Position,
+    metrics: dict[str, Any],
+) -> None:
+    """Validation bpc (all ranks), then rank 0 writes a checkpoint with samples into a directory that
+    lives exactly as long as the report that uploads it (Ray's example pattern)."""
+    import ray.train
+
+    tcfg = w.cfg.train
+    val = ray.train.get_dataset_shard("val")
+    if w.val_kind == "reviews":
+        batches = val.iter_batches(batch_size=tcfg.batch_size, batch_format="numpy")
+    else:
+        batches = val.iter_torch_batches(batch_size=tcfg.batch_size, dtypes=torch.long, device=w.device)
+    val_loss, val_count = evaluate(
+        model, batches, w.cfg.data.window_mode, w.device, tcfg.precision, w.rank, w.world,
+        tcfg.max_val_batches, w.vocab,
+    )  # fmt: skip
+    metrics.update(val_loss=val_loss, val_bpc=val_loss / LN2, val_count=val_count)
+    if w.rank == 0:
+        _print_progress(metrics, w.total_steps)
+    with tempfile.TemporaryDirectory(prefix="raylstm-ckpt-") as tmp:
+        checkpoint = None
+        if w.rank == 0:
+            path = save_checkpoint(
+                Path(tmp) / "ckpt",
+                model,
+                w.vocab,
+                w.cfg,
+                step=pos.step,
+                epoch=pos.epoch,
+                metrics=metrics,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                data_position=pos.to_dict(w),
+            )
+            samples = _samples(w, model, pos.step)
+            (path / SAMPLES_FILE).write_text(
+                json.dumps({"step": pos.step, "prime": tcfg.sample_prime, "samples": samples}, indent=1)
+            )
+            checkpoint = ray.train.Checkpoint.from_directory(str(path))
+        # Every rank reports (a barrier); only rank 0 hands over a checkpoint, uploaded synchronously
+        # before the temporary directory goes.
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{pos.step:07d}")
+
+
+def report_metrics(w: Worker, metrics: dict[str, Any]) -> None:
+    """A metrics-only report, queued in the background: training never waits for the controller."""
+    import ray.train
+
+    if w.rank == 0:
+        _print_progress(metrics, w.total_steps)
+    ray.train.report(metrics, checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC)
+
+
+def _samples(w: Worker, model: nn.Module, step: int) -> dict[str, str]:
+    tcfg = w.cfg.train
+    if not (tcfg.sample_every_eval and tcfg.sample_chars > 0):
+        return {}
+    window = w.cfg.data.seed_context if w.cfg.data.window_mode == "seed" else None
+    samples = generate_samples(
+        model, w.vocab, tcfg.sample_prime, tcfg.sample_chars, tcfg.temperatures, seed=tcfg.seed + step,
+        window=window,
+    )  # fmt: skip
+    _print_samples(step, tcfg.sample_prime, samples)
+    return samples
+
+
+def training_windows(w: Worker, shard: Any, pos: Position) -> Iterator[tuple[torch.Tensor, bool]]:
+    """`epoch_windows` of one epoch after another until total_steps or train.epochs run out; moves
+    `pos` to the next epoch between them."""
+    while pos.step < w.total_steps and pos.epoch < w.cfg.train.epochs:
+        for window, starts_segment in epoch_windows(w, shard, pos.epoch, pos.steps_in_epoch):
+            if pos.step >= w.total_steps:
+                return
+            yield window, starts_segment
+        if pos.step < w.total_steps:
+            pos.epoch += 1
+            pos.steps_in_epoch = 0
+
+
+def interval_metrics(
+    w: Worker, pos: Position, optimizer: torch.optim.Optimizer, meter: IntervalMeter, attempt: dict[str, Any]
+) -> dict[str, Any]:
+    m = {
+        "step": pos.step,
+        "epoch": pos.epoch,
+        "lr": optimizer.param_groups[0]["lr"],
+        **attempt,
+        **meter.metrics(),
+    }
+    if w.steps_per_epoch:
+        m["epoch_progress"] = pos.epoch + pos.steps_in_epoch / w.steps_per_epoch
+    return m
+
+
+# --- the worker loop ------------------------------------------------------------------------------------
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """Ray Train entry point. `loop_config`: config (dict), vocab (dict), total_steps, steps_per_epoch."""
+    """Ray Train entry point. `loop_config`: config (dict), vocab (dict), total_steps, steps_per_epoch,
+    val_kind."""
     import ray.train
     import ray.train.torch
 
-    cfg = Config.from_dict(loop_config["config"])
-    vocab = CharVocab.from_dict(loop_config["vocab"])
-    tcfg, mode = cfg.train, cfg.data.window_mode
-    total_steps = int(loop_config["total_steps"])
-    steps_per_epoch = loop_config.get("steps_per_epoch")
-
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    # One intra-op thread per reserved CPU: two workers on two cores must not each spin up two threads.
-    torch.set_num_threads(max(1, int(round(tcfg.cpus_per_worker))))
-    device = ray.train.torch.get_device()
-
-    torch.manual_seed(tcfg.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
-    model = build_model(cfg.model)
-    restored, opt_state = None, None
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        restored, opt_state = _restore(model, ckpt, vocab)
-    model = ray.train.torch.prepare_model(model)  # to device; DDP only when world size > 1
+    w = Worker.from_loop_config(loop_config)
+    tcfg, mode = w.cfg.train, w.cfg.data.window_mode
+    torch.manual_seed(tcfg.seed)  # the same init on every rank (DDP also broadcasts rank 0's weights)
+    model = ray.train.torch.prepare_model(build_model(w.cfg.model))  # to device; DDP when world size > 1
     optimizer = make_optimizer(model, tcfg)
-    scheduler = make_scheduler(optimizer, tcfg, total_steps)
-    step, epoch, batch_in_epoch = 0, 0, 0
-    if restored is not None:
-        optimizer.load_state_dict(opt_state["optimizer"])
-        if opt_state.get("scheduler") is not None:
-            scheduler.load_state_dict(opt_state["scheduler"])
-        step, epoch = restored["step"], restored["epoch"]
-        position = restored["data_position"]
-        # Batches are per worker: resumed on a different worker count, the same fraction of the epoch
-        # is a different number of batches.
-        batch_in_epoch = (
-            int(position.get("batch_in_epoch", 0)) * int(position.get("world_size", world)) // world
-        )
-    restored_from = step if restored is not None else -1
-    first_step = step + 1  # the first update this attempt makes: checkpoint step + 1 after a restart
-    if rank == 0:
-        how = f"resumed from checkpoint step {step}" if restored is not None else "fresh start"
+    scheduler = make_scheduler(optimizer, tcfg, w.total_steps)
+    restored = resume(w, model, optimizer, scheduler)
+    pos = restored or Position()
+    trace = Trace(tcfg.trace_dir, w.rank) if tcfg.trace_dir else None
+    if trace and restored:
+        trace.restored(pos.step, model, optimizer, scheduler)
+    attempt = {
+        "world_size": w.world,
+        "rank": w.rank,
+        "pid": os.getpid(),
+        "restored_from_step": pos.step if restored else -1,
+        "attempt_first_step": pos.step + 1,
+    }
+    if w.rank == 0:
+        how = f"resumed from checkpoint step {pos.step}" if restored else "fresh start"
         console_print(
-            f"[raylstm] {world} worker(s) on {device}, {unwrap(model).num_parameters():,} parameters, "
-            f"{how}; training to step {total_steps}"
+            f"[raylstm] {w.world} worker(s) on {w.device}, {unwrap(model).num_parameters():,} parameters, "
+            f"{how}; training to step {w.total_steps}"
         )
 
-    train_shard = ray.train.get_dataset_shard("train")
-    val_iter = ray.train.get_dataset_shard("val")
-    seed_window = cfg.data.seed_context if mode == "seed" else None
-
-    # Interval accumulators (reset at every report).
-    loss_acc, loss_n, chars_acc, preds_acc = 0.0, 0, 0, 0
-    t_mark, paused = time.perf_counter(), 0.0
-
-    def agree(flag: bool) -> bool:
-        """Rank 0's decision on every rank: all ranks must call report() the same number of times."""
-        if world == 1:
-            return flag
-        t = torch.tensor([1.0 if flag else 0.0], device=device)
-        torch.distributed.broadcast(t, src=0)
-        return bool(t.item())
-
-    last_ckpt_step = step if restored is not None else 0
-
-    def report(with_eval: bool) -> None:
-        nonlocal loss_acc, loss_n, chars_acc, preds_acc, t_mark, paused, last_ckpt_step
-        elapsed = max(1e-9, time.perf_counter() - t_mark - paused)
-        metrics: dict[str, Any] = {
-            "step": step,
-            "epoch": epoch,
-            "lr": optimizer.param_groups[0]["lr"],
-            "train_loss": loss_acc / max(1, loss_n),
-            "chars_per_s": chars_acc / elapsed,
-            "preds_per_s": preds_acc / elapsed,
-            "world_size": world,
-            "rank": rank,
-            "pid": os.getpid(),
-            "restored_from_step": restored_from,
-            "attempt_first_step": first_step,
-        }
-        if steps_per_epoch:
-            metrics["epoch_progress"] = epoch + batch_in_epoch / steps_per_epoch
-        checkpoint, tmp = None, None
-        if with_eval:
-            t0 = time.perf_counter()
-            batches = val_iter.iter_torch_batches(
-                batch_size=tcfg.batch_size, dtypes=torch.long, device=device
-            )
-            val_loss, val_count = evaluate(
-                model, batches, mode, device, tcfg.precision, rank, world, tcfg.max_val_batches
-            )
-            metrics.update(val_loss=val_loss, val_bpc=val_loss / LN2, val_count=val_count)
-            if rank == 0:
-                samples = {}
-                if tcfg.sample_every_eval and tcfg.sample_chars > 0:
-                    samples = generate_samples(
-                        model,
-                        vocab,
-                        tcfg.sample_prime,
-                        tcfg.sample_chars,
-                        tcfg.temperatures,
-                        seed=tcfg.seed + step,
-                        window=seed_window,
-                    )
-                tmp = Path(tempfile.mkdtemp(prefix="raylstm-ckpt-"))
-                path = save_checkpoint(
-                    tmp / "ckpt",
-                    model,
-                    vocab,
-                    cfg,
-                    step=step,
-                    epoch=epoch,
-                    metrics=metrics,
-                    optimizer=optimizer,
-                    scheduler=scheduler,
-                    data_position={"epoch": epoch, "batch_in_epoch": batch_in_epoch, "world_size": world},
-                )
-                (path / SAMPLES_FILE).write_text(
-                    json.dumps({"step": step, "prime": tcfg.sample_prime, "samples": samples}, indent=1)
-                )
-                checkpoint = ray.train.Checkpoint.from_directory(str(path))
-                _print_samples(step, tcfg.sample_prime, samples)
-            last_ckpt_step = step
-            paused += time.perf_counter() - t0
-        if rank == 0:
-            _print_progress(metrics, total_steps)
-        # Every rank reports the same number of times (a barrier); only rank 0 hands over a checkpoint.
-        # Checkpoint reports upload synchronously (the temp dir is removed next); metrics-only reports are
-        # queued in the background so training never waits for the controller to collect them.
-        if with_eval:
-            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{step:07d}")
-        else:
-            ray.train.report(metrics, checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC)
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)  # persisted to storage by now (synchronous upload)
-        loss_acc, loss_n, chars_acc, preds_acc = 0.0, 0, 0, 0
-        t_mark, paused = time.perf_counter(), 0.0
-
+    meter, state, checkpointed = IntervalMeter(), None, pos.step if restored else None
     model.train()
-    while step < total_steps and epoch < tcfg.epochs:
-        batches = train_shard.iter_torch_batches(
-            batch_size=tcfg.batch_size,
-            dtypes=torch.long,
-            device=device,
-            drop_last=True,  # equal batch counts on every rank keep DDP's collectives in lockstep
-            local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
+    for window, starts_segment in training_windows(w, ray.train.get_dataset_shard("train"), pos):
+        state = None if starts_segment else state
+        if trace:
+            trace.window(pos.step + 1, pos.epoch, window, reset=state is None)
+        torch.manual_seed(step_seed(tcfg.seed, pos.step + 1, w.rank))
+        loss, preds, state = train_step(model, optimizer, scheduler, window, state, tcfg, mode)
+        pos.step += 1
+        pos.steps_in_epoch += 1
+        want_report = pos.step % tcfg.log_every == 0 and meter.seconds() >= MIN_REPORT_INTERVAL_S
+        mean_loss, report_due = agree_on_step(loss, want_report, w)
+        meter.add(mean_loss, window.shape[0] * (window.shape[1] - 1), preds)
+        try:
+            check_loss(mean_loss, pos.step, tcfg.max_loss)
+        except TrainingDiverged as e:
+            # Returned, not raised: Ray Train retries a raising worker max_failures times. Every rank saw
+            # the same mean loss, so all report this and return together; the driver raises it.
+            ray.train.report({**interval_metrics(w, pos, optimizer, meter, attempt), "diverged": str(e)})
+            return
+        if pos.step % tcfg.eval_every == 0 or pos.step == w.total_steps:
+            with meter.paused_while():
+                metrics = interval_metrics(w, pos, optimizer, meter, attempt)
+                evaluate_and_checkpoint(w, model, optimizer, scheduler, pos, metrics)
+            checkpointed = pos.step
+            meter.reset()
+        elif report_due or pos.step == attempt["attempt_first_step"]:
+            report_metrics(w, interval_metrics(w, pos, optimizer, meter, attempt))
+            meter.reset()
+    if checkpointed != pos.step:
+        # The epochs ran out before total_steps: end on a checkpoint so nothing trained is lost.
+        evaluate_and_checkpoint(
+            w, model, optimizer, scheduler, pos, interval_metrics(w, pos, optimizer, meter, attempt)
         )
-        # After a restart mid-epoch, skip the batches that epoch already trained on (data is read, not
-        # computed): the epoch keeps its length. The shuffle order differs, so these are not the exact
-        # same windows, but each epoch still sees its share of the data.
-        skip, seen = batch_in_epoch, 0
-        for batch in batches:
-            seen += 1
-            if seen <= skip:
-                continue
-            if step >= total_steps:
-                break
-            ids = batch["ids"]
-            with autocast_for(device, tcfg.precision):
-                loss_sum, n = loss_sum_and_count(model, ids, mode)
-                loss = loss_sum / n
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if tcfg.grad_clip > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            batch_in_epoch = seen
-            loss_value = loss.item()
-            check_loss(loss_value, step, tcfg.max_loss)
-            loss_acc += loss_value
-            loss_n += 1
-            chars_acc += ids.shape[0] * (ids.shape[1] - 1)
-            preds_acc += n
-            if step % tcfg.eval_every == 0 or step == total_steps:
-                report(with_eval=True)
-            elif step == first_step or (
-                step % tcfg.log_every == 0 and agree(time.perf_counter() - t_mark >= MIN_REPORT_INTERVAL_S)
-            ):
-                report(with_eval=False)
-        if step >= total_steps:
-            break
-        epoch += 1
-        batch_in_epoch = 0
-    if last_ckpt_step != step:
-        # Epochs ran out before total_steps (or between evals): end on a checkpoint so nothing is lost.
-        report(with_eval=True)
 
 
 def _print_progress(m: dict[str, Any], total_steps: int) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,7 @@ from raylstm.checkpoint import (
 )
 from raylstm.config import Config
 from raylstm.model import build_model
-from raylstm.train_loop import _restore, loss_sum_and_count, make_optimizer, make_scheduler
+from raylstm.train_loop import loss_sum_and_count, make_optimizer, make_scheduler, restore
 from raylstm.vocab import CharVocab
 
 TEXT = "Great strings, they stay in tune for weeks.\nToo bright for my taste.\n"
@@ -118,14 +117,27 @@ def test_missing_or_corrupt_meta_is_refused(ckpt: Path):
         load_checkpoint(ckpt)
 
 
-def test_resuming_a_run_with_another_vocabulary_is_refused(ckpt: Path):
+def test_restore_loads_weights_optimizer_and_schedule_and_refuses_another_vocabulary(tmp_path: Path):
     cfg, model = make()
+    opt = make_optimizer(model, cfg.train)
+    sched = make_scheduler(opt, cfg.train, 10)
+    steps(model, opt, sched, 3)
+    path = save_checkpoint(tmp_path / "c", model, VOCAB, cfg, step=3, optimizer=opt, scheduler=sched)
+
+    # Fresh objects (another init): restore must overwrite every piece of state, not just the counters.
+    torch.manual_seed(99)
+    fresh = build_model(cfg.model)
+    opt2 = make_optimizer(fresh, cfg.train)
+    sched2 = make_scheduler(opt2, cfg.train, 10)
     other = CharVocab([*VOCAB.chars, "Z"])
     with pytest.raises(CheckpointError, match="different vocabulary"):
-        _restore(model, Checkpoint.from_directory(str(ckpt)), other)
-    info, state = _restore(model, Checkpoint.from_directory(str(ckpt)), VOCAB)
-    assert (
-        info["step"] == 1
-        and "optimizer" in state
-        and json.loads((ckpt / "meta.json").read_text())["step"] == 1
-    )
+        restore(Checkpoint.from_directory(str(path)), other, fresh, opt2, sched2)
+    loaded = restore(Checkpoint.from_directory(str(path)), VOCAB, fresh, opt2, sched2)
+    assert loaded.step == 3
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(fresh.state_dict()[k], v, rtol=0, atol=0, msg=k)
+    for (i, a), (_, b) in zip(opt.state_dict()["state"].items(), opt2.state_dict()["state"].items()):
+        for name in ("step", "exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(b[name], a[name], rtol=0, atol=0, msg=f"{i}.{name}")
+    assert sched2.last_epoch == sched.last_epoch == 3
+    assert [g["lr"] for g in opt2.param_groups] == [g["lr"] for g in opt.param_groups]

@@ -36,8 +36,9 @@ def test_two_workers_learn_review_text(windows, tmp_path: Path):
     assert evals[-1]["val_bpc"] < evals[0]["val_bpc"]
     assert rows[-1]["train_loss"] < rows[0]["train_loss"] - 1.0
 
-    # Validation covers the whole val set once, whatever the worker count (strided, then all-reduced).
-    assert all(r["val_count"] == windows.n_val * 64 for r in evals)
+    # Validation scores every char of every val review once (each review whole, strided over workers,
+    # then all-reduced), whatever the worker count.
+    assert all(r["val_count"] == windows.n_val_chars for r in evals)
     assert rows[-1]["world_size"] == 2
     assert rows[-1]["chars_per_s_total"] > rows[-1]["chars_per_s"]
 
@@ -77,3 +78,49 @@ def test_presets_load_with_what_they_promise():
     demo = load_config(ROOT / "configs" / "demo.toml", ["train.lr=1e-3", "model.hidden_size=64"])
     assert demo.train.num_workers == 2 and demo.train.cpus_per_worker < 1  # leaves Ray Data a CPU
     assert (demo.train.lr, demo.model.hidden_size) == (1e-3, 64)  # overrides win over the file
+
+
+@pytest.mark.slow
+def test_a_run_that_runs_out_of_epochs_before_max_steps_ends_on_a_checkpoint(ray_session, tmp_path: Path):
+    """Streamed data (not counted up front): the loop only finds out that the epochs ran out when they do."""
+    w = make_windows(review_sources(n_reviews=150), seq_len=32, segment_windows=4)
+    cfg = tiny_config(seq_len=32, segment_windows=4, max_steps=10_000, eval_every=10_000, sample_chars=0)
+    cfg.data.materialize, cfg.train.epochs = False, 2
+    result = fit_windows(cfg, w.vocab, w.train, w.val, storage=str(tmp_path), name="ep")
+    per_epoch = (w.n_train // 2) // 32 * 4  # equal split over 2 workers, whole batches, 4 windows each
+    rows = read_metrics(result.run_dir)
+    assert rows[-1]["step"] == 2 * per_epoch and rows[-1].get("checkpoint") and rows[-1]["val_bpc"] > 0
+    ckpt = load_checkpoint(result.best_checkpoint)
+    # Its position is "both epochs read": a rerun of the same name has nothing left to train.
+    assert ckpt.step == 2 * per_epoch and (ckpt.epoch, ckpt.data_position["steps_in_epoch"]) == (2, 0)
+
+
+@pytest.mark.slow
+def test_a_diverged_loss_stops_the_run_at_once_naming_the_setting_to_change(ray_session, tmp_path: Path):
+    """`raylstm train` on this session's Ray with a learning rate that explodes the loss: the first step
+    over train.max_loss ends the run (max_failures=2 is not spent on it: one attempt, no retry) and the
+    command exits 3 with the message and no traceback."""
+    import os
+    import subprocess
+    import sys
+
+    import ray
+
+    sources = review_sources(n_reviews=150)
+    cmd = [sys.executable, "-m", "raylstm.cli", "train", "--config", str(ROOT / "configs" / "demo.toml")]
+    cmd += ["--data", *sources, "--storage", str(tmp_path), "--name", "boom"]
+    cmd += ["--address", ray.get_runtime_context().gcs_address]
+    for s in ("data.dedupe=false", "data.seq_len=32", "model.hidden_size=32", "train.lr=30.0",
+              "train.warmup_steps=0", "train.grad_clip=0.0", "train.max_failures=2", "train.max_steps=200",
+              "train.eval_every=100", "train.log_every=1"):  # fmt: skip
+        cmd += ["--set", s]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 3, p.stdout[-2000:] + p.stderr[-2000:]
+    assert "training diverged at step" in p.stderr and "train.lr" in p.stderr and "train.max_loss" in p.stderr
+    assert "Traceback" not in p.stderr + p.stdout
+    rows = read_metrics(tmp_path / "boom")
+    stop = [r for r in rows if r.get("diverged")]
+    assert len(stop) == 1 and stop[0]["step"] < 100 and rows[-1] == stop[0]
+    assert {r["pid"] for r in rows} == {stop[0]["pid"]} and {r["restored_from_step"] for r in rows} == {-1}
+    assert not (tmp_path / "boom" / "best.json").exists()  # no checkpoint was written after it

@@ -1,12 +1,20 @@
-"""DDP equivalence: one step of 2 workers at batch B gives the weights of 1 worker at batch 2B.
+"""DDP equivalence: 3 steps of 2 workers at batch B give the weights of 1 worker at batch 2B, for plain SGD
+and for AdamW, and both equal an independent reference (a bare torch loop, no Ray) within 1e-5.
 
-Both runs see the same 2B windows (the train set is exactly 2B windows: one worker takes them all in one
-batch, two workers take B each), start from the same seeded init and have no dropout. DDP averages the two
-mean gradients, which equals the mean gradient of the 2B batch. Tolerance: |dw| <= 1e-5 absolute for
-every weight (1% of the step), against a step that moves weights by ~lr = 1e-3: AdamW's first update is
-lr * g / (|g| + 1e-8), so weights whose gradient is ~1e-8 can differ by a fraction of lr through float
-summation order alone (measured: 1.2e-6), while a sharding bug (a worker seeing other windows, or gradients
-not averaged) moves many weights by ~lr, 100x past the tolerance.
+The train set is exactly 2B windows, so every step is one epoch: 1 worker takes all 2B in one batch, 2
+workers take B each, whichever B the split hands to which worker. The model starts from the same seeded
+init and has no dropout. DDP averages the two mean gradients, which equals the mean gradient of the 2B
+batch; the only difference left is float summation order (measured: under 1e-6).
+
+Why SGD: an SGD update is linear in the gradient, so a gradient-scale bug (summed instead of averaged
+over workers, a loss divided by the wrong count) moves every weight by a multiple of lr * g. AdamW
+normalises the gradient away (its first step is lr * g / |g|), so it is blind to a scale bug; it is
+checked for what it does see: which windows each step averaged. Grad clipping is off for SGD (clipping
+to a norm would also hide a scale), on for AdamW (clipping after DDP's all-reduce is part of the check).
+Each test first asserts that the bug it guards against would move the weights 100x past the tolerance:
+SGD with a doubled gradient (lr x 2, the same for SGD), and AdamW on one worker's half of the batch.
+Checked by hand as well: multiplying the loss by the world size in train_step fails the SGD test at
+~5e-3 (500x the tolerance).
 """
 
 from __future__ import annotations
@@ -22,50 +30,84 @@ from train_support import make_windows, review_sources, tiny_config
 
 from raylstm.model import build_model
 from raylstm.train import fit_windows
+from raylstm.train_loop import make_optimizer, make_scheduler, train_step
 
 B = 8
+STEPS = 3
+TOL = 1e-5
 
 
 @pytest.fixture(scope="module")
 def windows(ray_session):
-    return make_windows(review_sources())
+    w = make_windows(review_sources())
+    rows = np.stack([np.asarray(r["ids"], np.int32) for r in w.train.take(2 * B)])
+    return w, rows
 
 
-def one_step(
-    windows, workers: int, batch: int, storage: Path, name: str
-) -> tuple[dict[str, torch.Tensor], dict]:
-    rows = windows.train.take(2 * B)
-    train = ray.data.from_items([{"ids": np.asarray(r["ids"], np.int32)} for r in rows])
-    val = ray.data.from_items([{"ids": np.asarray(r["ids"], np.int32)} for r in windows.val.take(8)])
-    cfg = tiny_config(
+def config(optimizer: str, workers: int, batch: int):
+    return tiny_config(
         num_workers=workers,
         batch_size=batch,
-        max_steps=1,
-        eval_every=1,
+        max_steps=STEPS,
+        eval_every=STEPS,
         warmup_steps=0,
-        lr=1e-3,
+        optimizer=optimizer,
+        lr=0.5 if optimizer == "sgd" else 1e-3,
+        grad_clip=0.0 if optimizer == "sgd" else 1.0,
         sample_chars=0,
-        grad_clip=1.0,
     )
-    result = fit_windows(cfg, windows.vocab, train, val, storage=str(storage), name=name)
-    return load_file(str(Path(result.best_checkpoint) / "model.safetensors")), result.best_metrics
+
+
+def fit(windows, optimizer: str, workers: int, batch: int, storage: Path) -> dict[str, torch.Tensor]:
+    w, rows = windows
+    train = ray.data.from_items([{"ids": r} for r in rows])
+    val = w.val.limit(8)
+    cfg = config(optimizer, workers, batch)
+    name = f"{optimizer}-{workers}x{batch}"
+    result = fit_windows(cfg, w.vocab, train, val, storage=str(storage), name=name)
+    assert result.best_metrics["step"] == STEPS
+    return load_file(str(Path(result.best_checkpoint) / "model.safetensors"))
+
+
+def reference(windows, optimizer: str, lr_scale: float = 1.0, rows: slice = slice(None)):
+    """1 worker x 2B without Ray: the loop's own train_step on the whole batch, STEPS times."""
+    w, all_rows = windows
+    cfg = config(optimizer, 1, 2 * B)
+    cfg.model.vocab_size = len(w.vocab)
+    cfg.train.lr *= lr_scale
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model).train()
+    opt = make_optimizer(model, cfg.train)
+    sched = make_scheduler(opt, cfg.train, STEPS)
+    ids = torch.as_tensor(all_rows[rows], dtype=torch.long)
+    for _ in range(STEPS):
+        train_step(model, opt, sched, ids, None, cfg.train, "full")
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tuple[float, str]:
+    return max(((a[k] - b[k]).abs().max().item(), k) for k in a)
 
 
 @pytest.mark.slow
-def test_two_workers_at_b_equal_one_worker_at_2b(windows, tmp_path: Path):
-    one, m1 = one_step(windows, workers=1, batch=2 * B, storage=tmp_path, name="one")
-    two, m2 = one_step(windows, workers=2, batch=B, storage=tmp_path, name="two")
-    cfg = tiny_config()
-    cfg.model.vocab_size = len(windows.vocab)
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_two_workers_at_b_equal_one_worker_at_2b_over_three_steps(windows, optimizer, tmp_path: Path):
+    ref = reference(windows, optimizer)
+    w, _ = windows
+    cfg = config(optimizer, 1, 2 * B)
+    cfg.model.vocab_size = len(w.vocab)
     torch.manual_seed(cfg.train.seed)
     init = build_model(cfg.model).state_dict()
-    moved = max((one[k] - init[k]).abs().max().item() for k in init)
-    assert moved > 5e-4  # the step really moved the weights (~lr)
-    for k in one:
-        diff = (one[k] - two[k]).abs().max().item()
-        assert diff <= 1e-5, f"{k}: 2x{B} DDP and 1x{2 * B} differ by {diff:.2e}"
+    assert max_diff(ref, init)[0] > 100 * TOL  # the steps really moved the weights
 
-    # Validation is over the whole val set on both (each worker evaluates its stride, sums all-reduced):
-    # same windows counted, same loss from the same weights.
-    assert m1["val_count"] == m2["val_count"] == 8 * 64
-    assert m2["val_bpc"] == pytest.approx(m1["val_bpc"], rel=1e-5)
+    # The bug this test guards against would fail it by far (see the module docstring).
+    bug = reference(windows, optimizer, lr_scale=2.0) if optimizer == "sgd" else None
+    if bug is None:
+        bug = reference(windows, optimizer, rows=slice(0, B))  # gradients of one worker, not averaged
+    assert max_diff(ref, bug)[0] > 100 * TOL
+
+    one = fit(windows, optimizer, workers=1, batch=2 * B, storage=tmp_path)
+    two = fit(windows, optimizer, workers=2, batch=B, storage=tmp_path)
+    for got, what in ((one, f"1x{2 * B}"), (two, f"2x{B} DDP")):
+        diff, key = max_diff(got, ref)
+        assert diff <= TOL, f"{optimizer}: {what} differs from the reference by {diff:.2e} at {key}"

@@ -48,36 +48,41 @@ def _review_sources(n_reviews: int) -> tuple[str, ...]:
 class Windows:
     cfg: Config
     vocab: CharVocab
-    train: ray.data.Dataset
-    val: ray.data.Dataset
+    train: ray.data.Dataset  # rows {"ids"}: segments of segment_windows windows of seq_len + 1 ids
+    val: ray.data.Dataset  # rows {"text"}: the val reviews, scored whole during training
+    val_windows: ray.data.Dataset  # the val reviews as windows (what seed mode validates on)
     n_train: int
-    n_val: int
+    n_val_chars: int  # characters the val reviews give predictions for (each review + "\\n")
     unigram_bits: float  # entropy of the val text's own character distribution (bits per char)
 
 
-def make_windows(sources: list[str], seq_len: int = 64) -> Windows:
-    """Splits + materialized windows; cached per session (tests share them across modules)."""
-    return _make_windows(tuple(sources), seq_len)
+def make_windows(sources: list[str], seq_len: int = 64, segment_windows: int = 1) -> Windows:
+    """Splits + materialized training rows; cached per session (tests share them across modules)."""
+    return _make_windows(tuple(sources), seq_len, segment_windows)
 
 
 @functools.lru_cache(maxsize=4)
-def _make_windows(sources: tuple[str, ...], seq_len: int) -> Windows:
+def _make_windows(sources: tuple[str, ...], seq_len: int, segment_windows: int) -> Windows:
     from raylstm.data import load_splits, window_dataset
 
     # Dedupe is off: the subset has no repeated texts and the group-by costs tens of seconds on 2 cores.
     cfg = tiny_config(sources=sources, seq_len=seq_len)
+    cfg.data.segment_windows = segment_windows
     splits = load_splits(cfg.data)
     train = window_dataset(splits.train, splits.vocab, cfg.data).materialize()
-    val = window_dataset(splits.val, splits.vocab, cfg.data).materialize()
+    val = splits.val.select_columns(["text"]).materialize()
+    val_windows = window_dataset(splits.val, splits.vocab, tiny_config(seq_len=seq_len).data).materialize()
     counts = Counter()
-    for row in splits.val.take_all():
+    for row in val.take_all():
         counts.update(row["text"] + "\n")
     total = sum(counts.values())
     h = -sum(n / total * math.log2(n / total) for n in counts.values())
-    return Windows(cfg, splits.vocab, train, val, train.count(), val.count(), h)
+    return Windows(cfg, splits.vocab, train, val, val_windows, train.count(), total, h)
 
 
-def tiny_config(sources: list[str] | None = None, seq_len: int = 64, **train: object) -> Config:
+def tiny_config(
+    sources: list[str] | None = None, seq_len: int = 64, segment_windows: int = 1, **train: object
+) -> Config:
     """A small, fast model: one 128-unit layer, 64-char windows, 2 workers of 0.5 CPU."""
     cfg = load_config(
         None,
@@ -102,6 +107,7 @@ def tiny_config(sources: list[str] | None = None, seq_len: int = 64, **train: ob
         ],
     )
     cfg.data.sources = list(sources or [])
+    cfg.data.segment_windows = segment_windows
     for k, v in train.items():
         setattr(cfg.train, k, v)
     return cfg
