@@ -46,8 +46,7 @@ def run_demo(
 ) -> int:
     """The demo; `overrides` are `--set` strings for configs/demo.toml, `verbose` shows Ray's own lines."""
     from raylstm.prepare import prepare
-    from raylstm.progress import quiet_ray_console
-    from raylstm.ray_env import ensure_ray
+    from raylstm.ray_env import ensure_ray, quiet_ray_console
     from raylstm.serve import start_server
     from raylstm.train import train
 

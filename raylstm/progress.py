@@ -26,25 +26,6 @@ from typing import IO, Any
 PREFIX = "[raylstm]"
 
 
-def quiet_ray_console() -> None:
-    """Keep Ray Data's per-execution output off this process's console: no execution-plan lines, no
-    progress bars, and its INFO log lines only in its log file (ray-data.log in the Ray session's logs).
-    Warnings and errors still reach the console. For the driver of a run that shows its own progress."""
-    import logging
-
-    from ray.data.context import DataContext
-
-    ctx = DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
-    for handler in logging.getLogger("ray.data").handlers:
-        if isinstance(handler, logging.StreamHandler):  # the console; its file handler keeps everything
-            handler.setLevel(logging.WARNING)
-    # The module that picks a progress UI warns once that the bars are off, which is the point here; it
-    # logs nothing else (Ray 2.60).
-    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
-
-
 def format_duration(seconds: float) -> str:
     """h:mm:ss or m:ss, like tqdm's own elapsed/remaining fields."""
     s = int(max(0.0, seconds) + 0.5)

@@ -33,8 +33,8 @@ from ray.train.torch import TorchTrainer
 from raylstm import storage as store
 from raylstm.checkpoint import BEST, load_checkpoint, write_best
 from raylstm.config import Config
-from raylstm.progress import MetricsFollower, quiet_ray_console
-from raylstm.ray_env import quiet_dataset, ray_logs_dir
+from raylstm.progress import MetricsFollower
+from raylstm.ray_env import quiet_dataset, quiet_ray_console, ray_logs_dir
 from raylstm.train_loop import SAMPLES_FILE, TrainingDiverged, generate_samples, train_loop_per_worker
 from raylstm.vocab import CharVocab
 
