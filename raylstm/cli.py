@@ -23,6 +23,15 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_verbose_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show Ray's own log lines (workers, Train controller, Ray Data progress) and the full "
+        "config; by default a progress line (steps, chars/s, ETA, val bpc) and raylstm's own lines",
+    )
+
+
 def _config(args: argparse.Namespace):
     from raylstm.config import load_config
 
@@ -124,6 +133,7 @@ def _train_parser(p: argparse.ArgumentParser) -> Command:
     p.add_argument(
         "--address", default=None, help="Ray address to join (default: RAY_ADDRESS or a local Ray)"
     )
+    _add_verbose_arg(p)
 
     def run(args: argparse.Namespace) -> int:
         from raylstm.train import train
@@ -137,7 +147,9 @@ def _train_parser(p: argparse.ArgumentParser) -> Command:
         if args.gpu:
             cfg.train.use_gpu = True
         try:
-            result = train(cfg, storage=args.storage, name=args.name, address=args.address)
+            result = train(
+                cfg, storage=args.storage, name=args.name, address=args.address, verbose=args.verbose
+            )
         except TrainingDiverged as e:
             # Not a crash: the message says which setting to change, and the checkpoints before it stand.
             print(f"raylstm train: {e}", file=sys.stderr)
@@ -381,11 +393,20 @@ def _classify_parser(p: argparse.ArgumentParser) -> Command:
 # --- demo ----------------------------------------------------------------------------------------------
 def _demo_parser(p: argparse.ArgumentParser) -> Command:
     p.add_argument("--workdir", default="runs/demo", help="where the demo writes its prepared data and run")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="override one field of configs/demo.toml, e.g. --set train.max_steps=100 (repeatable)",
+    )
+    _add_verbose_arg(p)
 
     def run(args: argparse.Namespace) -> int:
         from raylstm.demo import run_demo
 
-        return run_demo(args.workdir)
+        return run_demo(args.workdir, args.overrides, verbose=args.verbose)
 
     return run
 
