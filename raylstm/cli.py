@@ -40,6 +40,10 @@ def _config(args: argparse.Namespace):
 
 # --- prepare -------------------------------------------------------------------------------------------
 def _prepare_parser(p: argparse.ArgumentParser) -> Command:
+    from typing import get_args
+
+    from raylstm.config import DataFormat
+
     p.add_argument(
         "sources", nargs="*", help="review files, dirs, globs or s3:// URIs (default: demo corpus)"
     )
@@ -47,7 +51,10 @@ def _prepare_parser(p: argparse.ArgumentParser) -> Command:
         "--out", required=True, help="output directory (Parquet shards, vocab.json, manifest.json)"
     )
     p.add_argument(
-        "--format", help="force a format: tsv, json, json2014, json2023, csv, parquet, text, blitzer"
+        "--format",
+        choices=get_args(DataFormat),
+        metavar="FORMAT",
+        help="force a format: %(choices)s (default: data.format, auto: from file names and columns)",
     )
     p.add_argument(
         "--strict", action="store_true", help="fail on the first malformed row, naming file and line"
