@@ -103,7 +103,7 @@ def run_piece(name: str, out_dir: Path, quick: bool, timeout: float) -> dict[str
 
 def machine() -> dict[str, str]:
     info = {
-        "date (UTC)": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M"),
+        "date (UTC)": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M"),
         "host": platform.node(),
         "os": platform.platform(),
         "python": platform.python_version(),

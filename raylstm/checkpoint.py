@@ -16,7 +16,6 @@ does not match is refused with an error naming the file.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -28,6 +27,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from raylstm import storage
 from raylstm.config import Config
 from raylstm.model import CharLSTM, build_model, unwrap
 from raylstm.vocab import CharVocab
@@ -57,14 +57,6 @@ class LoadedCheckpoint:
     epoch: int = 0
     metrics: dict[str, Any] = field(default_factory=dict)
     data_position: dict[str, Any] = field(default_factory=dict)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def save_checkpoint(
@@ -109,7 +101,7 @@ def save_checkpoint(
             "data_position": data_position or {},
             "config": config.to_dict(),
             "vocab_fingerprint": vocab.fingerprint(),
-            "sha256": {name: _sha256(tmp / name) for name in files},
+            "sha256": {name: storage.sha256(tmp / name) for name in files},
         }
         (tmp / META).write_text(json.dumps(meta, indent=2, sort_keys=True))
         os.replace(tmp, directory)
@@ -154,7 +146,7 @@ def read_meta(path: str | Path, verify: bool = True) -> dict[str, Any]:
             f = path / name
             if not f.exists():
                 raise CheckpointError(f"{f}: missing file listed in {META}")
-            if _sha256(f) != digest:
+            if storage.sha256(f) != digest:
                 raise CheckpointError(f"{f}: checksum mismatch (corrupt or modified checkpoint)")
     return meta
 
@@ -199,7 +191,5 @@ def load_training_state(path: str | Path) -> dict[str, Any]:
 def write_best(run_dir: str | Path, checkpoint: str, metrics: dict[str, Any]) -> Path:
     """Atomically (re)write best.json in a run dir; serving watches this file."""
     run_dir = Path(run_dir)
-    tmp = run_dir / f".{BEST}.tmp"
-    tmp.write_text(json.dumps({"checkpoint": checkpoint, "metrics": metrics}, indent=2, sort_keys=True))
-    os.replace(tmp, run_dir / BEST)
+    storage.write_json(run_dir / BEST, {"checkpoint": checkpoint, "metrics": metrics})
     return run_dir / BEST

@@ -120,7 +120,12 @@ def _train_parser(p: argparse.ArgumentParser) -> Command:
 # --- sample --------------------------------------------------------------------------------------------
 def _sample_parser(p: argparse.ArgumentParser) -> Command:
     p.add_argument("--checkpoint", required=True, help="a run dir (uses best.json) or a checkpoint dir")
-    p.add_argument("--prime", default="I bought these ", help="text to start from")
+    p.add_argument(
+        "--prime",
+        default="I bought these ",
+        help="text to start from; cleaned as the training text was (the checkpoint's lowercase/ASCII, "
+        "HTML entities, NFKC)",
+    )
     p.add_argument("--temperature", type=float, nargs="+", default=[0.5], help="0 = argmax; several allowed")
     p.add_argument("--length", type=int, default=300, help="characters to generate")
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely characters (0 = all)")
@@ -128,15 +133,79 @@ def _sample_parser(p: argparse.ArgumentParser) -> Command:
         "--top-p", type=float, default=1.0, help="nucleus sampling: smallest set reaching p (1 = off)"
     )
     p.add_argument(
+        "--min-p", type=float, default=0.0, help="drop characters below p x the most likely one (0 = off)"
+    )
+    p.add_argument(
+        "--presence-penalty",
+        type=float,
+        default=0.0,
+        help="-2..2, minus this for every char already generated",
+    )
+    p.add_argument(
+        "--frequency-penalty",
+        type=float,
+        default=0.0,
+        help="-2..2, minus this x how often a char was generated",
+    )
+    p.add_argument(
+        "--repetition-penalty", type=float, default=1.0, help="> 0, vLLM's: 1 = off, > 1 discourages repeats"
+    )
+    p.add_argument(
         "--stop", action="append", default=[], help="stop string: the text ends before it (repeatable)"
     )
     p.add_argument("--n", type=int, default=1, help="samples per temperature (sample i uses seed + i)")
-    p.add_argument("--seed", type=int, default=None, help="makes output reproducible")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="makes output reproducible; training prints the seed of each of its samples",
+    )
+    p.add_argument("--raw-prompt", action="store_true", help="do not clean the prime")
 
     def run(args: argparse.Namespace) -> int:
-        from raylstm.sample import run_sample_cli
+        from raylstm.sample import SampleParams, Sampler
 
-        return run_sample_cli(args)
+        if args.length < 0:
+            raise ValueError("--length must be >= 0")
+        if args.n < 1:
+            raise ValueError("--n must be >= 1")
+        sampler = Sampler.load(args.checkpoint)
+        print(
+            f"# checkpoint {sampler.path}  step {sampler.step_number}  val_bpc {sampler.info()['val_bpc']}",
+            file=sys.stderr,
+        )
+        params = [
+            SampleParams(
+                temperature=t,
+                top_k=args.top_k,
+                top_p=args.top_p,
+                min_p=args.min_p,
+                presence_penalty=args.presence_penalty,
+                frequency_penalty=args.frequency_penalty,
+                repetition_penalty=args.repetition_penalty,
+                max_chars=args.length,
+                stop=tuple(args.stop),
+                seed=args.seed,
+                clean_prompt=not args.raw_prompt,
+            )
+            for t in args.temperature
+        ]
+        # All temperatures in one batch, as the trainer samples them: --seed S prints what it printed.
+        out = sampler.generate([args.prime] * len(params), params, n=args.n)
+        prompt = out[0][0].prompt
+        if prompt.changes:
+            changes = ", ".join(prompt.changes)
+            print(f"# prime cleaned as the training text was ({changes}): {prompt.text!r}", file=sys.stderr)
+        if prompt.unknown_chars:
+            print(
+                f"# prime characters outside the vocabulary (read as unknown): {prompt.unknown_chars!r}",
+                file=sys.stderr,
+            )
+        for t, group in zip(args.temperature, out):
+            for c in group:
+                print(f"----- temperature {t:g}  seed {c.seed}  sample {c.index}  ({c.finish_reason})")
+                print(prompt.text + c.text)
+        return 0
 
     return run
 

@@ -1,6 +1,6 @@
 """Review sources -> cleaned, deduplicated, split text -> vocabulary -> encoded training windows.
 
-    sources.read_reviews          rows {text, title, key, rating, verified, source, row, reason}
+    sources.read_reviews          rows {text, title, key, rating, verified, category, source, row, reason}
       -> clean (map_batches)      text.clean_text; too short / unverified rows get a reason
       -> dedupe (groupby text)    one row per distinct cleaned text: the smallest (key, source, row)
       -> split (map_batches)      split_of(key): a stable hash, so the same on every run and block count
@@ -28,25 +28,35 @@ import pyarrow.compute as pc
 import ray
 from ray.data.aggregate import Min
 
+from raylstm import storage
 from raylstm.config import DataConfig
 from raylstm.ray_env import task_based_shuffle
 from raylstm.sources import BAD_REASONS, DataError, ReadOptions, read_parquet, read_reviews
-from raylstm.text import clean_text, join_title, reject_reason
+from raylstm.text import EOR, clean_text, join_title, reject_reason
 from raylstm.vocab import CharVocab
 
 DEMO_CORPUS = Path(__file__).resolve().parent / "demo" / "reviews_demo.json.gz"
 SPLITS = ("train", "val", "test")
-EOR = "\n"  # end-of-review marker in the training stream; cleaning never leaves one inside a review
-# Columns of the split datasets and the prepared shards. `source` (the file a review came from) is kept
-# so per-file figures are a group-by over a split already read (raylstm.evaluate), never a re-read.
-OUT_COLUMNS = ["text", "key", "rating", "source"]
+# Columns of the split datasets and the prepared shards: the text and its key (the split), and what later
+# stages condition or group on: rating and category (a conditioned model), verified, and source (the file a
+# review came from: per-file figures are a group-by over a split already read, raylstm.evaluate).
+OUT_COLUMNS = ["text", "key", "rating", "verified", "category", "source"]
+OUT_SCHEMA = pa.schema(
+    [
+        ("text", pa.string()),
+        ("key", pa.string()),
+        ("rating", pa.float64()),
+        ("verified", pa.bool_()),
+        ("category", pa.string()),
+        ("source", pa.string()),
+    ]
+)
 BATCH_ROWS = 4096  # large batches: on 2 cores, per-task overhead dominates small ones
 
 
 @dataclass
 class ReviewSplits:
-    # rows {"text": str, "key": str, "rating": float|None, "source": str (the file)}: cleaned review text
-    train: ray.data.Dataset
+    train: ray.data.Dataset  # rows of OUT_COLUMNS: cleaned review text, its key, rating, verified, ...
     val: ray.data.Dataset
     test: ray.data.Dataset
     vocab: CharVocab  # from the train split's aggregated char counts (cfg.min_char_count), "\n" included
@@ -104,30 +114,29 @@ _SEP = "\x1f"  # ASCII unit separator: joins the fields of a dedupe candidate in
 
 
 def _dedupe_candidates(batch: pa.Table) -> pa.Table:
-    """Rows -> {text, w}: w = "key<US>source<US>row<US>rating", so min(w) per text picks the smallest
-    (key, source, row) whichever block or order it arrives in, using a vectorised Ray aggregation."""
+    """Rows -> {text, w}: w = "key<US>source<US>row<US>rating<US>verified<US>category", so min(w) per text
+    picks the smallest (key, source, row) whichever block or order it arrives in, using a vectorised Ray
+    aggregation, and the winner's other columns come with it. Only the key may hold a <US> (it is split off
+    from the right); one in a source or category becomes a space."""
     row = pc.utf8_lpad(pc.cast(batch.column("row"), pa.string()), 12, "0")
     rating = pc.fill_null(pc.cast(batch.column("rating"), pa.string()), "")
-    w = pc.binary_join_element_wise(batch.column("key"), batch.column("source"), row, rating, _SEP)
+    verified = pc.fill_null(pc.cast(pc.cast(batch.column("verified"), pa.int8()), pa.string()), "")
+    source = pc.replace_substring(batch.column("source"), _SEP, " ")
+    category = pc.fill_null(pc.replace_substring(batch.column("category"), _SEP, " "), "")
+    w = pc.binary_join_element_wise(batch.column("key"), source, row, rating, verified, category, _SEP)
     return pa.table({"text": batch.column("text"), "w": w})
 
 
 def _dedupe_winners(batch: pa.Table) -> pa.Table:
-    texts = batch.column("text")
-    keys, sources, ratings = [], [], []
+    cols: dict[str, list] = {"key": [], "rating": [], "verified": [], "category": [], "source": []}
     for w in batch.column(batch.column_names[1]).to_pylist():
-        key, source, _row, rating = w.rsplit(_SEP, 3)  # split from the right: a key may hold anything
-        keys.append(key)
-        sources.append(source)
-        ratings.append(float(rating) if rating else None)
-    return pa.table(
-        {
-            "text": texts,
-            "key": pa.array(keys, pa.string()),
-            "rating": pa.array(ratings, pa.float64()),
-            "source": pa.array(sources, pa.string()),
-        }
-    )
+        key, source, _row, rating, verified, category = w.rsplit(_SEP, 5)  # a key may hold anything
+        cols["key"].append(key)
+        cols["rating"].append(float(rating) if rating else None)
+        cols["verified"].append(verified == "1" if verified else None)
+        cols["category"].append(category or None)
+        cols["source"].append(source)
+    return pa.Table.from_pydict({"text": batch.column("text"), **cols}, schema=OUT_SCHEMA)
 
 
 def _assign_split(batch: pa.Table, val_fraction: float, test_fraction: float) -> pa.Table:
@@ -203,47 +212,19 @@ def _unwrap_data_error(e: BaseException) -> BaseException | None:
 
 
 def is_prepared_dir(sources: list[str]) -> bool:
-    if len(sources) != 1 or "://" in sources[0]:
-        return len(sources) == 1 and "://" in sources[0] and _remote_has_manifest(sources[0])
-    return (Path(sources[0]) / "manifest.json").is_file()
-
-
-def _remote_has_manifest(uri: str) -> bool:
-    import pyarrow.fs as pafs
-
-    fs, path = pafs.FileSystem.from_uri(uri.rstrip("/") + "/manifest.json")
-    return fs.get_file_info(path).type == pafs.FileType.File
-
-
-def _read_remote_text(uri: str) -> str:
-    import pyarrow.fs as pafs
-
-    fs, path = pafs.FileSystem.from_uri(uri)
-    with fs.open_input_stream(path, compression=None) as f:
-        return f.readall().decode("utf-8")
+    """One source that is a directory written by `raylstm prepare` (it has manifest.json), local or URI."""
+    return len(sources) == 1 and storage.exists(storage.join(sources[0], "manifest.json"))
 
 
 def _load_prepared(root: str) -> ReviewSplits:
-    if "://" in root:
-        manifest = json.loads(_read_remote_text(root.rstrip("/") + "/manifest.json"))
-        vocab = CharVocab.from_dict(json.loads(_read_remote_text(root.rstrip("/") + "/vocab.json")))
-    else:
-        manifest = json.loads((Path(root) / "manifest.json").read_text())
-        vocab = CharVocab.load(Path(root) / "vocab.json")
+    manifest = storage.read_json(storage.join(root, "manifest.json"))
+    vocab = CharVocab.from_dict(storage.read_json(storage.join(root, "vocab.json")))
     parts = {}
     for split in SPLITS:
         if manifest["splits"][split]["rows"] == 0:
-            empty = pa.table(
-                {
-                    "text": pa.array([], pa.string()),
-                    "key": pa.array([], pa.string()),
-                    "rating": pa.array([], pa.float64()),
-                    "source": pa.array([], pa.string()),
-                }
-            )
-            parts[split] = ray.data.from_arrow(empty)
+            parts[split] = ray.data.from_arrow(OUT_SCHEMA.empty_table())
         else:
-            parts[split] = read_parquet(f"{root.rstrip('/')}/{split}")
+            parts[split] = read_parquet(storage.join(root, split))
     return ReviewSplits(parts["train"], parts["val"], parts["test"], vocab, manifest)
 
 

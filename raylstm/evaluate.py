@@ -47,11 +47,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from raylstm.config import DataConfig
+from raylstm.text import (
+    EOR,
+)  # the end-of-review marker; also the context each review's first char is predicted from
 
 if TYPE_CHECKING:
     from raylstm.checkpoint import LoadedCheckpoint
-
-EOR = "\n"  # end-of-review marker; also the context the first char of every review is predicted from
 
 # ---------------------------------------------------------------------------------------------------------
 # Compressor baselines

@@ -1,67 +1,185 @@
-"""Sampling from a checkpoint: batched, stateful, seeded. torch + numpy only (no Ray).
+"""The one sampler: the trainer's samples, `raylstm sample`, the engine and the server all call it.
 
-    prompt --encode (unknown chars -> unk)--> ids [1, T] --model, once--> (h, c), logits of the last char
-    then, one model step per new character, for every active row at once:
+    prompt --clean like the training text (the checkpoint's data config)--> text --encode--> ids [1, T]
+       full mode: --model, once--> (h, c) + logits of the last char; the state is carried from then on
+       seed mode: the last seed_context ids, from a zero state, every step (how the model was trained)
 
-        logits [B, V] --/ temperature, top-k, top-p (per row)--> probs --u ~ rng_row--> next ids [B]
-        next ids [B, 1] --model(state [L, B, H])--> logits [B, V], state
+    then one model step per new character, for every active row at once:
 
-Every row owns its parameters and its own random generator (seeded by the request's seed plus the sample
-index), and draws exactly one uniform number per character, so a row's text depends only on its prompt,
-its parameters and its seed: never on what else is in the batch. That is what makes `raylstm sample`,
-`/v1/generate` and `/v1/completions` agree for the same seed, and batched agree with unbatched.
+        logits [B, V] --unknown id masked, + logit_bias, repetition/frequency/presence penalties-->
+        scores [B, V] --log_softmax--> logprobs (what `logprobs` reports, what `best_of` ranks by)
+        scores --/ temperature, min_p, top-k, top-p (each row its own)--> probs --u ~ rng_row--> ids [B]
+        ids [B, 1] --model (state [L, B, H], or the window [B, W])--> logits [B, V]
 
-`Sampler.generate` runs a set of rows to completion (the CLI, benchmarks, tests). `Engine` is the
-continuous-batching loop the server drives: jobs join and leave between model steps, and rows of an
-older checkpoint keep their own sampler after a hot reload until they finish.
+Every row owns its parameters and its own random generator (seeded by the request's seed plus the
+sample index) and draws exactly one uniform number per character, so a row's text depends only on its
+prompt, parameters, seed and the checkpoint: never on what else is in the batch. That is why the
+trainer's printed samples, `raylstm sample --seed S`, `/v1/generate` and `/v1/completions` agree.
+
+`Sampler.generate` runs a set of rows to completion (the trainer, the CLI, benchmarks, tests); the
+engine (`raylstm.engine`) calls `start`/`step` to batch requests continuously. `Sampler._forward` is the
+one place the model is called, so a per-row conditioning input (rating, category) has one place to go.
 """
 
 from __future__ import annotations
 
-import argparse
-import collections
 import itertools
+import math
 import secrets
-import sys
-import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from raylstm.checkpoint import LoadedCheckpoint, load_checkpoint
+from raylstm.config import DataConfig
+from raylstm.model import unwrap
+from raylstm.text import EOR, clean_text, fold_ascii, normalize_unicode, strip_html
+from raylstm.vocab import CharVocab
 
 MAX_SEED = 2**63 - 1
+MAX_LOGPROBS = 20  # OpenAI's cap on `logprobs` (top alternatives per character)
+
+
+class SampleParamError(ValueError):
+    """A sampling parameter out of range; `field` names it (the HTTP layer answers 422 for that field)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+    def __reduce__(self) -> tuple:  # pickles with its field (Ray ships exceptions between processes)
+        return type(self), (self.field, str(self))
 
 
 @dataclass(frozen=True)
 class SampleParams:
-    """How one prompt is continued. Validated here so the library refuses what the HTTP layer refuses."""
+    """How one prompt is continued. Validated here, so the library refuses what the HTTP layer refuses.
+
+    The formulas are OpenAI's and vLLM's with the character as the token (see `Sampler.scores`)."""
 
     temperature: float = 1.0  # 0 means argmax (greedy); higher flattens the distribution
     top_k: int = 0  # keep the k most likely characters; 0 keeps all
     top_p: float = 1.0  # keep the smallest set whose probability reaches top_p; 1 keeps all
+    min_p: float = 0.0  # vLLM: drop characters less likely than min_p x the most likely one; 0 = off
     max_chars: int = 300  # characters to generate (fewer when a stop string ends the text)
     stop: tuple[str, ...] = ()  # the text ends before the first occurrence of any of these
     seed: int | None = None  # None draws a fresh seed, reported back so the output can be reproduced
+    presence_penalty: float = 0.0  # OpenAI, -2..2: minus this from every character already generated
+    frequency_penalty: float = 0.0  # OpenAI, -2..2: minus this x how often it was generated
+    repetition_penalty: float = 1.0  # vLLM, > 0: seen characters' positive scores / p, negative x p
+    # OpenAI: {vocabulary id: bias} added to the scores; -100 bans, +100 forces. Held as sorted pairs.
+    logit_bias: Mapping[int, float] | tuple[tuple[int, float], ...] = ()
+    logprobs: int | None = None  # per generated char its logprob and the top-k alternatives; None = off
+    prompt_logprobs: int | None = None  # the same for every prompt character (the first gets None)
+    clean_prompt: bool = True  # clean the prompt as the training text was (HTML, NFKC, case, ASCII)
 
     def __post_init__(self) -> None:
-        if not (self.temperature >= 0 and np.isfinite(self.temperature)):
-            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0 <= self.top_p <= 1:
-            raise ValueError(f"top_p must be in [0, 1], got {self.top_p}")
-        if self.max_chars < 0:
-            raise ValueError(f"max_chars must be >= 0, got {self.max_chars}")
-        if any(not s for s in self.stop):
-            raise ValueError("stop strings must not be empty")
-        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
-            raise ValueError(f"seed must be in [0, 2**63-1], got {self.seed}")
+        def need(ok: bool, name: str, msg: str) -> None:
+            if not ok:
+                raise SampleParamError(name, f"{name} {msg}")
+
+        finite = math.isfinite
+        need(
+            self.temperature >= 0 and finite(self.temperature), "temperature", "must be a finite number >= 0"
+        )
+        need(self.top_k >= 0, "top_k", f"must be >= 0, got {self.top_k}")
+        need(0 <= self.top_p <= 1, "top_p", f"must be in [0, 1], got {self.top_p}")
+        need(0 <= self.min_p <= 1, "min_p", f"must be in [0, 1], got {self.min_p}")
+        need(self.max_chars >= 0, "max_chars", f"must be >= 0, got {self.max_chars}")
+        need(all(self.stop), "stop", "strings must not be empty")
+        need(self.seed is None or 0 <= self.seed <= MAX_SEED, "seed", "must be in [0, 2**63-1]")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            need(finite(v) and -2 <= v <= 2, name, f"must be in [-2, 2], got {v}")
+        rp = self.repetition_penalty
+        need(finite(rp) and 0 < rp <= 100, "repetition_penalty", f"must be in (0, 100], got {rp}")
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, name)
+            need(v is None or 0 <= v <= MAX_LOGPROBS, name, f"must be in [0, {MAX_LOGPROBS}], got {v}")
+        bias = self.logit_bias.items() if isinstance(self.logit_bias, Mapping) else self.logit_bias
+        try:
+            pairs = tuple(sorted((int(k), float(v)) for k, v in bias))
+        except (TypeError, ValueError) as e:
+            raise SampleParamError("logit_bias", f"logit_bias must map character ids to numbers ({e})") from e
+        for _, v in pairs:
+            need(finite(v) and -100 <= v <= 100, "logit_bias", f"values must be in [-100, 100], got {v}")
+        object.__setattr__(self, "logit_bias", pairs)
         object.__setattr__(self, "stop", tuple(self.stop))
+
+    @property
+    def bias_items(self) -> tuple[tuple[int, float], ...]:
+        b = self.logit_bias  # sorted pairs after __post_init__
+        return b if isinstance(b, tuple) else tuple(sorted(b.items()))
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+
+    @property
+    def truncated(self) -> bool:
+        return self.top_k > 0 or self.top_p < 1.0
+
+
+# --- prompts ----------------------------------------------------------------------------------------------
+def clean_prompt(text: str, lowercase: bool = False, ascii_only: bool = False) -> tuple[str, list[str]]:
+    """The training text's cleaning (`text.clean_text`) applied to a prompt, and what it changed.
+
+    Line by line, because "\\n" is the end-of-review marker the model was trained with (cleaning a
+    review never leaves one inside it); one leading/trailing space of a line is kept, because a prompt's
+    trailing space is part of what it asks for ("I bought " continues with a word, not a space)."""
+    text = text.replace("\r\n", EOR)
+    lines = []
+    for line in text.split(EOR):
+        body = clean_text(line, lowercase, ascii_only)
+        raw = normalize_unicode(strip_html(line))  # entities/forms that clean into spaces count as spaces
+        lead = " " if body and raw[:1].isspace() else ""
+        trail = " " if body and raw[-1:].isspace() else ""
+        lines.append(lead + body + trail)
+    cleaned = EOR.join(lines)
+    changes = []
+    if cleaned != text:
+        stages = [
+            ("HTML entities or tags", strip_html),
+            ("Unicode NFKC / invisible characters", normalize_unicode),
+        ]
+        if ascii_only:
+            stages.append(("folded to ASCII", fold_ascii))
+        if lowercase:
+            stages.append(("lowercased", str.lower))
+        s = text
+        for label, fn in stages:
+            t = fn(s)
+            if t != s:
+                changes.append(label)
+            s = t
+        if s != cleaned:  # what is left is spacing: runs, tabs, spaces at the ends of lines
+            changes.append("whitespace collapsed")
+    return cleaned, changes
+
+
+@dataclass
+class TokenLogprobs:
+    """Per character: its log-probability and the top alternatives (OpenAI's logprobs, char = token)."""
+
+    token_logprobs: list[float | None] = field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = field(default_factory=list)
+
+
+@dataclass
+class Prompt:
+    """A prompt as the model reads it."""
+
+    text: str  # after cleaning: what the model is conditioned on
+    original: str
+    changes: list[str]  # what cleaning changed (empty when nothing); said back in every response
+    unknown_chars: list[str]  # distinct characters the vocabulary lacks (read as the unknown id)
+    ids: list[int]
+    logprobs: TokenLogprobs | None = None  # with SampleParams.prompt_logprobs
 
 
 @dataclass
@@ -72,53 +190,61 @@ class Completion:
     finish_reason: str  # "stop" (a stop string ended it) or "length" (max_chars reached)
     seed: int
     index: int = 0
+    logprobs: TokenLogprobs | None = None  # with SampleParams.logprobs; one entry per char of text
+    mean_logprob: float = 0.0  # of the generated characters (what best_of ranks by)
+    prompt: Prompt | None = None
 
 
 class Row:
-    """One sample being generated: its parameters, random stream, LSTM state and text so far."""
+    """One sample being generated: its parameters, random stream, model state and text so far."""
 
-    _ids = itertools.count()
+    _ids = itertools.count()  # next() on a count is atomic under the GIL: rows start in any thread
 
-    def __init__(
-        self,
-        sampler: Sampler,
-        params: SampleParams,
-        seed: int,
-        index: int,
-        state: tuple[torch.Tensor, torch.Tensor],
-        logits: torch.Tensor,
-    ) -> None:
+    def __init__(self, sampler: Sampler, params: SampleParams, seed: int, index: int, prompt: Prompt) -> None:
         self.id = next(Row._ids)
         self.sampler = sampler
         self.params = params
         self.seed = seed
         self.index = index
+        self.prompt = prompt
         # PCG64 per row: ~0.3 us a draw, independent of every other row.
         self.rng = np.random.Generator(np.random.PCG64(seed))
-        self.state = state  # (h, c) [L, 1, H]; stale while the row sits in its sampler's cached batch
-        self.logits = logits  # [V] scores for the next character; stale likewise
-        self.chars: list[str] = []
+        # Model state between steps. Stale while the row sits in its sampler's cached batch (see _Batch).
+        self.state: tuple[torch.Tensor, torch.Tensor] | None = None  # (h, c) [L, 1, H], full mode
+        self.window: list[int] = []  # the last seed_context ids, seed mode
+        self.logits: torch.Tensor | None = None  # [V] scores for the next character
+        self.counts: torch.Tensor | None = None  # [V] times each char was generated (penalties)
+        self.seen: torch.Tensor | None = None  # [V] chars in prompt or output (repetition penalty)
         self.text = ""
+        self.n_chars = 0  # characters generated (text may be shorter: a stop string is cut off)
+        self.logprob_sum = 0.0
+        self.logprobs = TokenLogprobs() if params.logprobs is not None else None
         self.emitted = 0  # characters of `text` already handed out by take_delta()
-        self.finish_reason: str | None = None
+        self.finish_reason: str | None = "length" if params.max_chars == 0 else None
+        self.reported = False  # the engine has told the client this row finished
         self._max_stop = max((len(s) for s in params.stop), default=0)
-        if params.max_chars == 0:
-            self.finish_reason = "length"
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
 
-    def push(self, ch: str) -> None:
+    def push(self, ch: str, logprob: float, top: dict[str, float] | None) -> None:
         """Append one character; finish on a stop string (cut off, as OpenAI does) or at max_chars."""
-        self.chars.append(ch)
         self.text += ch
+        self.n_chars += 1
+        self.logprob_sum += logprob
+        if self.logprobs is not None:
+            self.logprobs.token_logprobs.append(logprob)
+            self.logprobs.top_logprobs.append(top)
         for s in self.params.stop:
             if self.text.endswith(s):
                 self.text = self.text[: len(self.text) - len(s)]
+                if self.logprobs is not None:  # the stop string's chars are not part of the answer
+                    del self.logprobs.token_logprobs[len(self.text) :]
+                    del self.logprobs.top_logprobs[len(self.text) :]
                 self.finish_reason = "stop"
                 return
-        if len(self.chars) >= self.params.max_chars:
+        if self.n_chars >= self.params.max_chars:
             self.finish_reason = "length"
 
     def _held_back(self) -> int:
@@ -131,106 +257,324 @@ class Row:
                 return k
         return 0
 
-    def take_delta(self) -> str:
-        """Text that is now final and has not been handed out: the stream is the exact final text."""
-        end = len(self.text) - self._held_back()
-        delta = self.text[self.emitted : end]
-        self.emitted = max(self.emitted, end)
-        return delta
+    def take_delta(self) -> tuple[int, str]:
+        """(offset, text) that is now final and not yet handed out: the stream adds up to the final text."""
+        start = self.emitted
+        end = max(start, len(self.text) - self._held_back())
+        self.emitted = end
+        return start, self.text[start:end]
+
+    def logprobs_slice(self, start: int, end: int) -> TokenLogprobs | None:
+        if self.logprobs is None:
+            return None
+        lp = self.logprobs
+        return TokenLogprobs(lp.token_logprobs[start:end], lp.top_logprobs[start:end])
 
     def result(self) -> Completion:
-        return Completion(self.text, self.finish_reason or "length", self.seed, self.index)
+        mean = self.logprob_sum / self.n_chars if self.n_chars else 0.0
+        return Completion(
+            self.text,
+            self.finish_reason or "length",
+            self.seed,
+            self.index,
+            self.logprobs,
+            mean,
+            self.prompt,
+        )
 
 
 def choose_next(
-    logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, u: torch.Tensor
+    scores: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    min_p: torch.Tensor,
+    u: torch.Tensor,
+    truncate: bool = True,
 ) -> torch.Tensor:
-    """Next ids [B] from logits [B, V], each row with its own temperature/top-k/top-p and uniform draw u.
+    """Next ids [B] from scores [B, V] (float64), each row with its own temperature/filters and draw u.
 
-    Sampling is by inverse CDF over the characters sorted by score (stable sort, so ties are ordered by
-    id): the same logits and the same u always give the same character. Temperature 0 rows take argmax.
-    """
-    logits = logits.double()
-    B, V = logits.shape
+    probs = softmax(scores / T); min_p drops p < min_p * max p; top-k keeps the k most likely (ties by
+    id); top-p keeps the smallest most-likely set reaching top_p of what top-k kept. The pick is by
+    inverse CDF over ids in vocabulary order: the same scores and u always give the same character,
+    whatever else is in the batch. Temperature-0 rows take the argmax. `truncate=False` skips the sort
+    when no row in the batch uses top-k/top-p (the result is the same)."""
+    B, V = scores.shape
     greedy = temperature <= 0
-    t = torch.where(greedy, torch.ones_like(temperature), temperature).double()
-    scaled = logits / t[:, None]
-    sorted_scores, order = torch.sort(scaled, dim=-1, descending=True, stable=True)
-    ranks = torch.arange(V)[None, :]
-    k = torch.where((top_k <= 0) | (top_k > V), torch.full_like(top_k, V), top_k)
-    sorted_scores = sorted_scores.masked_fill(ranks >= k[:, None], float("-inf"))
-    probs = torch.softmax(sorted_scores, dim=-1)
-    # Nucleus: drop a character when the ones ranked above it already reach top_p; always keep the first.
-    before = probs.cumsum(-1) - probs
-    drop = before >= top_p.double()[:, None]
-    drop[:, 0] = False
-    probs = probs.masked_fill(drop, 0.0)
+    t = torch.where(greedy, torch.ones_like(temperature), temperature)
+    probs = torch.softmax(scores / t[:, None], dim=-1)
+    if bool((min_p > 0).any()):
+        probs = probs.masked_fill(probs < min_p[:, None] * probs.amax(-1, keepdim=True), 0.0)
+    if truncate:
+        sorted_p, order = torch.sort(probs, dim=-1, descending=True, stable=True)
+        k = torch.where((top_k <= 0) | (top_k > V), torch.full_like(top_k, V), top_k)
+        keep = torch.arange(V)[None, :] < k[:, None]
+        sorted_p = sorted_p * keep
+        sorted_p = sorted_p / sorted_p.sum(-1, keepdim=True)
+        # Nucleus: drop a character when the ones ranked above it already reach top_p; keep the first.
+        before = sorted_p.cumsum(-1) - sorted_p
+        keep &= before < top_p[:, None]
+        keep[:, 0] = True
+        probs = probs * torch.zeros_like(probs, dtype=torch.bool).scatter(1, order, keep)
     cdf = probs.cumsum(-1)
-    pick = (cdf < (u.double() * cdf[:, -1])[:, None]).sum(-1).clamp(max=V - 1)
-    chosen = order.gather(1, pick[:, None]).squeeze(1)
-    return torch.where(greedy, logits.argmax(-1), chosen)
+    # The first id whose cdf exceeds u * total: it has probability > 0 (the unknown id never comes out).
+    pick = (cdf <= (u * cdf[:, -1])[:, None]).sum(-1).clamp(max=V - 1)
+    return torch.where(greedy, scores.argmax(-1), pick)
+
+
+@dataclass
+class _Batch:
+    """The rows of the last step with their state, scores and parameters as batched tensors, reused
+    while the set of rows does not change: a steady batch costs one model call and no tensor shuffling
+    per character (and parameters become tensors once per batch, not once per step)."""
+
+    rows: list[Row]
+    h: torch.Tensor | None  # [L, B, H] (full mode)
+    c: torch.Tensor | None
+    logits: torch.Tensor  # [B, V] on the model's device
+    counts: torch.Tensor | None  # [B, V] float64 (only when some row has penalties)
+    seen: torch.Tensor | None  # [B, V] bool
+    p: dict[str, torch.Tensor]  # per-row parameters [B] (and "bias" [B, V])
+
+    @property
+    def key(self) -> tuple[int, ...]:
+        return tuple(r.id for r in self.rows)
+
+    def select(self, idx: list[int]) -> _Batch:
+        i = torch.tensor(idx)
+        dev = self.logits.device
+        return _Batch(
+            [self.rows[j] for j in idx],
+            None if self.h is None else self.h.index_select(1, i.to(dev)),
+            None if self.c is None else self.c.index_select(1, i.to(dev)),
+            self.logits.index_select(0, i.to(dev)),
+            None if self.counts is None else self.counts.index_select(0, i),
+            None if self.seen is None else self.seen.index_select(0, i),
+            {k: v.index_select(0, i) for k, v in self.p.items()},
+        )
 
 
 class Sampler:
-    """A loaded checkpoint ready to generate. Not thread-safe: one thread steps it at a time."""
+    """A model + vocabulary ready to generate. Not thread-safe: one thread steps it at a time.
 
-    def __init__(self, ckpt: LoadedCheckpoint, device: str | torch.device = "cpu") -> None:
-        self.ckpt = ckpt
-        self.device = torch.device(device)
-        self.model = ckpt.model.to(self.device).eval()
-        self.vocab = ckpt.vocab
-        self.itos = self.vocab.itos
-        # The rows of the last step and their batched state/logits: reused while the set does not change,
-        # so a steady batch costs one model call and no tensor shuffling per character.
-        self._cache: tuple[tuple[int, ...], torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-        self._rows_in_cache: list[Row] = []
+    `data` is the data config the model was trained with: its window mode (seed models re-read the last
+    `seed_context` chars from a zero state) and its cleaning (prompts are cleaned the same way)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        vocab: CharVocab,
+        data: DataConfig | None = None,
+        *,
+        checkpoint: LoadedCheckpoint | None = None,
+        device: str | torch.device | None = None,
+    ) -> None:
+        self.model = unwrap(model)
+        self.device = torch.device(device) if device is not None else next(self.model.parameters()).device
+        self.model.to(self.device)
+        self.vocab = vocab
+        self.itos = vocab.itos
+        self.data = data or DataConfig()
+        self.window = self.data.seed_context if self.data.window_mode == "seed" else None
+        self.ckpt = checkpoint
+        self._batch: _Batch | None = None
 
     @classmethod
-    def load(cls, path: str | Path, device: str = "cpu") -> Sampler:
-        """A run dir (its best.json) or a checkpoint dir."""
-        return cls(load_checkpoint(path, map_location=device), device)
+    def from_checkpoint(cls, ckpt: LoadedCheckpoint | str | Path, device: str = "cpu") -> Sampler:
+        """From a loaded checkpoint, a run dir (its best.json) or a checkpoint dir."""
+        if not isinstance(ckpt, LoadedCheckpoint):
+            ckpt = load_checkpoint(ckpt, map_location=device)
+        return cls(ckpt.model.eval(), ckpt.vocab, ckpt.config.data, checkpoint=ckpt, device=device)
+
+    load = from_checkpoint
 
     @property
-    def path(self) -> Path:
-        return self.ckpt.path
+    def path(self) -> Path | None:
+        return self.ckpt.path if self.ckpt else None
+
+    @property
+    def step_number(self) -> int | None:
+        return self.ckpt.step if self.ckpt else None
 
     def info(self) -> dict[str, Any]:
         c = self.ckpt
         return {
-            "checkpoint": str(c.path),
-            "step": c.step,
-            "epoch": c.epoch,
-            "val_bpc": c.metrics.get("val_bpc"),
-            "metrics": c.metrics,
+            "checkpoint": str(c.path) if c else None,
+            "step": c.step if c else None,
+            "epoch": c.epoch if c else None,
+            "val_bpc": c.metrics.get("val_bpc") if c else None,
+            "metrics": c.metrics if c else {},
             "vocab_size": len(self.vocab),
             "vocab_fingerprint": self.vocab.fingerprint(),
-            "parameters": self.model.num_parameters(),
-            "model": dict(vars(c.config.model)),
-            "config": c.config.to_dict(),
+            # Every character's id: the keys `logit_bias` takes. Id 0 is the unknown symbol (never produced).
+            "vocab": {ch: i for i, ch in enumerate(self.itos)},
+            "unknown_id": self.vocab.unk_id,
+            "parameters": sum(p.numel() for p in self.model.parameters()),
+            "window_mode": self.data.window_mode,
+            "seed_context": self.window,
+            "prompt_cleaning": {"lowercase": self.data.lowercase, "ascii_only": self.data.ascii_only},
+            "model": dict(vars(c.config.model)) if c else {},
+            "config": c.config.to_dict() if c else {},
         }
 
-    def encode_prompt(self, prompt: str) -> tuple[torch.Tensor, list[str]]:
-        """Prompt -> ids [1, T] (unknown characters become the vocabulary's unk id) and those characters."""
-        if not prompt:
-            raise ValueError("prompt must contain at least one character")
-        try:
-            enc = self.vocab.encode(prompt)
-        except UnicodeEncodeError:  # a lone surrogate: look characters up one by one (it becomes unk)
-            enc = np.array([self.vocab.stoi.get(c, self.vocab.unk_id) for c in prompt])
-        ids = torch.from_numpy(enc.astype(np.int64))[None, :]
-        return ids.to(self.device), self.vocab.unknown_chars(prompt)
+    # --- the model --------------------------------------------------------------------------------------
+    def _forward(
+        self, ids: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """The one model call: ids [B, T] (+ state) -> logits [B, T, V], state."""
+        return self.model(ids.to(self.device), state)
+
+    def _window_logits(self, windows: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Seed mode: logits [B, V] of the last position of each window, each read from a zero state.
+        Windows of one length run as one batch (all of them once a row has seed_context characters)."""
+        out: list[torch.Tensor | None] = [None] * len(windows)
+        by_len: dict[int, list[int]] = {}
+        for i, w in enumerate(windows):
+            by_len.setdefault(len(w), []).append(i)
+        for idx in by_len.values():
+            x = torch.tensor([list(windows[i]) for i in idx], dtype=torch.long)
+            logits, _ = self._forward(x, None)
+            for j, i in enumerate(idx):
+                out[i] = logits[j, -1]
+        return torch.stack(out)
+
+    # --- prompts ----------------------------------------------------------------------------------------
+    def prepare_prompt(self, prompt: str, clean: bool = True) -> Prompt:
+        """Clean (as the training text was) and encode a prompt; refuse one that is empty after cleaning."""
+        text, changes = (
+            clean_prompt(prompt, self.data.lowercase, self.data.ascii_only) if clean else (prompt, [])
+        )
+        if not text:
+            raise SampleParamError("prompt", "prompt must contain at least one character (after cleaning)")
+        ids = [self.vocab.stoi.get(c, self.vocab.unk_id) for c in text]
+        return Prompt(text, prompt, changes, self.vocab.unknown_chars(text), ids)
+
+    def check_params(self, params: SampleParams) -> None:
+        """The vocabulary-dependent checks: logit_bias ids must be characters (not the unknown id)."""
+        V = len(self.vocab)
+        for k, _ in params.bias_items:
+            if not 0 < k < V:
+                raise SampleParamError(
+                    "logit_bias",
+                    f"logit_bias key {k} is not a character id: ids are 1..{V - 1} (GET /v1/model lists "
+                    "them; 0 is the unknown symbol, which is never produced)",
+                )
+
+    def _prompt_logprobs(self, logits: torch.Tensor, ids: list[int], k: int) -> TokenLogprobs:
+        """The model's own log-probability of every prompt char given the ones before it (the first has
+        no context: None, as OpenAI does). No mask or penalty: this is what `raylstm evaluate` scores."""
+        lp = torch.log_softmax(logits.double(), dim=-1).cpu()  # [T, V]: row i predicts char i+1
+        target = torch.tensor(ids[1:], dtype=torch.long)
+        got = lp[:-1].gather(1, target[:, None]).squeeze(1).tolist() if len(ids) > 1 else []
+        out = TokenLogprobs([None, *got], [None])
+        if k:
+            vals, top = lp[:-1].topk(min(k, lp.shape[-1]), dim=-1)
+            for i, (vs, ts) in enumerate(zip(vals.tolist(), top.tolist())):
+                d = {self.itos[t]: v for t, v in zip(ts, vs)}
+                d.setdefault(self.itos[ids[i + 1]], got[i])
+                out.top_logprobs.append(d)
+        else:
+            out.top_logprobs = [None] * len(ids)
+        return out
 
     @torch.inference_mode()
     def start(
-        self, prompt: str, params: SampleParams, n: int = 1, first_index: int = 0
-    ) -> tuple[list[Row], list[str]]:
-        """Run the prompt through the model once; n rows share that state, seeds seed+0 .. seed+n-1."""
-        ids, unknown = self.encode_prompt(prompt)
-        logits, state = self.model(ids)
-        last = logits[0, -1]
+        self, prompt: str | Prompt, params: SampleParams, n: int = 1, first_index: int = 0
+    ) -> list[Row]:
+        """Read the prompt once; n rows share that state, with seeds seed+0 .. seed+n-1."""
+        self.check_params(params)
+        p = prompt if isinstance(prompt, Prompt) else self.prepare_prompt(prompt, params.clean_prompt)
+        ids = torch.tensor([p.ids], dtype=torch.long)
+        state = None
+        if self.window:
+            window = p.ids[-self.window :]
+            last = self._window_logits([window])[0]
+            if params.prompt_logprobs is not None:  # each char from the window before it, zero state
+                ctx = [p.ids[max(0, i - self.window + 1) : i + 1] for i in range(len(p.ids))]
+                p.logprobs = self._prompt_logprobs(self._window_logits(ctx), p.ids, params.prompt_logprobs)
+        else:
+            window = []
+            logits, state = self._forward(ids, None)
+            last = logits[0, -1]
+            if params.prompt_logprobs is not None:
+                p.logprobs = self._prompt_logprobs(logits[0], p.ids, params.prompt_logprobs)
         base = params.seed if params.seed is not None else secrets.randbits(62)
-        rows = [Row(self, params, base + i, first_index + i, state, last) for i in range(n)]
-        return rows, unknown
+        rows = []
+        for i in range(n):
+            r = Row(self, params, base + i, first_index + i, p)
+            r.state, r.window, r.logits = state, list(window), last
+            if params.penalized:
+                r.counts = torch.zeros(len(self.vocab), dtype=torch.float64)
+                r.seen = torch.zeros(len(self.vocab), dtype=torch.bool)
+                r.seen[ids[0]] = True
+            rows.append(r)
+        return rows
+
+    # --- one step ---------------------------------------------------------------------------------------
+    def _build(self, rows: list[Row]) -> _Batch:
+        V = len(self.vocab)
+        full = self.window is None
+        penal = any(r.params.penalized for r in rows)
+
+        def vec(name: str, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+            return torch.tensor([getattr(r.params, name) for r in rows], dtype=dtype)
+
+        p = {
+            "temperature": vec("temperature"),
+            "top_k": vec("top_k", torch.long),
+            "top_p": vec("top_p"),
+            "min_p": vec("min_p"),
+        }
+        if any(r.params.bias_items for r in rows):
+            bias = torch.zeros(len(rows), V, dtype=torch.float64)
+            for i, r in enumerate(rows):
+                for k, v in r.params.bias_items:
+                    bias[i, k] = v
+            p["bias"] = bias
+        if penal:
+            for name in ("presence_penalty", "frequency_penalty", "repetition_penalty"):
+                p[name] = vec(name)
+        zeros = torch.zeros(V, dtype=torch.float64)
+        nothing = torch.zeros(V, dtype=torch.bool)
+        return _Batch(
+            rows,
+            torch.cat([r.state[0] for r in rows], dim=1) if full else None,
+            torch.cat([r.state[1] for r in rows], dim=1) if full else None,
+            torch.stack([r.logits for r in rows]),
+            torch.stack([zeros if r.counts is None else r.counts for r in rows]) if penal else None,
+            torch.stack([nothing if r.seen is None else r.seen for r in rows]) if penal else None,
+            p,
+        )
+
+    def _spill(self) -> None:
+        """Hand the cached batch's state back to its rows before the batch is rebuilt."""
+        b = self._batch
+        if b is None:
+            return
+        for i, r in enumerate(b.rows):
+            if b.h is not None and b.c is not None:
+                r.state = (b.h[:, i : i + 1], b.c[:, i : i + 1])
+            r.logits = b.logits[i]
+            if b.counts is not None and r.counts is not None:
+                r.counts, r.seen = b.counts[i], b.seen[i]
+        self._batch = None
+
+    def scores(self, b: _Batch) -> torch.Tensor:
+        """The distribution each row samples from, before temperature: [B, V] float64 on the CPU.
+
+        z = logits; z[unknown] = -inf; z += logit_bias;
+        repetition (vLLM): z[j] = z[j] / p if z[j] > 0 else z[j] * p, for every j in prompt or output;
+        frequency/presence (OpenAI): z[j] -= frequency * count[j] + presence * (count[j] > 0)."""
+        z = b.logits.to("cpu", torch.float64)
+        z[:, self.vocab.unk_id] = -math.inf
+        if "bias" in b.p:
+            z = z + b.p["bias"]
+        if b.counts is not None:
+            rp = b.p["repetition_penalty"][:, None]
+            z = torch.where(b.seen & (rp != 1.0), torch.where(z > 0, z / rp, z * rp), z)
+            z = z - b.p["frequency_penalty"][:, None] * b.counts
+            z = z - b.p["presence_penalty"][:, None] * (b.counts > 0)
+        return z
 
     @torch.inference_mode()
     def step(self, rows: Sequence[Row]) -> None:
@@ -239,203 +583,115 @@ class Sampler:
         if not rows:
             return
         key = tuple(r.id for r in rows)
-        if self._cache is not None and self._cache[0] == key:
-            _, h, c, logits = self._cache
-        else:
+        if self._batch is None or self._batch.key != key:
             self._spill()
-            h = torch.cat([r.state[0] for r in rows], dim=1)
-            c = torch.cat([r.state[1] for r in rows], dim=1)
-            logits = torch.stack([r.logits for r in rows])
-        temp = torch.tensor([r.params.temperature for r in rows])
-        top_k = torch.tensor([r.params.top_k for r in rows])
-        top_p = torch.tensor([r.params.top_p for r in rows])
-        u = torch.tensor([r.rng.random() for r in rows])
-        nxt = choose_next(logits.float().cpu(), temp, top_k, top_p, u).tolist()
+            self._batch = self._build(rows)
+        b = self._batch
+        z = self.scores(b)
+        logprobs = torch.log_softmax(z, dim=-1)
+        u = torch.tensor([r.rng.random() for r in rows], dtype=torch.float64)
+        truncate = any(r.params.truncated for r in rows)
+        nxt_t = choose_next(z, b.p["temperature"], b.p["top_k"], b.p["top_p"], b.p["min_p"], u, truncate)
+        chosen = logprobs.gather(1, nxt_t[:, None]).squeeze(1).tolist()
+        k = max((r.params.logprobs or 0) for r in rows)
+        tops = logprobs.topk(min(k, logprobs.shape[1]), dim=-1) if k else None
+        top_v, top_i = (tops.values.tolist(), tops.indices.tolist()) if tops is not None else ([], [])
+        nxt = nxt_t.tolist()
         alive: list[int] = []
         for i, (r, t) in enumerate(zip(rows, nxt)):
-            r.push(self.itos[t])
+            top = None
+            if r.params.logprobs:  # top-k alternatives, and the chosen char even when outside them
+                kk = r.params.logprobs
+                top = {self.itos[j]: v for j, v in zip(top_i[i][:kk], top_v[i][:kk])}
+                top.setdefault(self.itos[t], chosen[i])
+            r.push(self.itos[t], chosen[i], top)
             if not r.finished:
                 alive.append(i)
+        if b.counts is not None:
+            b.counts[torch.arange(len(rows)), nxt_t] += 1
+            b.seen[torch.arange(len(rows)), nxt_t] = True
         if not alive:
-            self._cache = None
+            self._batch = None
             return
         if len(alive) < len(rows):
-            sel = torch.tensor(alive, device=self.device)
-            h, c = h.index_select(1, sel), c.index_select(1, sel)
+            b = b.select(alive)
             nxt = [nxt[i] for i in alive]
-            rows = [rows[i] for i in alive]
-        x = torch.tensor(nxt, dtype=torch.long, device=self.device)[:, None]
-        out, (h, c) = self.model(x, (h, c))
-        self._cache = (tuple(r.id for r in rows), h, c, out[:, -1])
-        self._rows_in_cache = rows
+        if self.window:
+            for r, t in zip(b.rows, nxt):
+                r.window = (r.window + [t])[-self.window :]
+            b.logits = self._window_logits([r.window for r in b.rows])
+        else:
+            x = torch.tensor(nxt, dtype=torch.long)[:, None]
+            out, (b.h, b.c) = self._forward(x, (b.h, b.c))
+            b.logits = out[:, -1]
+        self._batch = b
 
-    def _spill(self) -> None:
-        """Hand the cached batch's state back to its rows before the batch is rebuilt."""
-        if self._cache is None:
-            return
-        _, h, c, logits = self._cache
-        for i, r in enumerate(self._rows_in_cache):
-            r.state = (h[:, i : i + 1], c[:, i : i + 1])
-            r.logits = logits[i]
-        self._cache = None
-
+    # --- whole generations ------------------------------------------------------------------------------
     def generate(
-        self, prompts: Sequence[str], params: SampleParams | Sequence[SampleParams], n: int = 1
+        self,
+        prompts: Sequence[str],
+        params: SampleParams | Sequence[SampleParams],
+        n: int = 1,
+        best_of: int | None = None,
     ) -> list[list[Completion]]:
-        """Continue every prompt (each with its own params) n times, all rows stepped together."""
+        """Continue every prompt (each with its own params) n times, all rows stepped together.
+
+        With best_of > n, best_of rows (seeds seed .. seed+best_of-1) run and the n with the highest
+        mean log-probability per character are returned, best first."""
         if isinstance(params, SampleParams):
             params = [params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} parameter sets")
-        groups = [self.start(p, sp, n)[0] for p, sp in zip(prompts, params)]
-        rows = [r for g in groups for r in g]
-        while any(not r.finished for r in rows):
-            self.step(rows)
-        return [[r.result() for r in g] for g in groups]
+        width = max(n, best_of or n)
+        with _eval_mode(self.model):
+            groups = [self.start(p, sp, width) for p, sp in zip(prompts, params)]
+            rows = [r for g in groups for r in g]
+            while any(not r.finished for r in rows):
+                self.step(rows)
+        return [best_completions([r.result() for r in g], n) for g in groups]
 
     def complete(self, prompt: str, params: SampleParams) -> Completion:
         return self.generate([prompt], params)[0][0]
 
 
-# --- continuous batching --------------------------------------------------------------------------------
-@dataclass
-class Job:
-    """One request: n samples of one prompt. The engine fills `rows` when the job is admitted."""
-
-    prompt: str
-    params: SampleParams
-    n: int = 1
-    rows: list[Row] = field(default_factory=list)
-    unknown_chars: list[str] = field(default_factory=list)
-    sampler: Sampler | None = None
-    error: str | None = None
-    cancelled: bool = False
-
-    @property
-    def finished(self) -> bool:
-        return self.error is not None or (bool(self.rows) and all(r.finished for r in self.rows))
+def best_completions(completions: list[Completion], n: int) -> list[Completion]:
+    """All of them when there are n; else the n with the highest mean log-probability, best first
+    (OpenAI's best_of), renumbered 0..n-1."""
+    if len(completions) <= n:
+        return completions
+    ranked = sorted(completions, key=lambda c: (-c.mean_logprob, c.index))[:n]
+    for i, c in enumerate(ranked):
+        c.index = i
+    return ranked
 
 
-@dataclass
-class Event:
-    """What one engine step produced for a job: new text per sample, and samples that just finished."""
+class _eval_mode:
+    """Eval mode (no dropout) while sampling; the model's own mode afterwards (the trainer's is train)."""
 
-    job: Job
-    started: bool = False
-    deltas: list[tuple[int, str]] = field(default_factory=list)
-    finished: list[tuple[int, str]] = field(default_factory=list)  # (index, finish_reason)
-    done: bool = False
+    def __init__(self, model: nn.Module) -> None:
+        self.model, self.was = model, model.training
 
+    def __enter__(self) -> None:
+        self.model.eval()
 
-class Engine:
-    """Steps every active row together, admitting waiting jobs between steps (continuous batching).
-
-    `max_rows` caps the rows in one model step (the batch size): waiting jobs are admitted in order when
-    their rows fit (a job larger than the cap runs alone). `submit` may be called from any thread;
-    `step` runs in one thread. New jobs use the current sampler; after `set_sampler` (hot reload),
-    rows already running finish on the sampler they started with.
-    """
-
-    def __init__(self, sampler: Sampler, max_rows: int = 32) -> None:
-        self.sampler = sampler
-        self.max_rows = max(1, int(max_rows))
-        self.waiting: collections.deque[Job] = collections.deque()
-        self.active: list[Job] = []
-        self._lock = threading.Lock()
-        self.steps = 0
-        self.rows_stepped = 0
-
-    def set_sampler(self, sampler: Sampler) -> None:
-        self.sampler = sampler
-
-    def submit(self, jobs: Sequence[Job]) -> None:
-        with self._lock:
-            self.waiting.extend(jobs)
-
-    def has_work(self) -> bool:
-        return bool(self.waiting) or bool(self.active)
-
-    def _admit(self) -> list[Event]:
-        events = []
-        rows = sum(len(j.rows) for j in self.active)
-        with self._lock:
-            while self.waiting:
-                job = self.waiting[0]
-                if rows and rows + job.n > self.max_rows:
-                    break
-                self.waiting.popleft()
-                if job.cancelled:
-                    continue
-                sampler = self.sampler
-                try:
-                    job.rows, job.unknown_chars = sampler.start(job.prompt, job.params, job.n)
-                    job.sampler = sampler
-                except (ValueError, RuntimeError) as e:
-                    job.error = str(e)
-                    events.append(Event(job, done=True))
-                    continue
-                rows += job.n
-                self.active.append(job)
-                events.append(Event(job, started=True))
-        return events
-
-    def step(self) -> list[Event]:
-        """Admit what fits, advance every active row by one character, report what changed."""
-        events = {id(e.job): e for e in self._admit()}
-        self.active = [j for j in self.active if not j.cancelled]
-        by_sampler: dict[int, tuple[Sampler, list[Row]]] = {}
-        for job in self.active:
-            rows = [r for r in job.rows if not r.finished]
-            if rows:
-                by_sampler.setdefault(id(job.sampler), (job.sampler, []))[1].extend(rows)
-        for sampler, rows in by_sampler.values():
-            sampler.step(rows)
-            self.steps += 1
-            self.rows_stepped += len(rows)
-        still = []
-        for job in self.active:
-            ev = events.get(id(job)) or Event(job)
-            for r in job.rows:
-                d = r.take_delta()
-                if d:
-                    ev.deltas.append((r.index, d))
-                if r.finished and not getattr(r, "_reported", False):
-                    r._reported = True  # type: ignore[attr-defined]
-                    ev.finished.append((r.index, r.finish_reason or "length"))
-            ev.done = job.finished
-            if ev.started or ev.deltas or ev.finished or ev.done:
-                events[id(job)] = ev
-            if not job.finished:
-                still.append(job)
-        self.active = still
-        return list(events.values())
+    def __exit__(self, *exc: object) -> None:
+        self.model.train(self.was)
 
 
-# --- CLI ----------------------------------------------------------------------------------------------
-def run_sample_cli(args: argparse.Namespace) -> int:
-    """`raylstm sample`: the original project's predict.py, one block of text per temperature and sample."""
-    if args.length < 0:
-        raise ValueError("--length must be >= 0")
-    if args.n < 1:
-        raise ValueError("--n must be >= 1")
-    sampler = Sampler.load(args.checkpoint)
-    info = sampler.info()
-    print(
-        f"# checkpoint {info['checkpoint']}  step {info['step']}  val_bpc {info['val_bpc']}", file=sys.stderr
-    )
-    unknown = sampler.vocab.unknown_chars(args.prime)
-    if unknown:
-        print(f"# prime characters outside the vocabulary (read as unknown): {unknown!r}", file=sys.stderr)
-    for t in args.temperature:
-        params = SampleParams(
-            temperature=t,
-            top_k=args.top_k,
-            top_p=args.top_p,
-            max_chars=args.length,
-            stop=tuple(args.stop),
-            seed=args.seed,
-        )
-        for c in sampler.generate([args.prime], params, n=args.n)[0]:
-            print(f"----- temperature {t}  seed {c.seed}  sample {c.index}  ({c.finish_reason})")
-            print(args.prime + c.text)
-    return 0
+def training_samples(
+    model: nn.Module,
+    vocab: CharVocab,
+    data: DataConfig,
+    prime: str,
+    length: int,
+    temperatures: Sequence[float],
+    seed: int,
+) -> tuple[str, dict[str, str]]:
+    """What the trainer prints and saves: one sample per temperature, all with seed `seed`, as one
+    batch; (the prime as the model read it, {"0.5": text, ...}). `raylstm sample --checkpoint CKPT
+    --prime PRIME --temperature T1 T2 .. --length N --seed SEED` reproduces it exactly."""
+    sampler = Sampler(model, vocab, data)
+    params = [SampleParams(temperature=float(t), max_chars=length, seed=seed) for t in temperatures]
+    out = sampler.generate([prime or EOR] * len(params), params)
+    used = out[0][0].prompt.text if out and out[0][0].prompt else prime
+    return used, {f"{t:g}": g[0].text for t, g in zip(temperatures, out)}

@@ -46,8 +46,9 @@ from ray import serve
 from raylstm import storage as store
 from raylstm.checkpoint import BEST, META, CheckpointError, resolve_checkpoint
 from raylstm.config import Config, ServeConfig, load_config
+from raylstm.engine import Engine, Event, Job
 from raylstm.ray_env import serve_http_address
-from raylstm.sample import MAX_SEED, Engine, Event, Job, SampleParams, Sampler
+from raylstm.sample import MAX_SEED, SampleParams, Sampler
 
 log = logging.getLogger("ray.serve")
 
@@ -362,7 +363,12 @@ class LSTMServer:
     async def generate(self, req: GenerateRequest):
         self._check_caps([req.prompt], req.max_chars, req.n, "max_chars")
         params = SampleParams(
-            req.temperature, req.top_k, req.top_p, req.max_chars, _stops(req.stop), req.seed
+            temperature=req.temperature,
+            top_k=req.top_k,
+            top_p=req.top_p,
+            max_chars=req.max_chars,
+            stop=_stops(req.stop),
+            seed=req.seed,
         )
         jobs = await self._submit([req.prompt], params, req.n)
         if req.stream:
@@ -376,9 +382,14 @@ class LSTMServer:
             "model": self.cfg.model_id,
             "checkpoint": str(job.sampler.path),
             "step": job.sampler.ckpt.step,
-            "samples": [dataclasses.asdict(r.result()) for r in job.rows],
-            "unknown_chars": job.unknown_chars,
-            "prompt_chars": len(job.prompt),
+            "samples": [
+                {"text": c.text, "finish_reason": c.finish_reason, "seed": c.seed, "index": c.index}
+                for c in job.completions()
+            ],
+            "unknown_chars": job.prompt_info.unknown_chars,
+            "prompt": job.prompt_info.text,
+            "prompt_changes": job.prompt_info.changes,
+            "prompt_chars": len(job.prompt_info.text),
         }
 
     async def _generate_sse(self, jobs: list[ServeJob]) -> AsyncIterator[str]:
@@ -392,11 +403,13 @@ class LSTMServer:
                             "checkpoint": str(job.sampler.path),
                             "step": job.sampler.ckpt.step,
                             "seeds": [r.seed for r in job.rows],
-                            "unknown_chars": job.unknown_chars,
+                            "unknown_chars": job.prompt_info.unknown_chars,
+                            "prompt": job.prompt_info.text,
+                            "prompt_changes": job.prompt_info.changes,
                         }
                     )
-                for idx, text in ev.deltas:
-                    yield _sse({"type": "delta", "index": idx, "text": text})
+                for d in ev.deltas:
+                    yield _sse({"type": "delta", "index": d.index, "text": d.text})
                 for idx, reason in ev.finished:
                     yield _sse({"type": "finish", "index": idx, "finish_reason": reason})
         except HTTPException as e:
@@ -443,7 +456,7 @@ class LSTMServer:
         choices = []
         for job in jobs:
             for r in job.rows:
-                text = (job.prompt if req.echo else "") + r.text
+                text = (job.prompt_info.text if req.echo else "") + r.text
                 choices.append(
                     {
                         "text": text,
@@ -457,12 +470,13 @@ class LSTMServer:
             "choices": choices,
             "usage": self._usage(jobs),
             "system_fingerprint": jobs[0].sampler.vocab.fingerprint(),
-            "unknown_chars": jobs[0].unknown_chars,
+            "unknown_chars": jobs[0].prompt_info.unknown_chars,
+            "prompt_changes": [j.prompt_info.changes for j in jobs],
         }
 
     @staticmethod
     def _usage(jobs: list[ServeJob]) -> dict:
-        prompt = sum(len(j.prompt) for j in jobs)
+        prompt = sum(len(j.prompt_info.text) for j in jobs if j.prompt_info)
         completion = sum(len(r.text) for j in jobs for r in j.rows)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
@@ -482,9 +496,9 @@ class LSTMServer:
                 base = ev.job.prompt_index * n
                 if ev.started and echo:
                     for r in ev.job.rows:
-                        yield chunk(base + r.index, ev.job.prompt, None)
-                for idx, text in ev.deltas:
-                    yield chunk(base + idx, text, None)
+                        yield chunk(base + r.index, ev.job.prompt_info.text, None)
+                for d in ev.deltas:
+                    yield chunk(base + d.index, d.text, None)
                 for idx, reason in ev.finished:
                     yield chunk(base + idx, "", reason)
         except HTTPException as e:

@@ -12,6 +12,9 @@ import html
 import re
 import unicodedata
 
+# The end-of-review marker in every training and evaluation stream: cleaning never leaves one inside a
+# review, so the model learns where reviews end (and the first char of each is predicted from it).
+EOR = "\n"
 # <br>, <br/>, <br />, <p>, </p>, <div ...>: block-ish tags become a space so words don't fuse.
 _TAG_RE = re.compile(r"</?[A-Za-z][A-Za-z0-9]*(?:\s[^<>]*)?/?>")
 _WS_RE = re.compile(r"\s+")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,8 @@ from raylstm import storage as store
 from raylstm.checkpoint import BEST, load_checkpoint, write_best
 from raylstm.config import Config
 from raylstm.ray_env import quiet_dataset
-from raylstm.train_loop import SAMPLES_FILE, TrainingDiverged, generate_samples, train_loop_per_worker
+from raylstm.sample import training_samples
+from raylstm.train_loop import SAMPLES_FILE, TrainingDiverged, train_loop_per_worker
 from raylstm.vocab import CharVocab
 
 METRICS_FILE = "metrics.jsonl"
@@ -329,19 +331,22 @@ def finish_run(
         store.localize_checkpoint(store.join(run_uri, best_dir.name)) if run_uri else best_dir
     )
     tcfg = cfg.train
-    window = cfg.data.seed_context if cfg.data.window_mode == "seed" else None
-    samples = generate_samples(
+    prime, samples = training_samples(
         loaded.model,
         loaded.vocab,
+        loaded.config.data,
         tcfg.sample_prime,
         tcfg.sample_chars,
         tcfg.temperatures,
-        seed=tcfg.seed,
-        window=window,
+        tcfg.seed,
     )
-    text = [f"best checkpoint {best_dir.name} (step {loaded.step}), val bpc {best_metrics['val_bpc']:.4f}\n"]
+    text = [
+        f"best checkpoint {best_dir.name} (step {loaded.step}), val bpc {best_metrics['val_bpc']:.4f}; "
+        f"reproduce with: raylstm sample --checkpoint {best_dir} --prime {shlex.quote(prime)} "
+        f"--length {tcfg.sample_chars} --seed {tcfg.seed} --temperature {' '.join(samples)}\n"
+    ]
     for t, s in samples.items():
-        text.append(f"--- temperature {t} ---\n{tcfg.sample_prime}{s}\n")
+        text.append(f"--- temperature {t}  seed {tcfg.seed} ---\n{prime}{s}\n")
     (run_dir / SAMPLES_TXT).write_text("\n".join(text))
     print("[raylstm] " + "\n".join(text), flush=True)
     if run_uri:

@@ -35,7 +35,7 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,8 +53,9 @@ from raylstm.checkpoint import (
     save_checkpoint,
 )
 from raylstm.config import Config, TrainConfig
-from raylstm.model import CharLSTM, LSTMState, build_model, unwrap
+from raylstm.model import LSTMState, build_model, unwrap
 from raylstm.ray_env import MIN_REPORT_INTERVAL_S, console_print
+from raylstm.sample import training_samples
 from raylstm.vocab import CharVocab
 
 LN2 = math.log(2.0)
@@ -229,52 +230,6 @@ def check_loss(loss: float, step: int, max_loss: float) -> None:
             "Lower train.lr, raise train.warmup_steps or tighten train.grad_clip; checkpoints before this "
             "step are intact."
         )
-
-
-# --- sampling -------------------------------------------------------------------------------------------
-@torch.no_grad()
-def generate_samples(
-    model: CharLSTM,
-    vocab: CharVocab,
-    prime: str,
-    n_chars: int,
-    temperatures: Sequence[float],
-    seed: int = 0,
-    window: int | None = None,
-) -> dict[str, str]:
-    """One sample per temperature, generated together as a batch; {"0.5": text, ...} (text excludes prime).
-
-    Full-mode models carry the LSTM state from character to character. The seed model was trained on
-    fixed `window`-char contexts from a zero state, so (like the original project) it re-reads the last
-    `window` characters for every new one. Temperature 0 means argmax. The unknown id is never produced.
-    """
-    model = unwrap(model)
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    prime = prime or "\n"
-    temps = torch.tensor([float(t) for t in temperatures], device=device).unsqueeze(1)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    ids = torch.as_tensor(vocab.encode(prime), dtype=torch.long, device=device).unsqueeze(0)
-    ids = ids.repeat(len(temperatures), 1)
-    context = ids[:, -window:] if window else ids
-    logits, state = model(context)
-    out: list[torch.Tensor] = []
-    for _ in range(n_chars):
-        last = logits[:, -1].float()
-        last[:, vocab.unk_id] = -math.inf
-        probs = torch.softmax(last / temps.clamp_min(1e-6), dim=-1)
-        nxt = torch.multinomial(probs, 1, generator=gen)
-        nxt = torch.where(temps > 0, nxt, last.argmax(dim=-1, keepdim=True))
-        out.append(nxt)
-        if window:
-            context = torch.cat([context, nxt], dim=1)[:, -window:]
-            logits, _ = model(context)
-        else:
-            logits, state = model(nxt, state)
-    model.train(was_training)
-    gen_ids = torch.cat(out, dim=1).tolist() if out else [[] for _ in temperatures]
-    return {f"{t:g}": vocab.decode(row) for t, row in zip(temperatures, gen_ids)}
 
 
 # --- the worker's pieces --------------------------------------------------------------------------------
@@ -555,9 +510,9 @@ def evaluate_and_checkpoint(
                 scheduler=scheduler,
                 data_position=pos.to_dict(w),
             )
-            samples = _samples(w, model, pos.step)
+            prime, seed, samples = _samples(w, model, pos.step)
             (path / SAMPLES_FILE).write_text(
-                json.dumps({"step": pos.step, "prime": tcfg.sample_prime, "samples": samples}, indent=1)
+                json.dumps({"step": pos.step, "prime": prime, "seed": seed, "samples": samples}, indent=1)
             )
             checkpoint = ray.train.Checkpoint.from_directory(str(path))
         # Every rank reports (a barrier); only rank 0 hands over a checkpoint, uploaded synchronously
@@ -574,17 +529,18 @@ def report_metrics(w: Worker, metrics: dict[str, Any]) -> None:
     ray.train.report(metrics, checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC)
 
 
-def _samples(w: Worker, model: nn.Module, step: int) -> dict[str, str]:
+def _samples(w: Worker, model: nn.Module, step: int) -> tuple[str, int, dict[str, str]]:
+    """(prime as the model read it, seed, {temperature: text}) from raylstm.sample's one sampler:
+    `raylstm sample --seed <seed>` on this checkpoint (same prime, temperatures, length) prints them."""
     tcfg = w.cfg.train
+    seed = tcfg.seed + step
     if not (tcfg.sample_every_eval and tcfg.sample_chars > 0):
-        return {}
-    window = w.cfg.data.seed_context if w.cfg.data.window_mode == "seed" else None
-    samples = generate_samples(
-        model, w.vocab, tcfg.sample_prime, tcfg.sample_chars, tcfg.temperatures, seed=tcfg.seed + step,
-        window=window,
-    )  # fmt: skip
-    _print_samples(step, tcfg.sample_prime, samples)
-    return samples
+        return tcfg.sample_prime, seed, {}
+    prime, samples = training_samples(
+        model, w.vocab, w.cfg.data, tcfg.sample_prime, tcfg.sample_chars, tcfg.temperatures, seed
+    )
+    _print_samples(step, prime, seed, samples)
+    return prime, seed, samples
 
 
 def training_windows(w: Worker, shard: Any, pos: Position) -> Iterator[tuple[torch.Tensor, bool]]:
@@ -691,7 +647,7 @@ def _print_progress(m: dict[str, Any], total_steps: int) -> None:
     console_print("[raylstm] " + " | ".join(parts))
 
 
-def _print_samples(step: int, prime: str, samples: dict[str, str]) -> None:
+def _print_samples(step: int, prime: str, seed: int, samples: dict[str, str]) -> None:
     for t, text in samples.items():
         snippet = (prime + text).replace("\n", " / ")[:160]
-        console_print(f"[raylstm] sample step {step} T={t}: {snippet}")
+        console_print(f"[raylstm] sample step {step} T={t} seed {seed}: {snippet}")

@@ -12,7 +12,6 @@ from raylstm.model import SeedLSTM, build_model
 from raylstm.train_loop import (
     TrainingDiverged,
     check_loss,
-    generate_samples,
     loss_sum_and_count,
     make_optimizer,
     split_batch,
@@ -110,34 +109,3 @@ def test_loss_guard_names_the_step_and_the_setting():
     for bad in (float("nan"), float("inf"), 25.0):
         with pytest.raises(TrainingDiverged, match=r"step 7.*train\.max_loss"):
             check_loss(bad, step=7, max_loss=20.0)
-
-
-def test_samples_are_seeded_greedy_at_zero_and_never_unknown():
-    model = small()
-    a = generate_samples(model, VOCAB, "I bought", 40, [0.0, 1.0, 5.0], seed=3)
-    b = generate_samples(model, VOCAB, "I bought", 40, [0.0, 1.0, 5.0], seed=3)
-    assert a == b and list(a) == ["0", "1", "5"] and all(len(s) == 40 for s in a.values())
-    assert all("\ufffd" not in s for s in a.values())
-    # Temperature 0 is argmax decoding, computed here step by step.
-    ids = torch.as_tensor(VOCAB.encode("I bought"), dtype=torch.long)[None]
-    logits, state = model(ids)
-    greedy = []
-    for _ in range(40):
-        last = logits[0, -1].clone()
-        last[VOCAB.unk_id] = -math.inf
-        nxt = int(last.argmax())
-        greedy.append(nxt)
-        logits, state = model(torch.tensor([[nxt]]), state)
-    assert a["0"] == VOCAB.decode(greedy)
-
-
-def test_seed_sampling_rereads_a_fixed_window():
-    model = small("seed")
-    out = generate_samples(model, VOCAB, "I bought this for my", 5, [0.0], window=6)["0"]
-    text = "I bought this for my"
-    for ch in out:  # each char is the argmax given only the last 6 chars, from a zero state
-        logits, _ = model(torch.as_tensor(VOCAB.encode(text[-6:]), dtype=torch.long)[None])
-        last = logits[0, -1].clone()
-        last[VOCAB.unk_id] = -math.inf
-        assert ch == VOCAB.itos[int(last.argmax())]
-        text += ch

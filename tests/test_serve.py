@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import shutil
@@ -17,8 +16,9 @@ from test_sample import argmax_text
 from test_serve_support import free_port, one_thread, run_dir
 
 from raylstm.checkpoint import write_best
+from raylstm.cli import main
 from raylstm.config import ServeConfig
-from raylstm.sample import SampleParams, Sampler, run_sample_cli
+from raylstm.sample import SampleParams, Sampler
 from raylstm.serve import build_app, start_server
 
 pytestmark = pytest.mark.slow
@@ -88,18 +88,8 @@ def test_health_models_and_info(srv):
 
 def test_same_seed_same_text_cli_generate_completions(srv, capsys):
     prompt, seed, n = "I bought these ", 42, 60
-    args = argparse.Namespace(
-        checkpoint=str(srv.run),
-        prime=prompt,
-        temperature=[0.9],
-        length=n,
-        top_k=0,
-        top_p=1.0,
-        stop=[],
-        n=1,
-        seed=seed,
-    )
-    run_sample_cli(args)
+    argv = ["sample", "--checkpoint", str(srv.run), "--prime", prompt, "--temperature", "0.9"]
+    assert main([*argv, "--length", str(n), "--seed", str(seed)]) == 0
     cli_text = capsys.readouterr().out.splitlines()[1][len(prompt) :]
     g = gen(srv, prompt=prompt, temperature=0.9, max_chars=n, seed=seed)["samples"][0]
     c = srv.http.post(
