@@ -83,6 +83,11 @@ SETTINGS: dict[str, Setting] = {
     "t32-b32": replace(BASE, segment_windows=64, seq_len=32, batch=32),
     "t32-b64-all": replace(BASE, segment_windows=64, seq_len=32, data="all"),
     "t32-indep": replace(BASE, segment_windows=1, seq_len=32),
+    "t128-b16-indep": replace(BASE, segment_windows=1, seq_len=128, batch=16),
+    "t32-b64-lr5-24m": replace(BASE, segment_windows=64, seq_len=32, lr=5e-3, compute=24e6, evals=6),
+    "t32-b64-lr5-all-24m": replace(
+        BASE, segment_windows=64, seq_len=32, lr=5e-3, data="all", compute=24e6, evals=6
+    ),
     "t64-b32": replace(BASE, segment_windows=32, seq_len=64, batch=32),
     "t32-b64": replace(BASE, segment_windows=64, seq_len=32),
     "t64-b32-lr5": replace(BASE, segment_windows=32, seq_len=64, batch=32, lr=5e-3),
@@ -205,23 +210,25 @@ def run_setting(name: str, s: Setting) -> dict:
     return result
 
 
-def table() -> str:
+def table(names: list[str] | None = None) -> str:
+    """Markdown: one row per finished setting, its val curve at the quarters of its compute."""
     lines = [
-        "| setting | params | chars trained | passes | val bpc (MI, whole reviews) at 1/4, 1/2, 3/4, all of the compute |",
-        "|---|---|---:|---:|---|",
+        "| setting | model | window T | chars per step | state carried over | lr | data | chars trained (passes) "
+        "| MI val bpc at 1/4 . 1/2 . 3/4 . all |",
+        "|---|---|---:|---:|---:|---:|---|---:|---|",
     ]
-    for f in sorted(OUT.glob("*.json")):
-        if f.name == "data.json":
+    files = [OUT / f"{n}.json" for n in names] if names else sorted(OUT.glob("*.json"))
+    for f in files:
+        if f.name == "data.json" or not f.exists():
             continue
         r = json.loads(f.read_text())
         c, st = r["curve"], r["setting"]
-        what = (
-            f"{st['layers']}x{st['hidden']}, T={st['seq_len']}, segment {st['segment_windows']}, batch {st['batch']}, "
-            f"lr {st['lr']:g}, data {st['data']}"
-        )
+        quarters = [c[max(0, round(len(c) * q) - 1)]["val_bpc"] for q in (0.25, 0.5, 0.75, 1.0)]
+        carried = st["segment_windows"] * st["seq_len"] if st["segment_windows"] > 1 else 0
         lines.append(
-            f"| `{r['name']}`: {what} | | {c[-1]['chars'] / 1e6:.1f} M | {c[-1]['epochs']:.2f} | "
-            + " / ".join(f"{p['val_bpc']:.3f}" for p in c)
+            f"| `{r['name']}` | {st['layers']}x{st['hidden']} | {st['seq_len']} | {st['batch'] * st['seq_len']:,} "
+            f"| {carried:,} | {st['lr']:g} | {st['data']} | {c[-1]['chars'] / 1e6:.0f} M ({c[-1]['epochs']:.1f}) | "
+            + " . ".join(f"{v:.3f}" for v in quarters)
             + " |"
         )
     return "\n".join(lines)
