@@ -89,6 +89,17 @@ class ModelConfig:
     dropout: float = 0.1
     # The seed model's Dense(256, ReLU) layer.
     seed_dense: int = 256
+    # Review fields to condition on ("rating", "category"): a learned embedding of each, concatenated to
+    # the character embedding at every step (Lipton et al. 2015's concatenative scheme), so one can ask for
+    # "a 1-star review of a guitar tuner" and read a review's rating back (docs/conditioning.md).
+    # [] = an unconditioned model, exactly as before: the same weights and checkpoint files.
+    conditions: list[Literal["rating", "category"]] = field(default_factory=list)
+    # Width of each condition's embedding: 6 ratings or a handful of categories need few dimensions, and
+    # every one is an extra LSTM input column read at every step.
+    condition_dim: int = 8
+    # Filled from the condition vocabulary at train time (embedding rows per field: its values + missing);
+    # a checkpoint stores the real values, as it does vocab_size.
+    condition_sizes: list[int] = field(default_factory=list)
 
 
 @dataclass

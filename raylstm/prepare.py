@@ -1,7 +1,7 @@
 """`raylstm prepare SOURCE... --out DIR`: clean, dedupe and split once; train many times.
 
-    DIR/train/*.parquet  DIR/val/*.parquet  DIR/test/*.parquet   rows {text, key, rating, verified,
-                                                                       category, source}
+    DIR/train/part-*.parquet  DIR/val/...  DIR/test/...          rows {text, key, rating, verified,
+                                                                   category, source}, in hash order
     DIR/vocab.json                                               CharVocab of the train split
     DIR/manifest.json    rows and chars per split, rows skipped per reason, each source file with size
                          and sha256, and the data config that made it (written last: marks completion)
@@ -19,7 +19,7 @@ import pyarrow.fs as pafs
 
 from raylstm import storage
 from raylstm.config import DataConfig
-from raylstm.data import SPLITS, is_prepared_dir, load_splits
+from raylstm.data import DEMO_CORPUS, SPLITS, WORK_DIR, build_splits, is_prepared_dir
 
 MANIFEST_VERSION = 1
 
@@ -39,13 +39,17 @@ def _clear_previous(fs: pafs.FileSystem, root: str, out_dir: str) -> None:
     if not entries:
         return
     names = {e.base_name for e in entries}
-    if "manifest.json" not in names or not names <= {*SPLITS, "vocab.json", "manifest.json"}:
+    if not names <= {*SPLITS, WORK_DIR, "vocab.json", "manifest.json"} or not names & {
+        "manifest.json",
+        WORK_DIR,
+    }:
         raise OutputDirError(
             f"--out {out_dir} is not empty and not an earlier prepare output; choose a new directory"
         )
-    fs.delete_file(f"{root}/manifest.json")  # first, so a half-rewritten dir never looks complete
+    if "manifest.json" in names:
+        fs.delete_file(f"{root}/manifest.json")  # first, so a half-rewritten dir never looks complete
     for e in entries:
-        if e.base_name in SPLITS:
+        if e.base_name in SPLITS or e.base_name == WORK_DIR:
             fs.delete_dir(e.path)
         elif e.base_name == "vocab.json":
             fs.delete_file(e.path)
@@ -60,22 +64,18 @@ def prepare(data_cfg: DataConfig, out_dir: str | Path, override_num_blocks: int 
     if data_cfg.sources and is_prepared_dir(list(data_cfg.sources)):
         raise ValueError(f"{data_cfg.sources[0]} is already a prepared directory; train on it directly")
     t0 = time.perf_counter()
-    splits = load_splits(data_cfg, override_num_blocks=override_num_blocks)
     fs, root = storage.resolve(out_dir)
     _clear_previous(fs, root, out_dir)
     fs.create_dir(root, recursive=True)
-    for split in SPLITS:
-        ds = getattr(splits, split)
-        if splits.manifest["splits"][split]["rows"]:
-            # Shards of at least ~50k reviews: enough files to parallelise reads, not thousands of tiny ones.
-            ds.write_parquet(storage.join(out_dir, split), min_rows_per_file=50_000)
-    manifest = dict(splits.manifest)
+    sources = list(data_cfg.sources) or [str(DEMO_CORPUS)]
+    built, vocab = build_splits(data_cfg, sources, out_dir, override_num_blocks)
+    manifest = dict(built)
     manifest["version"] = MANIFEST_VERSION
     manifest["files"] = [{**f, "sha256": storage.sha256(f["path"])} for f in manifest["files"]]
-    manifest["vocab_fingerprint"] = splits.vocab.fingerprint()
+    manifest["vocab_fingerprint"] = vocab.fingerprint()
     manifest["seconds"] = round(time.perf_counter() - t0, 3)
     # Whole-file atomic writes (a local temp file renamed; an object PUT): a reader never sees half a
     # vocab.json, and manifest.json, last, appears only once everything it describes is in place.
-    storage.write_text(storage.join(out_dir, "vocab.json"), splits.vocab.to_json())
+    storage.write_text(storage.join(out_dir, "vocab.json"), vocab.to_json())
     storage.write_json(storage.join(out_dir, "manifest.json"), manifest)
     return manifest

@@ -496,3 +496,38 @@ def test_kinds_end_to_end_accounting_and_prepared_columns(ray_session, tmp_path)
         "good blitzer review": ("books", "x.review", None, None),
         "good csv review": (None, "k.csv", 5.0, None),
     }
+
+
+def test_random_junk_among_good_lines_end_to_end(ray_session, tmp_path):
+    """The property test's input, once through Ray and the manifest: seeded random bytes and JSON values
+    as lines among good ones; every line is one record, every good row survives cleaning and the split."""
+    import random
+
+    rnd = random.Random(10)
+
+    def junk() -> bytes:
+        kind = rnd.randrange(4)
+        if kind == 0:
+            return rnd.randbytes(rnd.randrange(1, 80)).replace(b"\n", b"")
+        if kind == 1:
+            depth = rnd.randrange(1, 3000)
+            return (b"[" if rnd.random() < 0.5 else b'{"a": ') * depth
+        value = rnd.choice([None, 1e308, -(2**70), "\ud800", "x\udfffy", [1, {"t": "\ud83d"}], "ok"])
+        rec = {"text": value, "rating": rnd.choice([1, "5", float("nan"), 10**30]), "user_id": "J"}
+        return json.dumps(rec).encode()
+
+    good = [
+        json.dumps({"text": f"good review number {i} kept", "rating": 3, "user_id": f"G{i}"}).encode()
+        for i in range(20)
+    ]
+    lines = good + [junk() for _ in range(200)]
+    rnd.shuffle(lines)
+    data = b"\xef\xbb\xbf" + b"\n".join(lines) + b"\n"
+    p = tmp_path / "junk.jsonl"
+    p.write_bytes(data)
+    s = load_splits(cfg([p]))
+    m = s.manifest
+    expected = sum(1 for line in data[3:].split(b"\n") if line.strip())
+    assert m["rows"]["records"] == expected == m["rows"]["kept"] + sum(m["skipped"].values())
+    kept = all_texts(s)
+    assert all(f"good review number {i} kept" in kept for i in range(20))
