@@ -139,7 +139,8 @@ class TrainConfig:
     log_every: int = 50
     # Validation + checkpoint cadence in steps; a killed worker loses at most this much work.
     eval_every: int = 250
-    # Cap on validation batches per eval (per worker) so evals stay cheap on big corpora; 0 = all.
+    # Cap on validation batches per eval (of 512 reviews; seed mode: of batch_size windows) so evals stay
+    # cheap on big corpora; 0 = all.
     max_val_batches: int = 0
     keep_checkpoints: int = 3
     max_failures: int = 1

@@ -28,7 +28,6 @@ from typing import Any
 
 import ray
 import ray.train
-from ray.data import ExecutionOptions
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
 from ray.train.torch import TorchTrainer
 
@@ -290,7 +289,8 @@ def fit_windows(
         )
 
     reports_before = len(read_metrics(run_dir)) if (run_dir / METRICS_FILE).exists() else 0
-    train_options = ExecutionOptions(preserve_order=cfg.data.preserve_order)
+    train_options = ray.train.DataConfig.default_ingest_options()  # the DataContext's limits, kept
+    train_options.preserve_order = cfg.data.preserve_order
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
