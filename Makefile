@@ -23,6 +23,7 @@ install: $(BIN)/raylstm
 demo: install
 	$(BIN)/raylstm demo
 
+# -rs: every skip prints its reason (under CI=true a skip fails instead: tests/conftest.py).
 # The whole suite: unit + integration on one session Ray, then the tests that start their own Ray
 # processes (ray start / ray up / several nodes), last and separately, because `ray stop` ends every
 # Ray process it can see.
@@ -37,11 +38,11 @@ format: install
 	$(BIN)/ruff check --fix .
 
 test: install lint
-	$(BIN)/python -m pytest -q -m "not cluster" -p no:cacheprovider
-	$(BIN)/python -m pytest -q -m cluster -p no:cacheprovider
+	$(BIN)/python -m pytest -q -rs -m "not cluster" -p no:cacheprovider
+	$(BIN)/python -m pytest -q -rs -m cluster -p no:cacheprovider
 
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not slow and not cluster" -p no:cacheprovider
+	$(BIN)/python -m pytest -q -rs -m "not slow and not cluster" -p no:cacheprovider
 
 # Flags through BENCH_ARGS, e.g. `make bench BENCH_ARGS="--quick"` or `BENCH_ARGS="--with-quality"`.
 bench: install

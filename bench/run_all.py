@@ -4,6 +4,7 @@ weights (seed_peer) and (opt-in) the quality run, each in its own process, then 
     make bench                                   # = .venv/bin/python -m bench.run_all
     .venv/bin/python -m bench.run_all --quick    # each piece in its quick mode (~1 min each)
     .venv/bin/python -m bench.run_all --with-quality   # + the 20-minute cpu-quality training run
+    .venv/bin/python -m bench.run_all --with-conditioning   # + two 20-minute conditioning runs and figures
 
 Each piece runs in a fresh Python process (`python -m bench.run_all --one NAME`): a piece that starts Ray
 with its own resources, or crashes, or hangs past --timeout, cannot disturb the others. A missing or
@@ -103,7 +104,7 @@ def run_piece(name: str, out_dir: Path, quick: bool, timeout: float) -> dict[str
 
 def machine() -> dict[str, str]:
     info = {
-        "date (UTC)": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M"),
+        "date (UTC)": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M"),
         "host": platform.node(),
         "os": platform.platform(),
         "python": platform.python_version(),
@@ -290,6 +291,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--with-quality", action="store_true", help="also the ~20-minute cpu-quality training run"
     )
+    ap.add_argument(
+        "--with-conditioning",
+        action="store_true",
+        help="also bench.conditioning: conditioned and unconditioned 20-minute runs and their figures",
+    )
     ap.add_argument("--only", nargs="*", help="run only these pieces (e.g. bench_eval peer_keras)")
     ap.add_argument(
         "--timeout", type=float, default=900.0, help="seconds before a piece is killed (quality: 1800)"
@@ -311,12 +317,16 @@ def main(argv: list[str] | None = None) -> int:
             return 1
 
     pieces = discover() + ["peer_keras", "seed_peer"] + (["quality"] if args.with_quality else [])
+    pieces += ["conditioning"] if args.with_conditioning else []
     if args.only:
         pieces = [p for p in pieces if p in args.only] + [p for p in args.only if p not in pieces]
     info = machine()
     results = []
     for name in pieces:
-        r = run_piece(name, out_dir, args.quick, 1800.0 if name == "quality" else args.timeout)
+        # quality trains for ~20 min, conditioning one and two 20-minute runs plus figures; bench_scale
+        # prepares 5 GB of corpora twice (~25 min; 10 MB and 100 MB only in --quick)
+        long = {"quality": 1800.0, "conditioning": 4200.0, "bench_scale": 600.0 if args.quick else 3600.0}
+        r = run_piece(name, out_dir, args.quick, long.get(name, args.timeout))
         r["command"] = command_for(name, args.quick)
         results.append(r)
     report = Path(args.report).resolve()

@@ -5,6 +5,8 @@ A checkpoint is a directory:
     model.safetensors    weights (safetensors: no pickle, no code)
     optimizer.pt         optimizer + scheduler state, loaded with torch.load(weights_only=True)
     vocab.json           the CharVocab the model was trained with
+    conditions.json      a conditioned model's ConditionVocab (its fields, values, training counts);
+                         absent for an unconditioned model, whose files are exactly as they always were
     meta.json            format/version, step, epoch, data position, metrics, resolved config,
                          and the sha256 of every file above
 
@@ -16,7 +18,6 @@ does not match is refused with an error naming the file.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -28,6 +29,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from raylstm import storage
+from raylstm.conditions import ConditionVocab
 from raylstm.config import Config
 from raylstm.model import CharLSTM, build_model, unwrap
 from raylstm.vocab import CharVocab
@@ -41,6 +44,7 @@ WEIGHTS, OPTIMIZER, VOCAB, META, BEST = (
     "meta.json",
     "best.json",
 )
+CONDITIONS = "conditions.json"
 
 
 class CheckpointError(ValueError):
@@ -57,14 +61,7 @@ class LoadedCheckpoint:
     epoch: int = 0
     metrics: dict[str, Any] = field(default_factory=dict)
     data_position: dict[str, Any] = field(default_factory=dict)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    conditions: ConditionVocab | None = None  # a conditioned model's condition vocabulary
 
 
 def save_checkpoint(
@@ -79,9 +76,17 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer | None = None,
     scheduler: Any | None = None,
     data_position: dict[str, Any] | None = None,
+    conditions: ConditionVocab | None = None,
 ) -> Path:
-    """Write a complete checkpoint to `directory` (which must not exist yet) and return it."""
+    """Write a complete checkpoint to `directory` (which must not exist yet) and return it. A conditioned
+    model (config.model.conditions) needs its `conditions` vocabulary."""
     directory = Path(directory)
+    fields = list(config.model.conditions)
+    if fields != (list(conditions.fields) if conditions else []):
+        raise CheckpointError(
+            f"{directory}: the model is conditioned on {fields} but the condition vocabulary given is "
+            f"{conditions!r}"
+        )
     if directory.exists():
         raise CheckpointError(f"{directory}: refusing to overwrite an existing checkpoint")
     directory.parent.mkdir(parents=True, exist_ok=True)
@@ -100,6 +105,9 @@ def save_checkpoint(
             )
             files.append(OPTIMIZER)
         vocab.save(tmp / VOCAB)
+        if conditions is not None:
+            conditions.save(tmp / CONDITIONS)
+            files.append(CONDITIONS)
         meta = {
             "format": FORMAT,
             "version": VERSION,
@@ -109,7 +117,8 @@ def save_checkpoint(
             "data_position": data_position or {},
             "config": config.to_dict(),
             "vocab_fingerprint": vocab.fingerprint(),
-            "sha256": {name: _sha256(tmp / name) for name in files},
+            **({"conditions_fingerprint": conditions.fingerprint()} if conditions else {}),
+            "sha256": {name: storage.sha256(tmp / name) for name in files},
         }
         (tmp / META).write_text(json.dumps(meta, indent=2, sort_keys=True))
         os.replace(tmp, directory)
@@ -154,7 +163,7 @@ def read_meta(path: str | Path, verify: bool = True) -> dict[str, Any]:
             f = path / name
             if not f.exists():
                 raise CheckpointError(f"{f}: missing file listed in {META}")
-            if _sha256(f) != digest:
+            if storage.sha256(f) != digest:
                 raise CheckpointError(f"{f}: checksum mismatch (corrupt or modified checkpoint)")
     return meta
 
@@ -168,6 +177,24 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if vocab.fingerprint() != meta.get("vocab_fingerprint"):
         raise CheckpointError(f"{ckpt / VOCAB}: vocabulary does not match the one the model was trained with")
     config.model.vocab_size = len(vocab)
+    conditions = None
+    if config.model.conditions:
+        if CONDITIONS not in meta["sha256"]:
+            raise CheckpointError(f"{ckpt}: a conditioned model's checkpoint without {CONDITIONS}")
+        try:
+            conditions = ConditionVocab.load(ckpt / CONDITIONS)
+        except ValueError as e:
+            raise CheckpointError(str(e)) from e
+        if conditions.fingerprint() != meta.get("conditions_fingerprint"):
+            raise CheckpointError(
+                f"{ckpt / CONDITIONS}: conditions do not match the ones the model was trained with"
+            )
+        if list(conditions.fields) != list(config.model.conditions):
+            raise CheckpointError(
+                f"{ckpt / CONDITIONS}: fields {list(conditions.fields)} but the model is conditioned on "
+                f"{list(config.model.conditions)}"
+            )
+        config.model.condition_sizes = conditions.sizes
     model = build_model(config.model)
     try:
         model.load_state_dict(load_file(str(ckpt / WEIGHTS)))
@@ -183,6 +210,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         epoch=meta["epoch"],
         metrics=meta["metrics"],
         data_position=meta.get("data_position", {}),
+        conditions=conditions,
     )
 
 
@@ -199,7 +227,5 @@ def load_training_state(path: str | Path) -> dict[str, Any]:
 def write_best(run_dir: str | Path, checkpoint: str, metrics: dict[str, Any]) -> Path:
     """Atomically (re)write best.json in a run dir; serving watches this file."""
     run_dir = Path(run_dir)
-    tmp = run_dir / f".{BEST}.tmp"
-    tmp.write_text(json.dumps({"checkpoint": checkpoint, "metrics": metrics}, indent=2, sort_keys=True))
-    os.replace(tmp, run_dir / BEST)
+    storage.write_json(run_dir / BEST, {"checkpoint": checkpoint, "metrics": metrics})
     return run_dir / BEST

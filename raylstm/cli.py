@@ -64,6 +64,38 @@ def _prepare_parser(p: argparse.ArgumentParser) -> Command:
     return run
 
 
+# --- synth -------------------------------------------------------------------------------------------
+def _synth_parser(p: argparse.ArgumentParser) -> Command:
+    p.add_argument(
+        "sources",
+        nargs="*",
+        help="real review files/dirs whose train-split sentences are recombined (default: demo corpus)",
+    )
+    p.add_argument("--out", required=True, help="empty or new directory for the shards and synth.json")
+    p.add_argument("--size", default="100MB", help="review text to write (UTF-8 bytes), e.g. 10MB, 4GB")
+    p.add_argument(
+        "--layout",
+        choices=["json", "tsv", "parquet", "mixed"],
+        default="json",
+        help="2023 JSON lines (.jsonl.gz), Amazon TSV (.tsv.gz), Parquet, or shards rotating all three",
+    )
+    p.add_argument("--shards", type=int, default=8, help="files to write (one Ray task each)")
+    p.add_argument("--seed", type=int, default=0, help="the same seed and arguments write the same bytes")
+
+    def run(args: argparse.Namespace) -> int:
+        import json
+
+        from raylstm.synth import generate, parse_size
+
+        manifest = generate(
+            args.out, parse_size(args.size), args.sources, args.layout, args.shards, args.seed
+        )
+        print(json.dumps({k: v for k, v in manifest.items() if k != "files"}, indent=2))
+        return 0
+
+    return run
+
+
 # --- download ------------------------------------------------------------------------------------------
 def _download_parser(p: argparse.ArgumentParser) -> Command:
     p.add_argument("category", nargs="?", default="Musical_Instruments", help="Amazon Reviews 2023 category")
@@ -297,6 +329,79 @@ def _evaluate_parser(p: argparse.ArgumentParser) -> Command:
     return run
 
 
+# --- classify ------------------------------------------------------------------------------------------
+def _classify_parser(p: argparse.ArgumentParser) -> Command:
+    p.add_argument("--checkpoint", required=True, help="a run dir (uses best.json) or a checkpoint dir")
+    p.add_argument("texts", nargs="*", help="reviews to classify (a conditioned model)")
+    p.add_argument("--file", help="more reviews to classify, one per line")
+    p.add_argument(
+        "--category",
+        help="the category the reviews were filed under (else the rating is summed over categories)",
+    )
+    p.add_argument(
+        "--data",
+        nargs="*",
+        default=None,
+        help="held-out figures instead: rating and category by Bayes' rule vs the majority class and "
+        "TF-IDF + LR on this data's split (no value: the data the checkpoint was trained on)",
+    )
+    p.add_argument("--split", default="test", choices=["val", "test"], help="the split --data scores")
+    p.add_argument(
+        "--probe",
+        action="store_true",
+        help="the sentiment probe and unit (any model) on the labelled sets of --labelled, held-out labels",
+    )
+    p.add_argument(
+        "--labelled",
+        default=None,
+        help="the dir with sorted_data_acl/ and amazon_cells_labelled.txt (default ../shared/data/amazon)",
+    )
+    p.add_argument(
+        "--unit-out",
+        default=None,
+        help="with --probe: write the sentiment unit here (what `raylstm sample --sentiment-unit` reads)",
+    )
+    p.add_argument("--json", dest="json_out", help="also write the results as JSON here")
+    p.add_argument(
+        "--address", default=None, help="Ray address to join (default: RAY_ADDRESS or a local Ray)"
+    )
+
+    def run(args: argparse.Namespace) -> int:
+        import json
+        from pathlib import Path
+
+        from raylstm import classify
+        from raylstm.checkpoint import load_checkpoint
+
+        ckpt = load_checkpoint(args.checkpoint)
+        if args.probe or args.data is not None:
+            from raylstm.ray_env import ensure_ray
+
+            ensure_ray(args.address)
+        if args.probe:
+            labelled = Path(args.labelled) if args.labelled else Path.cwd().parent / "shared/data/amazon"
+            result, unit = classify.sentiment_report(ckpt, classify.labelled_sets(labelled, ckpt.config.data))
+            if args.unit_out:
+                print(f"wrote {unit.save(args.unit_out)}", file=sys.stderr)
+        elif args.data is not None:
+            result = classify.heldout_report(ckpt, args.data or None, args.split)
+        else:
+            texts = list(args.texts)
+            if args.file:
+                texts += [line for line in Path(args.file).read_text().splitlines() if line.strip()]
+            if not texts:
+                raise ValueError("give reviews to classify (arguments or --file), or --data, or --probe")
+            known = {"category": [args.category] * len(texts)} if args.category else None
+            posts = classify.classify_reviews(ckpt, texts, known)
+            result = [{"text": t, **p} for t, p in zip(texts, posts)]
+        print(json.dumps(result, indent=2))
+        if args.json_out:
+            Path(args.json_out).write_text(json.dumps(result, indent=2))
+        return 0
+
+    return run
+
+
 # --- demo ----------------------------------------------------------------------------------------------
 def _demo_parser(p: argparse.ArgumentParser) -> Command:
     p.add_argument("--workdir", default="runs/demo", help="where the demo writes its prepared data and run")
@@ -311,6 +416,10 @@ def _demo_parser(p: argparse.ArgumentParser) -> Command:
 
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], Command]]] = {
     "prepare": ("clean, split and encode review files into Parquet shards + vocab.json", _prepare_parser),
+    "synth": (
+        "write a large synthetic review corpus (real sentences, unique reviews) for scale tests",
+        _synth_parser,
+    ),
     "download": (
         "fetch a public Amazon Reviews 2023 category file (resumable, checksummed)",
         _download_parser,
@@ -319,6 +428,10 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], Command]]] = 
     "sample": ("generate text from a checkpoint", _sample_parser),
     "serve": ("serve a checkpoint over HTTP with Ray Serve", _serve_parser),
     "evaluate": ("held-out bits per char vs unigram, gzip, bz2, xz and PPMd", _evaluate_parser),
+    "classify": (
+        "a review's rating/category by Bayes' rule on a conditioned model; the sentiment probe and unit",
+        _classify_parser,
+    ),
     "demo": ("prepare the demo corpus, train, serve and sample: the whole path on one machine", _demo_parser),
 }
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
-import tomllib
 import yaml
 
 
@@ -23,10 +23,15 @@ class DataConfig:
     # Review files, directories, globs or s3:// URIs; or one directory written by `raylstm prepare`.
     # Empty means the bundled demo corpus.
     sources: list[str] = field(default_factory=list)
-    # "auto" detects from file name and columns; or one of: tsv, json2014, json2023, csv, parquet, text.
+    # "auto" detects from file name and columns; or one of: tsv, json, json2014, json2023, csv, parquet,
+    # text, blitzer (formats.py has the field table of each layout).
     format: str = "auto"
-    # Parquet (and "text"-like) inputs name their text column here.
+    # The text column of files whose columns match no published layout (other Parquet, CSV or JSON).
     text_column: str = "text"
+    # File glob -> category, for files whose records name none (2014/2018/2023 review files do not; TSV
+    # and Blitzer do), e.g. {"*Musical_Instruments*" = "Musical Instruments"}: kept through prepare for
+    # conditioning on it later. The first glob that matches the file's path or name wins.
+    categories: dict[str, str] = field(default_factory=dict)
     # Prepend the review title/summary/headline to the body (the original used the body only).
     include_title: bool = False
     # The original project lowercased and kept ASCII only; we keep case by default (more to learn, and
@@ -84,6 +89,17 @@ class ModelConfig:
     dropout: float = 0.1
     # The seed model's Dense(256, ReLU) layer.
     seed_dense: int = 256
+    # Review fields to condition on ("rating", "category"): a learned embedding of each, concatenated to
+    # the character embedding at every step (Lipton et al. 2015's concatenative scheme), so one can ask for
+    # "a 1-star review of a guitar tuner" and read a review's rating back (docs/conditioning.md).
+    # [] = an unconditioned model, exactly as before: the same weights and checkpoint files.
+    conditions: list[Literal["rating", "category"]] = field(default_factory=list)
+    # Width of each condition's embedding: 6 ratings or a handful of categories need few dimensions, and
+    # every one is an extra LSTM input column read at every step.
+    condition_dim: int = 8
+    # Filled from the condition vocabulary at train time (embedding rows per field: its values + missing);
+    # a checkpoint stores the real values, as it does vocab_size.
+    condition_sizes: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -244,6 +260,11 @@ def _coerce(hint: Any, value: Any, name: str, where: str) -> Any:
         if value not in get_args(hint):
             raise ConfigError(f"{where}: {name} must be one of {get_args(hint)}, got {value!r}")
         return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: {name} must be a table (key = value), got {value!r}")
+        _, inner = get_args(hint) or (Any, Any)
+        return {str(k): _coerce(inner, v, name, where) if inner is not Any else v for k, v in value.items()}
     if origin in (list, tuple):
         if isinstance(value, str):
             value = [value]

@@ -1,52 +1,92 @@
-"""Review sources -> cleaned, deduplicated, split text -> vocabulary -> encoded training windows.
+"""Review sources -> cleaned, deduplicated, split Parquet shards + vocabulary -> encoded training windows.
 
-    sources.read_reviews          rows {text, title, key, rating, verified, source, row, reason}
-      -> clean (map_batches)      text.clean_text; too short / unverified rows get a reason
-      -> dedupe (groupby text)    one row per distinct cleaned text: the smallest (key, source, row)
-      -> split (map_batches)      split_of(key): a stable hash, so the same on every run and block count
-      -> vocab                    per-block char counts of the train split, summed; CharVocab.from_counts
-      -> window_dataset           encode + "\\n" per review, concatenate, cut seq_len+1 windows
+Raw sources go through two passes that never hold the corpus in memory or in the object store:
 
-Counts (manifest) are aggregated from per-block summaries computed by Ray tasks, so they are exact and the
-corpus is never collected on the driver. A directory written by `raylstm prepare` (it has manifest.json)
-is read back as Parquet + vocab.json with no re-cleaning.
+    pass 1 (Ray Data, streaming)  sources.read_reviews -> per batch of rows:
+        clean    text.clean_column (Arrow kernels; clean_text for the rows that need it)
+        reject   too short / empty / unverified rows get a reason; counts by reason and by file
+        hash     64-bit blake2b of the cleaned text; fine bucket = its top 12 bits
+        spill    the good rows, sorted by fine bucket, to one Arrow IPC file under OUT/_work/
+        -> one small summary row per batch (the file, rows and text bytes per fine bucket, the counts)
+    plan      contiguous fine-bucket ranges of ~GROUP_BYTES of text each = groups (as many as the corpus
+              needs, so a group's memory does not grow with the corpus)
+    pass 2 (one Ray task per group)  read its rows from every spill file (memory-mapped slices) ->
+        dedupe   sort by (hash, key, source, row); keep the first of each run of equal hash whose texts
+                 are equal (texts are compared, so a hash collision never drops a review): the smallest
+                 (key, source, row) per distinct text wins, whatever the block or file order
+        split    split_of(key): a stable hash, the same on every run, block count and machine
+        write    OUT/{train,val,test}/part-GGGGG.parquet; rows/chars per split and the train split's
+                 character counts come back to the driver
+    vocab     CharVocab.from_counts of the summed counts
+
+Counts (the manifest) are exact sums of per-batch and per-group figures. A directory with manifest.json
+(written by `raylstm prepare`) is read back as Parquet + vocab.json with no re-cleaning; raw sources given
+to `load_splits` are prepared into a work directory first and read back the same way.
 """
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import re
+import shutil
+import tempfile
+import uuid
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import ray
-from ray.data.aggregate import Min
 
+from raylstm import storage
+from raylstm.conditions import ConditionVocab, field_value
 from raylstm.config import DataConfig
-from raylstm.ray_env import task_based_shuffle
 from raylstm.sources import BAD_REASONS, DataError, ReadOptions, read_parquet, read_reviews
-from raylstm.text import clean_text, join_title, reject_reason
+from raylstm.text import EOR, clean_column, clean_text, join_title
 from raylstm.vocab import CharVocab
 
 DEMO_CORPUS = Path(__file__).resolve().parent / "demo" / "reviews_demo.json.gz"
 SPLITS = ("train", "val", "test")
-EOR = "\n"  # end-of-review marker in the training stream; cleaning never leaves one inside a review
-# Columns of the split datasets and the prepared shards. `source` (the file a review came from) is kept
-# so per-file figures are a group-by over a split already read (raylstm.evaluate), never a re-read.
-OUT_COLUMNS = ["text", "key", "rating", "source"]
+# Columns of the split datasets and the prepared shards: the text and its key (the split), and what later
+# stages condition or group on: rating and category (a conditioned model), verified, and source (the file a
+# review came from: per-file figures are a group-by over a split already read, raylstm.evaluate).
+OUT_COLUMNS = ["text", "key", "rating", "verified", "category", "source"]
+OUT_SCHEMA = pa.schema(
+    [
+        ("text", pa.string()),
+        ("key", pa.string()),
+        ("rating", pa.float64()),
+        ("verified", pa.bool_()),
+        ("category", pa.string()),
+        ("source", pa.string()),
+    ]
+)
 BATCH_ROWS = 4096  # large batches: on 2 cores, per-task overhead dominates small ones
+# Pass 1 works on batches of this many rows (~20 MB of review text): each writes one spill file, and a
+# pass-2 group reads a slice of every spill file, so fewer, larger files mean fewer reads.
+SPILL_BATCH_ROWS = 32_768
+FINE_BITS = 12  # 4096 fine buckets: groups are cut at fine-bucket boundaries to within ~1/4096 of the text
+SPILL_CHUNK_ROWS = 8192  # record batches in a spill file: a remote (s3://) reader fetches only its slices
+# Text per pass-2 group: its memory (the rows, their sort, the output tables) is a few times this, and
+# does not grow with the corpus; several groups per core keep both cores busy.
+GROUP_BYTES = 48 << 20
+MIN_GROUPS = 4
+WORK_DIR = "_work"  # spill files, under the output directory (visible wherever the output is)
+# Prepared shards: one Parquet file per split per group (~GROUP_BYTES of text, ~20 MB zstd), row groups of
+# 16k reviews (~10 MB of text): a streaming reader holds one row group per read task, so a small object
+# store feeds training; the rows are in hash order, i.e. already shuffled across files and categories.
+SHARD_ROW_GROUP = 16_384
+SHARD_COMPRESSION = "zstd"
 
 
 @dataclass
 class ReviewSplits:
-    # rows {"text": str, "key": str, "rating": float|None, "source": str (the file)}: cleaned review text
-    train: ray.data.Dataset
+    train: ray.data.Dataset  # rows of OUT_COLUMNS: cleaned review text, its key, rating, verified, ...
     val: ray.data.Dataset
     test: ray.data.Dataset
     vocab: CharVocab  # from the train split's aggregated char counts (cfg.min_char_count), "\n" included
@@ -66,89 +106,195 @@ def split_of(key: str, val_fraction: float, test_fraction: float) -> str:
     return "train"
 
 
-# --- per-batch functions (run in Ray tasks) ------------------------------------------------------------
-def _clean_batch(batch: pa.Table, cfg: DataConfig) -> pa.Table:
-    texts = batch.column("text").to_pylist()
-    titles = batch.column("title").to_pylist()
-    verified = batch.column("verified").to_pylist()
+# --- pass 1: clean, count, hash, spill (per batch, in Ray Data tasks) ----------------------------------
+def _clean_batch(batch: pa.Table, cfg: DataConfig) -> tuple[pa.Table, list]:
+    """(good rows with cleaned text, reason per row: None = good). Vectorised over the batch."""
     reasons = batch.column("reason").to_pylist()
-    out_text = []
-    for i, raw in enumerate(texts):
-        if reasons[i] is not None:
-            out_text.append(None)
-            continue
-        text = clean_text(raw, cfg.lowercase, cfg.ascii_only)
-        if cfg.include_title and titles[i]:
-            text = join_title(clean_text(titles[i], cfg.lowercase, cfg.ascii_only), text)
-        reason = reject_reason(text, cfg.min_chars)
-        if reason is None and cfg.verified_only and verified[i] is False:
-            reason = "unverified"  # rows whose format records no verified flag are kept
-        reasons[i] = reason
-        out_text.append(text if reason is None else None)
-    batch = batch.set_column(batch.schema.get_field_index("text"), "text", pa.array(out_text, pa.string()))
-    return batch.set_column(batch.schema.get_field_index("reason"), "reason", pa.array(reasons, pa.string()))
+    parsed = pc.is_null(batch.column("reason"))
+    good = batch.filter(parsed)
+    text = clean_column(good.column("text"), cfg.lowercase, cfg.ascii_only)
+    if cfg.include_title:
+        titles = good.column("title").to_pylist()
+        bodies = text.to_pylist()
+        text = pa.array(
+            [
+                join_title(clean_text(t, cfg.lowercase, cfg.ascii_only), b) if t else b
+                for t, b in zip(titles, bodies)
+            ],
+            pa.string(),
+        )
+    length = pc.utf8_length(text).to_numpy()
+    why = np.where(length == 0, "empty_after_clean", np.where(length < cfg.min_chars, "too_short", ""))
+    if cfg.verified_only:
+        unverified = pc.fill_null(pc.equal(good.column("verified"), False), False).to_numpy(
+            zero_copy_only=False
+        )
+        why = np.where((why == "") & unverified, "unverified", why)  # rows without the flag are kept
+    good_rows = np.flatnonzero(parsed.to_numpy(zero_copy_only=False))
+    for i, w in zip(good_rows, why):
+        reasons[i] = w or None
+    keep = pa.array(why == "")
+    good = good.set_column(good.schema.get_field_index("text"), "text", text).filter(keep)
+    return good, reasons
 
 
-def _reason_summary(batch: pa.Table) -> dict[str, list]:
-    """One summary row per block: counts of rows by reason ("" = good) and by source file."""
-    reasons = Counter(r or "" for r in batch.column("reason").to_pylist())
+def text_hash(texts: pa.Array) -> np.ndarray:
+    """64-bit blake2b of each text's UTF-8 bytes (uint64): the dedupe and bucketing key."""
+    binary = pc.cast(texts, pa.binary()).to_pylist()
+    digests = b"".join(hashlib.blake2b(b, digest_size=8).digest() for b in binary)
+    return np.frombuffer(digests, dtype=">u8").astype(np.uint64)
+
+
+def _spill_batch(batch: pa.Table, cfg: DataConfig, work: str, fs: pafs.FileSystem) -> pa.Table:
+    """Pass 1 for one batch: clean, count, hash; write the good rows sorted by fine bucket to one spill
+    file; return one summary row."""
+    good, reasons = _clean_batch(batch, cfg)
+    counts = Counter(r or "" for r in reasons)
     sources = Counter(batch.column("source").to_pylist())
-    return {"reasons": [json.dumps(reasons)], "sources": [json.dumps(sources)]}
-
-
-def _only_good(batch: pa.Table) -> pa.Table:
-    return batch.filter(pc.is_null(batch.column("reason")))
-
-
-_SEP = "\x1f"  # ASCII unit separator: joins the fields of a dedupe candidate into one sortable string
-
-
-def _dedupe_candidates(batch: pa.Table) -> pa.Table:
-    """Rows -> {text, w}: w = "key<US>source<US>row<US>rating", so min(w) per text picks the smallest
-    (key, source, row) whichever block or order it arrives in, using a vectorised Ray aggregation."""
-    row = pc.utf8_lpad(pc.cast(batch.column("row"), pa.string()), 12, "0")
-    rating = pc.fill_null(pc.cast(batch.column("rating"), pa.string()), "")
-    w = pc.binary_join_element_wise(batch.column("key"), batch.column("source"), row, rating, _SEP)
-    return pa.table({"text": batch.column("text"), "w": w})
-
-
-def _dedupe_winners(batch: pa.Table) -> pa.Table:
-    texts = batch.column("text")
-    keys, sources, ratings = [], [], []
-    for w in batch.column(batch.column_names[1]).to_pylist():
-        key, source, _row, rating = w.rsplit(_SEP, 3)  # split from the right: a key may hold anything
-        keys.append(key)
-        sources.append(source)
-        ratings.append(float(rating) if rating else None)
+    path = ""
+    n_fine = 1 << FINE_BITS
+    rows = np.zeros(n_fine, np.int64)
+    text_bytes = np.zeros(n_fine, np.int64)
+    if good.num_rows:
+        h = text_hash(good.column("text"))
+        fine = (h >> np.uint64(64 - FINE_BITS)).astype(np.int64)
+        order = np.argsort(fine, kind="stable")
+        keep = [c for c in good.column_names if c not in ("title", "reason")]
+        table = good.select(keep).take(pa.array(order)).append_column("hash", pa.array(h[order]))
+        fine = fine[order]
+        rows = np.bincount(fine, minlength=n_fine)
+        text_bytes = np.bincount(
+            fine, weights=pc.binary_length(table.column("text")).to_numpy(), minlength=n_fine
+        )
+        path = f"{work}/{uuid.uuid4().hex}.arrow"
+        with fs.open_output_stream(path) as f, pa.ipc.new_file(f, table.schema) as w:
+            w.write_table(table, max_chunksize=SPILL_CHUNK_ROWS)
     return pa.table(
         {
-            "text": texts,
-            "key": pa.array(keys, pa.string()),
-            "rating": pa.array(ratings, pa.float64()),
-            "source": pa.array(sources, pa.string()),
+            "path": [path],
+            "rows": [rows.astype(np.int64)],
+            "text_bytes": [np.asarray(text_bytes, np.int64)],
+            "reasons": [json.dumps(counts)],
+            "sources": [json.dumps(sources)],
         }
     )
 
 
-def _assign_split(batch: pa.Table, val_fraction: float, test_fraction: float) -> pa.Table:
-    keys = batch.column("key").to_pylist()
-    splits = [split_of(k, val_fraction, test_fraction) for k in keys]
-    table = batch.select(OUT_COLUMNS)
-    return table.append_column("split", pa.array(splits, pa.string()))
+# --- plan: fine buckets -> groups ----------------------------------------------------------------------
+def plan_groups(text_bytes: np.ndarray, target: int, min_groups: int = 1) -> list[tuple[int, int]]:
+    """Contiguous [lo, hi) fine-bucket ranges of about `target` text bytes each (at least `min_groups`
+    when there are that many non-empty buckets). Depends only on the per-bucket totals, so on the corpus,
+    never on how it was split into blocks."""
+    total = int(text_bytes.sum())
+    if total == 0:
+        return []
+    n = max(min_groups, -(-total // target))
+    bounds = np.searchsorted(np.cumsum(text_bytes), [total * k / n for k in range(1, n)], side="left") + 1
+    edges = sorted({0, *(int(b) for b in bounds), len(text_bytes)})
+    return [(lo, hi) for lo, hi in zip(edges[:-1], edges[1:]) if text_bytes[lo:hi].sum() > 0]
 
 
-def _split_summary(batch: pa.Table) -> dict[str, list]:
-    """Rows and chars per split, and the train split's character counts, for one block."""
-    stats: dict[str, Any] = {}
-    texts = batch.column("text").to_pylist()
-    splits = batch.column("split").to_pylist()
-    for s in SPLITS:
-        stats[s] = {"rows": 0, "chars": 0}
-    for t, s in zip(texts, splits):
-        stats[s]["rows"] += 1
-        stats[s]["chars"] += len(t)
-    train_text = "".join(t for t, s in zip(texts, splits) if s == "train")
-    return {"stats": [json.dumps(stats)], "chars": [json.dumps(char_counts(train_text))]}
+# --- pass 2: one group -> dedupe, split, write ---------------------------------------------------------
+def _read_slices(fs: pafs.FileSystem, slices: list[tuple[str, int, int]]) -> pa.Table:
+    """Rows [start, end) of each spill file, reading only the record batches that hold them."""
+    parts = []
+    for path, start, end in slices:
+        src = pa.memory_map(path) if isinstance(fs, pafs.LocalFileSystem) else fs.open_input_file(path)
+        reader = pa.ipc.open_file(src)
+        first, last = start // SPILL_CHUNK_ROWS, (end - 1) // SPILL_CHUNK_ROWS
+        chunk = pa.Table.from_batches([reader.get_batch(i) for i in range(first, last + 1)])
+        parts.append(chunk.slice(start - first * SPILL_CHUNK_ROWS, end - start))
+    return pa.concat_tables(parts)
+
+
+def dedupe_sorted(table: pa.Table) -> pa.Table:
+    """One row per distinct text of `table` (rows {text, hash, key, source, row, ...}): the smallest
+    (key, source, row), compared as texts, so equal hashes of different texts (a collision) keep both."""
+    table = table.take(
+        pc.sort_indices(
+            table,
+            sort_keys=[
+                ("hash", "ascending"),
+                ("key", "ascending"),
+                ("source", "ascending"),
+                ("row", "ascending"),
+            ],
+        )
+    )
+    h = table.column("hash").to_numpy()
+    same_hash = np.flatnonzero(h[1:] == h[:-1]) + 1  # rows whose predecessor has their hash
+    if same_hash.size == 0:
+        return table
+    text = table.column("text")
+    same_text = pc.equal(text.take(pa.array(same_hash)), text.take(pa.array(same_hash - 1)))
+    drop = np.zeros(table.num_rows, bool)
+    if pc.all(same_text).as_py():
+        drop[same_hash] = True  # every run of equal hash is one text: keep its first (smallest) row
+    else:
+        # A collision somewhere: within each run of equal hash, keep the first row of each distinct text.
+        run_start = np.concatenate([[True], h[1:] != h[:-1]])
+        run_id = np.cumsum(run_start)
+        texts = text.to_pylist()
+        for run in np.unique(run_id[same_hash]):
+            seen: set[str] = set()
+            for i in np.flatnonzero(run_id == run):
+                drop[i] = texts[i] in seen
+                seen.add(texts[i])
+    return table.filter(pa.array(~drop))
+
+
+def char_counts_column(texts: pa.Array) -> dict[str, int]:
+    """Character -> count over a string array: ASCII rows by a bincount of their bytes, the rest decoded."""
+    if len(texts) == 0:
+        return {}
+    is_ascii = pc.string_is_ascii(texts)
+    counts: Counter = Counter()
+    ascii_rows = texts.filter(is_ascii)
+    if len(ascii_rows):
+        joined = pc.binary_join(
+            pa.ListArray.from_arrays(pa.array([0, len(ascii_rows)], pa.int32()), ascii_rows), ""
+        )
+        data = np.frombuffer(joined[0].as_buffer(), np.uint8)
+        per_byte = np.bincount(data, minlength=128)
+        counts.update({chr(c): int(per_byte[c]) for c in np.flatnonzero(per_byte)})
+    rest = texts.filter(pc.invert(is_ascii)).to_pylist()
+    if rest:
+        counts.update(char_counts("".join(rest)))
+    return dict(counts)
+
+
+def _write_group(
+    slices: list[tuple[str, int, int]], group: int, cfg: DataConfig, root: str, fs: pafs.FileSystem
+) -> dict:
+    """Pass 2 for one group: dedupe, split, write one shard per split; returns its counts."""
+    import pyarrow.parquet as pq
+
+    table = _read_slices(fs, slices)
+    cleaned = table.num_rows
+    if cfg.dedupe:
+        table = dedupe_sorted(table)
+    else:
+        table = table.take(pc.sort_indices(table, sort_keys=[("hash", "ascending"), ("key", "ascending")]))
+    splits = np.array(
+        [split_of(k, cfg.val_fraction, cfg.test_fraction) for k in table.column("key").to_pylist()]
+    )
+    out = {"cleaned": cleaned, "splits": {}, "chars": {}}
+    for split in SPLITS:
+        part = table.filter(pa.array(splits == split)).select(OUT_COLUMNS).cast(OUT_SCHEMA)
+        n_chars = int(pc.sum(pc.utf8_length(part.column("text"))).as_py() or 0)
+        out["splits"][split] = {"rows": part.num_rows, "chars": n_chars}
+        if split == "train":
+            out["chars"] = char_counts_column(part.column("text").combine_chunks())
+        if part.num_rows:
+            pq.write_table(
+                part,
+                f"{root}/{split}/part-{group:05d}.parquet",
+                filesystem=fs,
+                row_group_size=SHARD_ROW_GROUP,
+                compression=SHARD_COMPRESSION,
+                use_dictionary=False,  # unique texts and keys: a dictionary never pays
+            )
+    return out
 
 
 def char_counts(text: str) -> dict[str, int]:
@@ -159,10 +305,6 @@ def char_counts(text: str) -> dict[str, int]:
     counts = np.bincount(codes)
     nz = np.flatnonzero(counts)
     return {chr(int(c)): int(counts[c]) for c in nz}
-
-
-def _select_split(batch: pa.Table, split: str) -> pa.Table:
-    return batch.filter(pc.equal(batch.column("split"), split)).select(OUT_COLUMNS)
 
 
 def _sum_json(rows: list[dict], column: str) -> Counter:
@@ -203,62 +345,49 @@ def _unwrap_data_error(e: BaseException) -> BaseException | None:
 
 
 def is_prepared_dir(sources: list[str]) -> bool:
-    if len(sources) != 1 or "://" in sources[0]:
-        return len(sources) == 1 and "://" in sources[0] and _remote_has_manifest(sources[0])
-    return (Path(sources[0]) / "manifest.json").is_file()
-
-
-def _remote_has_manifest(uri: str) -> bool:
-    import pyarrow.fs as pafs
-
-    fs, path = pafs.FileSystem.from_uri(uri.rstrip("/") + "/manifest.json")
-    return fs.get_file_info(path).type == pafs.FileType.File
-
-
-def _read_remote_text(uri: str) -> str:
-    import pyarrow.fs as pafs
-
-    fs, path = pafs.FileSystem.from_uri(uri)
-    with fs.open_input_stream(path, compression=None) as f:
-        return f.readall().decode("utf-8")
+    """One source that is a directory written by `raylstm prepare` (it has manifest.json), local or URI."""
+    return len(sources) == 1 and storage.exists(storage.join(sources[0], "manifest.json"))
 
 
 def _load_prepared(root: str) -> ReviewSplits:
-    if "://" in root:
-        manifest = json.loads(_read_remote_text(root.rstrip("/") + "/manifest.json"))
-        vocab = CharVocab.from_dict(json.loads(_read_remote_text(root.rstrip("/") + "/vocab.json")))
-    else:
-        manifest = json.loads((Path(root) / "manifest.json").read_text())
-        vocab = CharVocab.load(Path(root) / "vocab.json")
+    manifest = storage.read_json(storage.join(root, "manifest.json"))
+    vocab = CharVocab.from_dict(storage.read_json(storage.join(root, "vocab.json")))
     parts = {}
     for split in SPLITS:
         if manifest["splits"][split]["rows"] == 0:
-            empty = pa.table(
-                {
-                    "text": pa.array([], pa.string()),
-                    "key": pa.array([], pa.string()),
-                    "rating": pa.array([], pa.float64()),
-                    "source": pa.array([], pa.string()),
-                }
-            )
-            parts[split] = ray.data.from_arrow(empty)
+            parts[split] = ray.data.from_arrow(OUT_SCHEMA.empty_table())
         else:
-            parts[split] = read_parquet(f"{root.rstrip('/')}/{split}")
+            parts[split] = read_parquet(storage.join(root, split))
     return ReviewSplits(parts["train"], parts["val"], parts["test"], vocab, manifest)
 
 
-def load_splits(cfg: DataConfig, override_num_blocks: int | None = None) -> ReviewSplits:
-    """Read, clean, dedupe and split `cfg.sources` (or read back a prepared dir, or the demo corpus).
+def load_splits(
+    cfg: DataConfig, override_num_blocks: int | None = None, work_dir: str | None = None
+) -> ReviewSplits:
+    """The train/val/test splits of `cfg.sources`: a prepared dir is read back as it is; raw sources (or
+    the demo corpus) are prepared into `work_dir` first (default: a local temporary directory removed
+    when this process exits; on a multi-node cluster give one every node sees, e.g. s3://...)."""
+    from raylstm.prepare import prepare
 
-    The returned split datasets are lazy views over one materialized, split-annotated dataset, so
-    iterating them does not re-read or re-clean the sources.
-    """
     sources = list(cfg.sources) or [str(DEMO_CORPUS)]
     if is_prepared_dir(sources):
         return _load_prepared(sources[0])
+    if work_dir is None:
+        work_dir = tempfile.mkdtemp(prefix="raylstm-prepared-")
+        atexit.register(shutil.rmtree, work_dir, True)
+    import dataclasses
+
+    prepare(dataclasses.replace(cfg, sources=sources), work_dir, override_num_blocks=override_num_blocks)
+    return _load_prepared(work_dir)
+
+
+def build_splits(
+    cfg: DataConfig, sources: list[str], out_dir: str, override_num_blocks: int | None = None
+) -> tuple[dict, CharVocab]:
+    """Read, clean, dedupe and split `sources` into Parquet shards under out_dir/{train,val,test}/ (the
+    two passes of the module docstring); returns (manifest, vocab). Nothing else is written."""
     try:
-        with task_based_shuffle():
-            return _build_splits(cfg, sources, override_num_blocks)
+        return _build_splits(cfg, sources, out_dir, override_num_blocks)
     except Exception as e:
         err = _unwrap_data_error(e)
         if err is not None and err is not e:
@@ -266,42 +395,51 @@ def load_splits(cfg: DataConfig, override_num_blocks: int | None = None) -> Revi
         raise
 
 
-def _build_splits(cfg: DataConfig, sources: list[str], override_num_blocks: int | None) -> ReviewSplits:
-    rows, files = read_reviews(sources, ReadOptions.from_config(cfg), override_num_blocks)
-    cleaned = rows.map_batches(
-        _clean_batch, fn_kwargs={"cfg": cfg}, batch_format="pyarrow", batch_size=BATCH_ROWS
-    ).materialize()
-    summaries = cleaned.map_batches(_reason_summary, batch_format="pyarrow", batch_size=None).take_all()
-    reasons = _sum_json(summaries, "reasons")
-    per_source = _sum_json(summaries, "sources")
-
-    cleaned_rows_hint = reasons.get("", 0)
-    good = cleaned.map_batches(_only_good, batch_format="pyarrow", batch_size=None)
-    if cfg.dedupe:
-        # Global exact dedupe: shuffle by text, keep min(candidate) per text. A vectorised aggregate, not
-        # map_groups: one Python call per group cost ~4x more on 10k reviews.
-        good = (
-            good.map_batches(_dedupe_candidates, batch_format="pyarrow", batch_size=None)
-            .groupby("text", num_partitions=_partitions(cleaned_rows_hint))
-            .aggregate(Min("w"))
-            .map_batches(_dedupe_winners, batch_format="pyarrow", batch_size=BATCH_ROWS)
+def _build_splits(
+    cfg: DataConfig, sources: list[str], out_dir: str, override_num_blocks: int | None
+) -> tuple[dict, CharVocab]:
+    fs, root = storage.resolve(out_dir)
+    work = f"{root}/{WORK_DIR}"
+    fs.create_dir(work, recursive=True)
+    for split in SPLITS:
+        fs.create_dir(f"{root}/{split}", recursive=True)
+    try:
+        rows, files = read_reviews(sources, ReadOptions.from_config(cfg), override_num_blocks)
+        pass1 = rows.map_batches(
+            _spill_batch,
+            fn_kwargs={"cfg": cfg, "work": work, "fs": fs},
+            batch_format="pyarrow",
+            batch_size=SPILL_BATCH_ROWS,
         )
-    split = good.map_batches(
-        _assign_split,
-        fn_kwargs={"val_fraction": cfg.val_fraction, "test_fraction": cfg.test_fraction},
-        batch_format="pyarrow",
-        batch_size=BATCH_ROWS,
-    ).materialize()
-    del cleaned  # the split dataset holds everything downstream needs
+        summaries = pass1.take_all()
+        reasons = _sum_json(summaries, "reasons")
+        per_source = _sum_json(summaries, "sources")
+        spills = [s for s in summaries if s["path"]]
+        spills.sort(key=lambda s: s["path"])
+        bucket_bytes = sum((np.asarray(s["text_bytes"]) for s in spills), np.zeros(1 << FINE_BITS, np.int64))
+        # At least MIN_GROUPS groups (both cores busy on a mid-sized corpus), but none under ~4 MB (a tiny
+        # corpus is one group). Independent of the cluster, so the same corpus gives the same shards anywhere.
+        min_groups = max(1, min(MIN_GROUPS, int(bucket_bytes.sum()) >> 22))
+        groups = plan_groups(bucket_bytes, GROUP_BYTES, min_groups)
+        offsets = [np.concatenate([[0], np.cumsum(s["rows"])]) for s in spills]
+        task = ray.remote(num_cpus=1)(_write_group)
+        refs = []
+        for g, (lo, hi) in enumerate(groups):
+            slices = [(s["path"], int(o[lo]), int(o[hi])) for s, o in zip(spills, offsets) if o[hi] > o[lo]]
+            refs.append(task.remote(slices, g, cfg, root, fs))
+        results = ray.get(refs)
+        work_bytes = sum(i.size for i in fs.get_file_info(pafs.FileSelector(work)))
+    finally:
+        fs.delete_dir(work)
 
-    sums = split.map_batches(_split_summary, batch_format="pyarrow", batch_size=None).take_all()
     split_stats = {s: {"rows": 0, "chars": 0} for s in SPLITS}
-    for r in sums:
-        for s, v in json.loads(r["stats"]).items():
+    train_chars: Counter = Counter()
+    for r in results:
+        for s, v in r["splits"].items():
             split_stats[s]["rows"] += v["rows"]
             split_stats[s]["chars"] += v["chars"]
-    char_counts = _sum_json(sums, "chars")
-    vocab = build_vocab(char_counts, split_stats["train"]["rows"], cfg.min_char_count)
+        train_chars.update(r["chars"])
+    vocab = build_vocab(dict(train_chars), split_stats["train"]["rows"], cfg.min_char_count)
 
     records = sum(reasons.values())
     parsed = records - sum(n for r, n in reasons.items() if r in BAD_REASONS)
@@ -318,19 +456,10 @@ def _build_splits(cfg: DataConfig, sources: list[str], override_num_blocks: int 
             {"path": f["path"], "size": f["size"], "records": per_source.get(f["source"], 0)} for f in files
         ],
         "vocab_size": len(vocab),
+        "work_bytes": work_bytes,  # written once to OUT/_work by pass 1, read once by pass 2, deleted
         "config": _config_dict(cfg),
     }
-    parts = {
-        s: split.map_batches(_select_split, fn_kwargs={"split": s}, batch_format="pyarrow", batch_size=None)
-        for s in SPLITS
-    }
-    return ReviewSplits(parts["train"], parts["val"], parts["test"], vocab, manifest)
-
-
-def _partitions(rows: int) -> int:
-    # One shuffle partition per ~250k reviews: the default (hundreds) makes hundreds of tiny tasks,
-    # which on a 2-core machine costs far more than the dedupe itself.
-    return max(1, min(64, -(-rows // 250_000)))
+    return manifest, vocab
 
 
 def _config_dict(cfg: DataConfig) -> dict:
@@ -373,14 +502,80 @@ def stream_rows(texts: list[str], vocab: CharVocab, width: int, stride: int) -> 
     return np.ascontiguousarray(view, dtype=np.int32)
 
 
-def _windows(batch: pa.Table, vocab: CharVocab, width: int, stride: int) -> dict[str, np.ndarray]:
-    return {"ids": stream_rows(batch.column("text").to_pylist(), vocab, width, stride)}
+def stream_condition_rows(
+    texts: list[str], cond_ids: np.ndarray, vocab: CharVocab, width: int, stride: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """`stream_rows` plus, for every id of every row, the condition ids of the review it belongs to:
+    (ids int32 [N, width], cond int16 [N, width, F]) from reviews and their condition ids [n_reviews, F].
+
+    A review's characters and the "\\n" that ends it carry its conditions. The training loop reads a
+    window's conditions beside its targets (cond[:, 1:], as y = ids[:, 1:]): the input "\\n" that ends one
+    review is read with the conditions of the review it starts, whose first character it predicts.
+
+        stream   |I loved it.\\n|Broke in a week.\\n|
+        cond     |5 5 5 ... 5 5|1 1 1 .......... 1 1|
+    """
+    ids = stream_rows(texts, vocab, width, stride)
+    F = cond_ids.shape[1] if cond_ids.ndim == 2 else 0
+    if not len(ids):
+        return ids, np.zeros((0, width, F), np.int16)
+    lengths = np.fromiter((len(t) + 1 for t in texts), dtype=np.int64, count=len(texts))
+    per_id = np.repeat(np.asarray(cond_ids, dtype=np.int16), lengths, axis=0)  # [stream length, F]
+    view = np.lib.stride_tricks.sliding_window_view(per_id, width, axis=0)[::stride][: len(ids)]
+    return ids, np.ascontiguousarray(view.transpose(0, 2, 1), dtype=np.int16)
+
+
+def _windows(
+    batch: pa.Table, vocab: CharVocab, width: int, stride: int, conditions: ConditionVocab | None = None
+) -> dict[str, np.ndarray]:
+    texts = batch.column("text").to_pylist()
+    if conditions is None:
+        return {"ids": stream_rows(texts, vocab, width, stride)}
+    cond = conditions.encode_rows({f: batch.column(f).to_pylist() for f in conditions.fields})
+    ids, cond_rows = stream_condition_rows(texts, cond, vocab, width, stride)
+    return {"ids": ids, "cond": cond_rows}
+
+
+def _condition_summary(batch: pa.Table, fields: tuple[str, ...]) -> dict[str, list]:
+    """One summary row per block: counts of the joint condition values of its reviews."""
+    cols = [[field_value(f, v) for v in batch.column(f).to_pylist()] for f in fields]
+    counts = Counter(zip(*cols)) if cols else Counter()
+    return {"counts": [json.dumps([[list(k), n] for k, n in counts.items()])]}
+
+
+def condition_vocab(train_ds: ray.data.Dataset, fields: list[str] | tuple[str, ...]) -> ConditionVocab:
+    """The condition vocabulary of a training split (its rating/category columns), from per-block counts
+    summed on the driver: the corpus is never collected."""
+    fields = tuple(fields)
+    missing = [f for f in fields if f not in train_ds.schema().names]
+    if missing:
+        raise ValueError(
+            f"model.conditions asks for {missing}, which the training split has no column for "
+            f"(its columns: {train_ds.schema().names}); prepare the data again with this version"
+        )
+    rows = (
+        train_ds.select_columns(list(fields))
+        .map_batches(
+            _condition_summary, fn_kwargs={"fields": fields}, batch_format="pyarrow", batch_size=None
+        )
+        .take_all()
+    )
+    joint: Counter = Counter()
+    for r in rows:
+        for k, n in json.loads(r["counts"]):
+            joint[tuple(k)] += n
+    return ConditionVocab.from_counts(fields, joint)
 
 
 def window_dataset(
-    text_ds: ray.data.Dataset, vocab: CharVocab, cfg: DataConfig, batch_rows: int = BATCH_ROWS
+    text_ds: ray.data.Dataset,
+    vocab: CharVocab,
+    cfg: DataConfig,
+    batch_rows: int = BATCH_ROWS,
+    conditions: ConditionVocab | None = None,
 ) -> ray.data.Dataset:
-    """Encoded training rows, streamed: rows {"ids": int32[width]} (see `window_shape`).
+    """Encoded training rows, streamed: rows {"ids": int32[width]} (see `window_shape`), and with
+    `conditions` also {"cond": int16[width, F]}: each id's review's condition ids (`stream_condition_rows`).
 
     full:  each review + "\\n", concatenated within a batch of reviews, cut into segments of
            segment_windows windows; x = ids[:-1], y = ids[1:] (every position supervised). The tail of each
@@ -400,7 +595,7 @@ def window_dataset(
     width, stride = window_shape(cfg)
     return text_ds.map_batches(
         _windows,
-        fn_kwargs={"vocab": vocab, "width": width, "stride": stride},
+        fn_kwargs={"vocab": vocab, "width": width, "stride": stride, "conditions": conditions},
         batch_format="pyarrow",
         batch_size=batch_rows,
     )

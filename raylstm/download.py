@@ -5,17 +5,18 @@ already on disk with an HTTP Range request, and the result can be checked agains
 file is written as `<name>.part` and renamed only when complete (and verified), so a finished-looking file
 is never half a file. A `<name>.sha256` sidecar records the digest of what was downloaded.
 
-Standard library only (urllib): the downloader has to work before anything else is installed.
+HTTP through the standard library (urllib); the file hash is `storage.sha256`, the one raylstm uses.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+from raylstm import storage
 
 # The 2023 release's raw review files, one per category: <base>/<Category>.jsonl.gz
 # (https://amazon-reviews-2023.github.io/). Override with --url, or the base with RAYLSTM_DOWNLOAD_BASE.
@@ -32,14 +33,6 @@ def category_url(category: str, base_url: str | None = None) -> str:
         raise DownloadError(f"category {category!r}: expected a name like Musical_Instruments or All_Beauty")
     base = (base_url or os.environ.get("RAYLSTM_DOWNLOAD_BASE") or DEFAULT_BASE_URL).rstrip("/")
     return f"{base}/{category}.jsonl.gz"
-
-
-def _sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _open(url: str, start: int, timeout: float):
@@ -62,7 +55,7 @@ def download(url: str, dest: str | Path, sha256: str | None = None, timeout: flo
     dest.parent.mkdir(parents=True, exist_ok=True)
     want = sha256.lower() if sha256 else None
     if dest.exists():
-        if want is None or _sha256_of(dest) == want:
+        if want is None or storage.sha256(dest) == want:
             return dest
         raise DownloadError(f"{dest} exists but its sha256 is not {want}; move it away to download again")
     part = dest.with_name(dest.name + ".part")
@@ -88,7 +81,7 @@ def download(url: str, dest: str | Path, sha256: str | None = None, timeout: flo
                     f"{url}: connection closed at {got} of {expected} bytes; "
                     "run the same command again to resume"
                 )
-    digest = _sha256_of(part)
+    digest = storage.sha256(part)
     if want is not None and digest != want:
         part.unlink()
         raise DownloadError(

@@ -47,11 +47,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from raylstm.config import DataConfig
+from raylstm.text import (
+    EOR,
+)  # the end-of-review marker; also the context each review's first char is predicted from
 
 if TYPE_CHECKING:
     from raylstm.checkpoint import LoadedCheckpoint
-
-EOR = "\n"  # end-of-review marker; also the context the first char of every review is predicted from
 
 # ---------------------------------------------------------------------------------------------------------
 # Compressor baselines
@@ -144,8 +145,12 @@ def review_bits(
     max_batch_chars: int = 65_536,
     max_batch: int = 128,
     device: str = "cpu",
+    conditions: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per review of `texts`: (bits, chars scored, unknown chars), each review + "\\n" scored from "\\n".
+
+    `conditions` [len(texts), F]: a conditioned model's condition ids of each review (raylstm.conditions),
+    read at every position of it; None reads a conditioned model with every field missing.
 
     Reviews are sorted by length and packed into padded batches of at most `max_batch_chars` padded
     positions, so a few long reviews do not pad thousands of short ones. Per review (in the order of
@@ -189,7 +194,11 @@ def review_bits(
             x = torch.from_numpy(ids[:, :-1]).to(device)
             y = torch.from_numpy(ids[:, 1:]).to(device)
             m = torch.from_numpy(mask).to(device)
-            logits, _ = model(x)
+            if conditions is None:
+                logits, _ = model(x)
+            else:
+                cond = torch.as_tensor(np.asarray(conditions)[rows], dtype=torch.long, device=device)
+                logits, _ = model(x, None, cond)
             nll = torch.nn.functional.cross_entropy(
                 logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="none"
             ).view(y.shape)
@@ -253,7 +262,10 @@ def ray_score_by_source(
         def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             texts = [str(t) for t in batch["text"]]
             srcs = [str(s) for s in batch["source"]] if "source" in batch else [""] * len(texts)
-            by_src = bits_by_source(srcs, *review_bits(self.ckpt.model, self.ckpt.vocab, texts))
+            conds = self.ckpt.conditions
+            cond = conds.encode_rows({f: list(batch[f]) for f in conds.fields}) if conds else None
+            scores = review_bits(self.ckpt.model, self.ckpt.vocab, texts, conditions=cond)
+            by_src = bits_by_source(srcs, *scores)
             return {
                 "source": np.array(list(by_src), dtype=object),
                 **{
@@ -262,7 +274,7 @@ def ray_score_by_source(
                 },
             }
 
-    cols = [c for c in ("text", "source") if c in ds.schema().names]
+    cols = [c for c in ("text", "source", "rating", "category") if c in ds.schema().names]
     rows = ds.select_columns(cols).map_batches(_Scorer, batch_size=512, concurrency=concurrency).take_all()
     return merge_by_source(
         {
@@ -298,14 +310,19 @@ def baselines(test: str, train: str = "") -> dict[str, dict[str, Any]]:
     return out
 
 
-def split_rows(ds: Any) -> list[tuple[str, str, str]]:
-    """(key, text, source) of every row, sorted by key: one order on every machine and block layout.
+def split_rows(ds: Any, extra: Sequence[str] = ()) -> list[tuple]:
+    """(key, text, source, *extra columns) of every row, sorted by key: one order on every machine and
+    block layout.
 
     source is the file the review came from ("" for splits without a `source` column, such as a dir
-    prepared before `prepare` kept it)."""
-    cols = [c for c in ("key", "text", "source") if c in ds.schema().names]
+    prepared before `prepare` kept it); `extra` columns (e.g. rating, category) come as they are."""
+    names = ds.schema().names
+    cols = [c for c in ("key", "text", "source", *extra) if c in names]
     rows = ds.select_columns(cols).take_all()
-    out = [(str(r.get("key") or r["text"]), r["text"], str(r.get("source") or "")) for r in rows]
+    out = [
+        (str(r.get("key") or r["text"]), r["text"], str(r.get("source") or ""), *(r.get(c) for c in extra))
+        for r in rows
+    ]
     out.sort(key=lambda r: (r[0], r[1]))
     return out
 
@@ -343,10 +360,14 @@ def evaluate(
         cfg = dataclasses.replace(cfg, sources=list(sources))
     splits = load_splits(cfg)
     ds = splits.train.union(splits.val, splits.test) if split == "all" else getattr(splits, split)
-    rows = split_rows(ds)
+    conds = ckpt.conditions  # a conditioned model reads each review with its own rating/category
+    rows = split_rows(ds, conds.fields if conds else ())
     if not rows:
         raise ValueError(f"the {split!r} split of {cfg.sources or 'the demo corpus'} is empty")
-    texts = [t for _, t, _ in rows]
+    texts = [r[1] for r in rows]
+    cond = None
+    if conds:
+        cond = conds.encode_rows({f: [r[3 + j] for r in rows] for j, f in enumerate(conds.fields)})
     test = join_reviews(texts)
 
     t0 = time.perf_counter()
@@ -354,8 +375,8 @@ def evaluate(
         by_source = ray_score_by_source(ckpt.path, ds)
         how = "ray-data"
     else:
-        scores = review_bits(ckpt.model, ckpt.vocab, texts)
-        by_source = bits_by_source([s for _, _, s in rows], *scores)
+        scores = review_bits(ckpt.model, ckpt.vocab, texts, conditions=cond)
+        by_source = bits_by_source([r[2] for r in rows], *scores)
         how = "driver"
     bits = sum(s["bits"] for s in by_source.values())
     chars = sum(s["chars"] for s in by_source.values())
@@ -383,7 +404,7 @@ def evaluate(
         "per_source": per_source,
     }
     if compressors:
-        train = join_reviews(t for _, t, _ in split_rows(splits.train)) if split != "train" else ""
+        train = join_reviews(r[1] for r in split_rows(splits.train)) if split != "train" else ""
         context = train[-max_context_chars:]
         result["train_context_chars"] = len(context)
         result["baselines"] = baselines(test, context)

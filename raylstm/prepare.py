@@ -1,6 +1,7 @@
 """`raylstm prepare SOURCE... --out DIR`: clean, dedupe and split once; train many times.
 
-    DIR/train/*.parquet  DIR/val/*.parquet  DIR/test/*.parquet   rows {text, key, rating}
+    DIR/train/part-*.parquet  DIR/val/...  DIR/test/...          rows {text, key, rating, verified,
+                                                                   category, source}, in hash order
     DIR/vocab.json                                               CharVocab of the train split
     DIR/manifest.json    rows and chars per split, rows skipped per reason, each source file with size
                          and sha256, and the data config that made it (written last: marks completion)
@@ -11,39 +12,20 @@ path or an s3:// URI.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from pathlib import Path
 
 import pyarrow.fs as pafs
 
+from raylstm import storage
 from raylstm.config import DataConfig
-from raylstm.data import SPLITS, is_prepared_dir, load_splits
+from raylstm.data import DEMO_CORPUS, SPLITS, WORK_DIR, build_splits, is_prepared_dir
 
 MANIFEST_VERSION = 1
 
 
 class OutputDirError(FileExistsError, ValueError):
     """--out names something prepare must not overwrite (a ValueError too: the CLI prints it plainly)."""
-
-
-def _fs(out_dir: str) -> tuple[pafs.FileSystem, str]:
-    if "://" in out_dir:
-        return pafs.FileSystem.from_uri(out_dir)
-    return pafs.LocalFileSystem(), str(Path(out_dir).resolve())
-
-
-def file_sha256(path: str, fs: pafs.FileSystem | None = None) -> str:
-    """sha256 of a file's stored bytes (compressed files are hashed as stored), streamed."""
-    if fs is None:
-        fs, path = pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), path)
-    h = hashlib.sha256()
-    # compression=None: pyarrow would otherwise gunzip .gz files ("detect") and hash the wrong bytes.
-    with fs.open_input_stream(path, compression=None) as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _clear_previous(fs: pafs.FileSystem, root: str, out_dir: str) -> None:
@@ -57,13 +39,17 @@ def _clear_previous(fs: pafs.FileSystem, root: str, out_dir: str) -> None:
     if not entries:
         return
     names = {e.base_name for e in entries}
-    if "manifest.json" not in names or not names <= {*SPLITS, "vocab.json", "manifest.json"}:
+    if not names <= {*SPLITS, WORK_DIR, "vocab.json", "manifest.json"} or not names & {
+        "manifest.json",
+        WORK_DIR,
+    }:
         raise OutputDirError(
             f"--out {out_dir} is not empty and not an earlier prepare output; choose a new directory"
         )
-    fs.delete_file(f"{root}/manifest.json")  # first, so a half-rewritten dir never looks complete
+    if "manifest.json" in names:
+        fs.delete_file(f"{root}/manifest.json")  # first, so a half-rewritten dir never looks complete
     for e in entries:
-        if e.base_name in SPLITS:
+        if e.base_name in SPLITS or e.base_name == WORK_DIR:
             fs.delete_dir(e.path)
         elif e.base_name == "vocab.json":
             fs.delete_file(e.path)
@@ -78,22 +64,18 @@ def prepare(data_cfg: DataConfig, out_dir: str | Path, override_num_blocks: int 
     if data_cfg.sources and is_prepared_dir(list(data_cfg.sources)):
         raise ValueError(f"{data_cfg.sources[0]} is already a prepared directory; train on it directly")
     t0 = time.perf_counter()
-    splits = load_splits(data_cfg, override_num_blocks=override_num_blocks)
-    fs, root = _fs(out_dir)
+    fs, root = storage.resolve(out_dir)
     _clear_previous(fs, root, out_dir)
     fs.create_dir(root, recursive=True)
-    for split in SPLITS:
-        ds = getattr(splits, split)
-        if splits.manifest["splits"][split]["rows"]:
-            # Shards of at least ~50k reviews: enough files to parallelise reads, not thousands of tiny ones.
-            ds.write_parquet(f"{out_dir.rstrip('/')}/{split}", min_rows_per_file=50_000)
-    manifest = dict(splits.manifest)
+    sources = list(data_cfg.sources) or [str(DEMO_CORPUS)]
+    built, vocab = build_splits(data_cfg, sources, out_dir, override_num_blocks)
+    manifest = dict(built)
     manifest["version"] = MANIFEST_VERSION
-    manifest["files"] = [{**f, "sha256": file_sha256(f["path"])} for f in manifest["files"]]
-    manifest["vocab_fingerprint"] = splits.vocab.fingerprint()
+    manifest["files"] = [{**f, "sha256": storage.sha256(f["path"])} for f in manifest["files"]]
+    manifest["vocab_fingerprint"] = vocab.fingerprint()
     manifest["seconds"] = round(time.perf_counter() - t0, 3)
-    with fs.open_output_stream(f"{root}/vocab.json") as f:
-        f.write(splits.vocab.to_json().encode("utf-8"))
-    with fs.open_output_stream(f"{root}/manifest.json") as f:
-        f.write(json.dumps(manifest, indent=2, sort_keys=True).encode("utf-8"))
+    # Whole-file atomic writes (a local temp file renamed; an object PUT): a reader never sees half a
+    # vocab.json, and manifest.json, last, appears only once everything it describes is in place.
+    storage.write_text(storage.join(out_dir, "vocab.json"), vocab.to_json())
+    storage.write_json(storage.join(out_dir, "manifest.json"), manifest)
     return manifest

@@ -42,12 +42,11 @@ from torch import nn
 from raylstm.checkpoint import LoadedCheckpoint, load_checkpoint
 from raylstm.config import DataConfig
 from raylstm.model import unwrap
-from raylstm.text import clean_text, fold_ascii, normalize_unicode, strip_html
+from raylstm.text import EOR, clean_text, fold_ascii, normalize_unicode, strip_html
 from raylstm.vocab import CharVocab
 
 MAX_SEED = 2**63 - 1
 MAX_LOGPROBS = 20  # OpenAI's cap on `logprobs` (top alternatives per character)
-EOR = "\n"  # end-of-review marker: training's reviews are separated by it, so prompt cleaning keeps it
 
 
 class SampleParamError(ValueError):

@@ -1,42 +1,59 @@
-"""Review files -> a Ray Dataset of parsed rows, with every malformed row counted by reason.
+"""Review files -> a Ray Dataset of parsed rows, every record kept or skipped with exactly one reason.
 
-One `FileBasedDatasource` subclass streams each file's lines (so Ray's filesystem layer gives us local
-paths, directories, s3:// URIs through pyarrow filesystems, and gzip/bz2/zstd by extension) and parses them
-by format. Ray's own `read_json`/`read_text` cannot be used for review dumps: they fail a whole file on one
-invalid line or invalid UTF-8 byte, and we must count and skip such rows. Parquet goes through
-`ray.data.read_parquet` with a configurable text column.
+One `FileBasedDatasource` subclass reads every format, Parquet included: line formats are streamed (Ray's
+filesystem layer gives local paths, s3:// URIs and gzip/bz2/zstd by extension), Parquet is read a record
+batch at a time from a random-access file. Ray's own `read_json`/`read_text` cannot be used for review
+dumps: they fail a whole file on one invalid line or invalid UTF-8 byte, and we must count and skip such
+rows. Each record goes through the one field table and the one text check in `formats.py`.
 
-Formats (auto-detected from the file name, then the header/first record; `DataConfig.format` overrides):
+Formats (auto-detected from the file name, then the first bytes; `DataConfig.format` overrides):
   tsv       Amazon Customer Reviews `amazon_reviews_us_*_v1_00.tsv`: header row, tab-separated, no quoting.
-  json      McAuley JSON lines; per record the 2014/2018 schema (reviewText, summary, overall, verified)
-            or the 2023 schema (text, title, rating, verified_purchase). `json2014`/`json2023` force one.
-  csv       RFC 4180 CSV with a header (the Kaggle form of the 2014 files: reviewerID, ..., reviewText).
-  parquet   any Parquet with a text column (`DataConfig.text_column`).
+  json      JSON lines; each object's layout (2014/2018, 2023, ...) is detected from its keys.
+            `json2014`/`json2023` force one.
+  csv       RFC 4180 CSV with a header (the Kaggle form of the 2014 files, or any layout's columns).
+  parquet   any Parquet; its layout is detected from its column names (`DataConfig.text_column` otherwise).
   text      one review per line (a trailing "<TAB>0/1" sentiment label, as in UCI's files, is dropped).
-  blitzer   the Blitzer et al. multi-domain `*.review` pseudo-XML.
+  blitzer   the Blitzer et al. multi-domain `*.review` pseudo-XML; the category is the file's directory.
 
-Every row, good or bad, comes out with the columns of `ROW_SCHEMA`; a bad row has `reason` set (a manifest
-key such as "invalid_json") and no text, so counts can be aggregated exactly after the read.
+Every text format: a leading UTF-8 byte-order mark is dropped and CRLF line ends are read as LF.
+
+Every record, good or bad, comes out as one row with the columns of `ROW_SCHEMA`; a bad one has `reason`
+set (a key of the manifest's "skipped", one of `BAD_REASONS`) and no text, so the counts after the read
+are exact: each parser emits exactly one row per record, whatever the bytes. Where a record starts and
+ends is decided before it is judged (a line; a CSV record, re-read from its next line when its quoting is
+broken; a Blitzer `<review>`, closed or not), so one bad record never takes good ones with it.
 """
 
 from __future__ import annotations
 
 import csv
-import fnmatch
-import glob as globlib
 import json
-import os
 import re
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 from ray.data.datasource import FileBasedDatasource
 
+from raylstm import storage
+from raylstm.formats import (
+    LAYOUTS,
+    ColumnMap,
+    category_for,
+    detect_layout,
+    extract,
+    has_surrogate,
+    layout_for,
+    record_fields,
+    text_reason,
+)
+
 FORMATS = ("auto", "tsv", "json", "json2014", "json2023", "csv", "parquet", "text", "blitzer")
-COMPRESSION_SUFFIXES = (".gz", ".gzip", ".bz2", ".zst", ".zstd", ".lz4", ".br")
 _EXT_FORMAT = {
     ".tsv": "tsv",
     ".json": "json",
@@ -55,24 +72,28 @@ ROW_SCHEMA = pa.schema(
         ("key", pa.string()),  # stable review identity: decides the split
         ("rating", pa.float64()),
         ("verified", pa.bool_()),
+        ("category", pa.string()),  # from the record, the Blitzer directory, or data.categories
         ("source", pa.string()),  # the file the row came from
-        ("row", pa.int64()),  # 1-based line (record start) in that file; 0 where unknown (Parquet)
+        ("row", pa.int64()),  # 1-based line (record start) in that file; the row number in a Parquet file
         ("reason", pa.string()),  # null for a good row, else why it was skipped
     ]
 )
 
-# Why a row is skipped; these names are the keys of the manifest's "skipped" counts.
+# Why a record is skipped; these names are the keys of the manifest's "skipped" counts.
 BAD_REASONS = (
-    "invalid_json",
-    "invalid_utf8",
+    "invalid_json",  # not JSON (any parser failure: syntax, nesting past the limit, ...) or not an object
+    "invalid_utf8",  # bytes that are not UTF-8
+    "invalid_text",  # a kept string holding a lone UTF-16 surrogate (a JSON escape such as "\ud800")
     "nul_byte",
     "missing_text",
     "empty_text",
     "bad_text_type",
-    "too_long",
+    "too_long",  # over data.max_row_bytes
     "wrong_columns",
-    "csv_error",
+    "csv_error",  # broken CSV quoting; the record is counted at its first line and reading resumes after it
+    "unclosed_record",  # a Blitzer <review> never closed: cut by the next <review> or the end of the file
 )
+_BOM = b"\xef\xbb\xbf"
 
 
 class DataError(ValueError):
@@ -88,160 +109,120 @@ class ReadOptions:
     max_row_bytes: int = 1_000_000
     strict: bool = False
     rows_per_block: int = 8192
+    categories: tuple[tuple[str, str], ...] = ()  # (file glob, category) for files that record none
 
     @classmethod
     def from_config(cls, cfg) -> ReadOptions:
         if cfg.format not in FORMATS:
             raise DataError(f"data.format must be one of {FORMATS}, got {cfg.format!r}")
         return cls(
-            format=cfg.format, text_column=cfg.text_column, max_row_bytes=cfg.max_row_bytes, strict=cfg.strict
+            format=cfg.format,
+            text_column=cfg.text_column,
+            max_row_bytes=cfg.max_row_bytes,
+            strict=cfg.strict,
+            categories=tuple((str(k), str(v)) for k, v in (cfg.categories or {}).items()),
         )
 
 
 # --- locating files ------------------------------------------------------------------------------------
-def _base_name(path: str) -> str:
-    name = path.rstrip("/").rsplit("/", 1)[-1].lower()
-    for suf in COMPRESSION_SUFFIXES:
-        if name.endswith(suf):
-            return name[: -len(suf)]
-    return name
-
-
 def format_from_name(path: str) -> str | None:
     """The format a file name implies (compression suffix ignored), or None if the name says nothing."""
-    name = _base_name(path)
-    return _EXT_FORMAT.get(os.path.splitext(name)[1])
-
-
-def _hidden(name: str) -> bool:
-    return name.startswith(".") or name.startswith("_")
+    return _EXT_FORMAT.get(storage.extension(path))
 
 
 def resolve_files(sources: list[str]) -> list[tuple[pafs.FileSystem, str, int]]:
     """Expand files, directories (recursive; only known review extensions) and globs into
     (filesystem, path, size) triples, sorted for determinism. Missing sources raise FileNotFoundError."""
-    out: list[tuple[pafs.FileSystem, str, int]] = []
+    out = []
     for src in sources:
-        if "://" in src:
-            fs, path = pafs.FileSystem.from_uri(src)
-        else:
-            fs, path = pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(src))
-        found: list[tuple[str, int]] = []
-        if any(ch in path for ch in "*?["):
-            if isinstance(fs, pafs.LocalFileSystem):
-                matches = sorted(globlib.glob(path, recursive=True))
-            else:
-                base = path.split("*")[0].split("?")[0].split("[")[0].rsplit("/", 1)[0]
-                infos = fs.get_file_info(pafs.FileSelector(base, recursive=True))
-                matches = sorted(i.path for i in infos if fnmatch.fnmatch(i.path, path))
-            for m in matches:
-                info = fs.get_file_info(m)
-                if info.type == pafs.FileType.File:
-                    found.append((m, info.size))
-                elif info.type == pafs.FileType.Directory:
-                    found.extend(_walk(fs, m))
-        else:
-            info = fs.get_file_info(path)
-            if info.type == pafs.FileType.NotFound:
-                raise FileNotFoundError(f"review source not found: {src}")
-            if info.type == pafs.FileType.Directory:
-                found.extend(_walk(fs, path))
-            else:
-                found.append((path, info.size))
+        found = storage.expand(src, keep=lambda p: format_from_name(p) is not None)
         if not found:
             raise FileNotFoundError(f"no review files in {src} (known extensions: {sorted(_EXT_FORMAT)})")
-        out.extend((fs, p, s) for p, s in found)
+        out.extend(found)
     return out
 
 
-def _walk(fs: pafs.FileSystem, root: str) -> list[tuple[str, int]]:
-    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
-    files = []
-    for i in infos:
-        rel = i.path[len(root) :].lstrip("/")
-        if i.type != pafs.FileType.File or any(_hidden(part) for part in rel.split("/")):
-            continue
-        if format_from_name(i.path) is None:
-            continue  # README, SOURCES.md, manifests: a directory holds more than reviews
-        files.append((i.path, i.size))
-    return sorted(files)
+# --- rows ----------------------------------------------------------------------------------------------
+_COLUMNS = ("text", "title", "key", "rating", "verified", "category", "row", "reason")  # + source
 
 
-# --- parsing -------------------------------------------------------------------------------------------
 class _Rows:
-    """Collects parsed rows column-wise and emits Arrow tables of `rows_per_block` rows."""
+    """Collects rows and emits Arrow tables of `rows_per_block` rows. `add` and `bad` are the only ways
+    a record leaves a parser, and each emits exactly one row."""
 
-    def __init__(self, source: str, opts: ReadOptions) -> None:
-        self.source, self.opts = source, opts
-        self.cols: dict[str, list] = {name: [] for name in ROW_SCHEMA.names}
+    def __init__(self, source: str, opts: ReadOptions, category: str | None, unit: str = "line") -> None:
+        self.source, self.opts, self.category, self.unit = source, opts, category, unit
+        self.rows: list[tuple] = []  # one tuple per row in _COLUMNS order: one append per record
 
-    def good(self, row: int, text: str, key: str | None, title=None, rating=None, verified=None) -> None:
-        c = self.cols
-        c["text"].append(text)
-        c["title"].append(title if isinstance(title, str) else None)
-        c["key"].append(key if key else text)
-        c["rating"].append(_to_float(rating))
-        c["verified"].append(verified if isinstance(verified, bool) else None)
-        c["source"].append(self.source)
-        c["row"].append(row)
-        c["reason"].append(None)
+    @property
+    def n(self) -> int:
+        return len(self.rows)
+
+    def add(self, row: int, fields: tuple, surrogates: bool = False) -> None:
+        """One parsed record (`formats.FIELDS`): kept, or skipped by the one text check. `surrogates`: the
+        values may hold lone surrogates (only a fallback JSON parse can make them), so check the kept ones."""
+        text, title, key, rating, verified, category = fields
+        if type(text) is not str or not text or "\x00" in text or text.isspace():
+            reason = text_reason(text)
+            if reason is not None:
+                detail = f"text is {type(text).__name__}" if reason == "bad_text_type" else ""
+                return self.bad(row, reason, detail)
+        if surrogates and any(v is not None and has_surrogate(v) for v in (text, title, key, category)):
+            return self.bad(row, "invalid_text", "a lone UTF-16 surrogate (e.g. the JSON escape \\ud800)")
+        self.rows.append(
+            (
+                text,
+                title,
+                key or text,
+                rating,
+                verified,
+                self.category if category is None else category,
+                row,
+                None,
+            )
+        )
 
     def bad(self, row: int, reason: str, detail: str = "") -> None:
         if self.opts.strict:
-            raise DataError(f"{self.source}: line {row}: {reason}{': ' + detail if detail else ''}")
-        c = self.cols
-        for name in ("text", "title", "key", "rating", "verified"):
-            c[name].append(None)
-        c["source"].append(self.source)
-        c["row"].append(row)
-        c["reason"].append(reason)
+            raise DataError(f"{self.source}: {self.unit} {row}: {reason}{': ' + detail if detail else ''}")
+        self.rows.append((None, None, None, None, None, None, row, reason))
 
     def full(self) -> bool:
-        return len(self.cols["row"]) >= self.opts.rows_per_block
+        return len(self.rows) >= self.opts.rows_per_block
 
     def take(self) -> pa.Table:
-        table = pa.Table.from_pydict(self.cols, schema=ROW_SCHEMA)
-        self.cols = {name: [] for name in ROW_SCHEMA.names}
-        return table
+        columns = dict(zip(_COLUMNS, map(list, zip(*self.rows))))
+        columns["source"] = [self.source] * len(self.rows)
+        self.rows = []
+        return pa.Table.from_pydict(columns, schema=ROW_SCHEMA)
 
 
-def _to_float(v: Any) -> float | None:
-    if isinstance(v, bool) or v is None:
-        return None
+# --- lines ---------------------------------------------------------------------------------------------
+def _read(f, path: str, n: int) -> bytes:
     try:
-        return float(v)
-    except (TypeError, ValueError):
-        return None
-
-
-def _check_text(rows: _Rows, lineno: int, text: Any) -> bool:
-    """Count and skip a missing, non-string, empty or NUL-holding text field; True if usable."""
-    if text is None:
-        rows.bad(lineno, "missing_text")
-    elif not isinstance(text, str):
-        rows.bad(lineno, "bad_text_type", f"text is {type(text).__name__}")
-    elif not text.strip():
-        rows.bad(lineno, "empty_text")
-    elif "\x00" in text:
-        rows.bad(lineno, "nul_byte")
-    else:
-        return True
-    return False
+        return f.read(n)
+    except (OSError, pa.ArrowException) as e:
+        raise DataError(f"{path}: cannot read (truncated or corrupt file?): {e}") from e
 
 
 def _lines(f, path: str, max_row_bytes: int) -> Iterator[tuple[int, bytes | None]]:
-    """(1-based line number, bytes without the newline) for each line; None for a line over the cap,
-    which is skipped without being held in memory. Read errors (truncated gzip...) name the file."""
-    lineno, parts, size, skipping = 0, [], 0, False
+    """(1-based line number, bytes without the line end) for each line; None for a line over the cap,
+    which is skipped without being held in memory. A leading byte-order mark is dropped and "\\r\\n" ends
+    read as "\\n". Read errors (truncated gzip...) name the file."""
+    lineno, parts, size, skipping, first = 0, [], 0, False, True
     while True:
-        try:
-            chunk = f.read(1 << 20)
-        except (OSError, pa.ArrowException) as e:
-            raise DataError(f"{path}: cannot read (truncated or corrupt file?): {e}") from e
+        chunk = _read(f, path, 1 << 20)
+        if first and chunk:
+            if len(chunk) < 3 and _BOM.startswith(chunk):
+                chunk += _read(f, path, 3)  # a stream may return fewer bytes than asked
+            if chunk.startswith(_BOM):
+                chunk = chunk[3:]
+            first = False
         if not chunk:
             break
         pieces = chunk.split(b"\n")
-        for piece in pieces[:-1]:
+        tail = pieces.pop()
+        for piece in pieces:
             lineno += 1
             if skipping or size + len(piece) > max_row_bytes:
                 yield lineno, None
@@ -249,7 +230,6 @@ def _lines(f, path: str, max_row_bytes: int) -> Iterator[tuple[int, bytes | None
                 line = b"".join(parts) + piece if parts else piece
                 yield lineno, line[:-1] if line.endswith(b"\r") else line
             parts, size, skipping = [], 0, False
-        tail = pieces[-1]
         if not skipping:
             if size + len(tail) > max_row_bytes:
                 parts, size, skipping = [], 0, True
@@ -265,7 +245,12 @@ def _lines(f, path: str, max_row_bytes: int) -> Iterator[tuple[int, bytes | None
             yield lineno, line[:-1] if line.endswith(b"\r") else line
 
 
+def _blank(raw: bytes | None) -> bool:
+    return raw is not None and (not raw or raw.isspace())
+
+
 def _decode(rows: _Rows, lineno: int, raw: bytes | None) -> str | None:
+    """The line as text, or None after counting why it is not (too long, NUL, invalid UTF-8)."""
     if raw is None:
         rows.bad(lineno, "too_long", f"over max_row_bytes={rows.opts.max_row_bytes}")
         return None
@@ -279,182 +264,230 @@ def _decode(rows: _Rows, lineno: int, raw: bytes | None) -> str | None:
         return None
 
 
-def _json_fields(obj: dict, schema: str, text_column: str) -> tuple[Any, Any, str | None, Any, Any]:
-    """(text, title, key, rating, verified) of one JSON record under the 2014/2018 or 2023 schema."""
-    if schema == "auto":
-        if "reviewText" in obj or "reviewerID" in obj or "overall" in obj:
-            schema = "json2014"
-        elif "text" in obj and ("rating" in obj or "user_id" in obj or "parent_asin" in obj):
-            schema = "json2023"
-    if schema == "json2014":
-        key = f"{obj['reviewerID']}|{obj.get('asin', '')}" if "reviewerID" in obj else None
-        return obj.get("reviewText"), obj.get("summary"), key, obj.get("overall"), obj.get("verified")
-    if schema == "json2023":
-        key = None
-        if "user_id" in obj:
-            key = f"{obj['user_id']}|{obj.get('asin', '')}|{obj.get('timestamp', '')}"
-        return obj.get("text"), obj.get("title"), key, obj.get("rating"), obj.get("verified_purchase")
-    return obj.get(text_column), obj.get("title") or obj.get("summary"), None, obj.get("rating"), None
+# --- JSON lines ----------------------------------------------------------------------------------------
+def _json_fallback(raw: bytes) -> tuple[Any, str | None, str]:
+    """orjson refused the line: find out why with the standard library, which is more permissive (lone
+    surrogate escapes, NaN, integers past 64 bits). (object, reason, detail); reason None = parsed."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return None, "invalid_utf8", str(e)
+    try:
+        return json.loads(line), None, ""
+    except RecursionError:
+        return None, "invalid_json", "nested deeper than the parser's limit"
+    except Exception as e:  # noqa: BLE001 - any parser failure is this line's reason, never the file's
+        return None, "invalid_json", f"{type(e).__name__}: {e}"
 
 
-def _parse_json(f, path: str, opts: ReadOptions, rows: _Rows) -> Iterator[pa.Table]:
-    schema = opts.format if opts.format in ("json2014", "json2023") else "auto"
-    for lineno, raw in _lines(f, path, opts.max_row_bytes):
-        if raw is not None and not raw.strip():
+def _parse_json(
+    lines: Iterable[tuple[int, bytes | None]], rows: _Rows, opts: ReadOptions
+) -> Iterator[pa.Table]:
+    forced = LAYOUTS.get(opts.format) if opts.format in ("json2014", "json2023") else None
+    loads, decode_error = orjson.loads, orjson.JSONDecodeError
+    readers: dict[str, Any] = {}  # layout name -> formats.record_fields(layout)
+    for lineno, raw in lines:
+        if raw is None:
+            rows.bad(lineno, "too_long", f"over max_row_bytes={opts.max_row_bytes}")
+        elif not raw or raw.isspace():
             continue  # blank lines (a trailing newline or two) are not records
-        line = _decode(rows, lineno, raw)
-        if line is not None:
+        elif b"\x00" in raw:
+            rows.bad(lineno, "nul_byte")
+        else:
+            surrogates = False
             try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                rows.bad(lineno, "invalid_json", str(e))
-                obj = None
-            if obj is not None and not isinstance(obj, dict):
+                obj = loads(raw)
+            except decode_error:
+                obj, reason, detail = _json_fallback(raw)
+                if reason is not None:
+                    rows.bad(lineno, reason, detail)
+                    obj = None
+                    if rows.full():
+                        yield rows.take()
+                    continue
+                surrogates = True
+            if not isinstance(obj, dict):
                 rows.bad(lineno, "invalid_json", f"a JSON {type(obj).__name__}, not an object")
-            elif obj is not None:
-                text, title, key, rating, verified = _json_fields(obj, schema, opts.text_column)
-                if _check_text(rows, lineno, text):
-                    rows.good(lineno, text, key, title, rating, verified)
+            else:
+                layout = forced or detect_layout(obj, opts.text_column)
+                to_fields = readers.get(layout.name)
+                if to_fields is None:
+                    to_fields = readers[layout.name] = record_fields(layout)
+                rows.add(lineno, to_fields(obj.get), surrogates)
         if rows.full():
             yield rows.take()
 
 
-_TSV_TEXT = ("review_body",)
-
-
-def _parse_tsv(f, path: str, opts: ReadOptions, rows: _Rows) -> Iterator[pa.Table]:
-    header: list[str] | None = None
-    for lineno, raw in _lines(f, path, opts.max_row_bytes):
-        if raw is not None and not raw.strip():
-            continue
-        if header is None:
+# --- TSV -----------------------------------------------------------------------------------------------
+def _parse_tsv(
+    lines: Iterable[tuple[int, bytes | None]], rows: _Rows, opts: ReadOptions
+) -> Iterator[pa.Table]:
+    columns: ColumnMap | None = None
+    width = 0
+    for lineno, raw in lines:
+        if raw is not None and (not raw or raw.isspace()):
+            continue  # blank lines (the Gift Card file ends with two) are not records
+        if columns is None:
             if raw is None or b"\x00" in raw:
-                raise DataError(f"{path}: line {lineno}: unreadable TSV header")
+                raise DataError(f"{rows.source}: line {lineno}: unreadable TSV header")
             header = raw.decode("utf-8", "replace").split("\t")
-            text_col = next((c for c in (*_TSV_TEXT, opts.text_column) if c in header), None)
-            if text_col is None:
+            columns, width = ColumnMap(layout_for(opts.format, header, opts.text_column), header), len(header)
+            if columns.text is None:
                 raise DataError(
-                    f"{path}: TSV header has no review_body or {opts.text_column!r} column: {header[:15]}"
+                    f"{rows.source}: TSV header has no review_body or {opts.text_column!r} column: {header[:15]}"
                 )
-            i_text = header.index(text_col)
+            to_fields = columns.extract
             continue
-        line = _decode(rows, lineno, raw)
-        if line is not None:
-            fields = line.split("\t")
-            if len(fields) != len(header):
-                rows.bad(
-                    lineno, "wrong_columns", f"expected {len(header)} tab-separated fields, got {len(fields)}"
-                )
-            elif _check_text(rows, lineno, fields[i_text]):
-                rec = dict(zip(header, fields))
-                vp = rec.get("verified_purchase")
-                rows.good(
-                    lineno,
-                    fields[i_text],
-                    rec.get("review_id"),
-                    rec.get("review_headline"),
-                    rec.get("star_rating"),
-                    None if vp is None else vp.upper() == "Y",
-                )
+        if raw is None or b"\x00" in raw:
+            _decode(rows, lineno, raw)  # counts it (too_long / nul_byte)
+        else:
+            try:
+                fields = raw.decode("utf-8").split("\t")
+            except UnicodeDecodeError as e:
+                rows.bad(lineno, "invalid_utf8", str(e))
+            else:
+                if len(fields) != width:
+                    rows.bad(
+                        lineno, "wrong_columns", f"expected {width} tab-separated fields, got {len(fields)}"
+                    )
+                else:
+                    rows.add(lineno, to_fields(fields))
         if rows.full():
             yield rows.take()
 
 
-def _parse_text(f, path: str, opts: ReadOptions, rows: _Rows) -> Iterator[pa.Table]:
-    label = re.compile(r"\t[0-9]\s*$")  # UCI "sentence<TAB>0/1"
-    for lineno, raw in _lines(f, path, opts.max_row_bytes):
-        if raw is not None and not raw.strip():
+# --- plain text ----------------------------------------------------------------------------------------
+_UCI_LABEL = re.compile(r"\t[0-9]\s*$")  # UCI "sentence<TAB>0/1"
+
+
+def _parse_text(
+    lines: Iterable[tuple[int, bytes | None]], rows: _Rows, opts: ReadOptions
+) -> Iterator[pa.Table]:
+    for lineno, raw in lines:
+        if _blank(raw):
             continue
         line = _decode(rows, lineno, raw)
         if line is not None:
-            text = label.sub("", line)
-            if _check_text(rows, lineno, text):
-                rows.good(lineno, text, None)
+            rows.add(lineno, (_UCI_LABEL.sub("", line), None, None, None, None, None))
         if rows.full():
             yield rows.take()
 
 
-def _csv_key(rec: dict) -> str | None:
-    if rec.get("reviewerID"):
-        return f"{rec['reviewerID']}|{rec.get('asin', '')}"
-    if rec.get("review_id"):
-        return rec["review_id"]
-    if rec.get("user_id"):
-        return f"{rec['user_id']}|{rec.get('asin', '')}|{rec.get('timestamp', '')}"
-    return None
+# --- CSV -----------------------------------------------------------------------------------------------
+class _Replayable:
+    """The physical lines fed to `csv.reader`, remembering those of the record being read, so a record
+    whose quoting is broken can be counted once and its later lines read again as records of their own
+    (an unterminated quote would otherwise swallow every row after it)."""
+
+    def __init__(self, lines: Iterable[tuple[int, bytes | None]]) -> None:
+        self.it = iter(lines)
+        self.pending: deque[tuple[int, str, bool]] = deque()  # (line number, text, over the cap)
+        self.taken: list[tuple[int, str, bool]] = []
+
+    def __iter__(self) -> _Replayable:
+        return self
+
+    def __next__(self) -> str:
+        if self.pending:
+            item = self.pending.popleft()
+        else:
+            lineno, raw = next(self.it)
+            # Invalid UTF-8 is carried through as surrogates (surrogateescape) and the record is skipped
+            # afterwards; a line over the cap arrives as None, is fed as an empty line and marks its
+            # record too long.
+            if raw is None:
+                item = (lineno, "\n", True)
+            else:
+                item = (lineno, raw.decode("utf-8", "surrogateescape") + "\n", False)
+        self.taken.append(item)
+        return item[1]
+
+    def start(self) -> None:
+        self.taken = []
+
+    def replay_after_first(self) -> None:
+        """Read the current record's lines after its first again, as new records."""
+        self.pending.extendleft(reversed(self.taken[1:]))
 
 
-def _parse_csv(f, path: str, opts: ReadOptions, rows: _Rows) -> Iterator[pa.Table]:
-    # CSV fields may span lines, so the csv module parses a stream of decoded lines. Invalid UTF-8 is
-    # carried through as surrogates (surrogateescape) and the record holding it is skipped afterwards.
+def _parse_csv(
+    lines: Iterable[tuple[int, bytes | None]], rows: _Rows, opts: ReadOptions
+) -> Iterator[pa.Table]:
+    # strict=True: a quote in the wrong place or an unterminated quote at the end of the file is an error
+    # (non-strict csv accepts both and silently merges the following rows into one field).
     csv.field_size_limit(max(opts.max_row_bytes, 131072))
-    lines = (
-        (raw if raw is not None else b"").decode("utf-8", "surrogateescape") + "\n"
-        for _, raw in _lines(f, path, 1 << 62)
-    )
-    reader = csv.reader(lines, strict=False)
-    header: list[str] | None = None
-    text_col = title_col = None
+    feed = _Replayable(lines)
+    reader = csv.reader(feed, strict=True)
+    columns: ColumnMap | None = None
+    width = 0
     while True:
-        start = reader.line_num + 1
+        feed.start()
         try:
             fields = next(reader)
+            reason, detail = None, ""
         except StopIteration:
             break
         except csv.Error as e:
-            rows.bad(start, "too_long" if "field larger" in str(e) else "csv_error", str(e))
-            continue
-        if not fields or (len(fields) == 1 and not fields[0].strip()):
-            continue
-        if header is None:
-            header = fields
-            text_col = next(
-                (c for c in ("reviewText", "review_body", opts.text_column, "text") if c in header), None
-            )
-            if text_col is None:
+            fields, detail = None, str(e)
+            reason = "too_long" if "field larger" in detail else "csv_error"
+            if detail == "unexpected end of data":
+                detail = "unterminated quote at the end of the file"
+        if not feed.taken:
+            break
+        start = feed.taken[0][0]
+        if any(overlong for _, _, overlong in feed.taken):
+            reason, detail = "too_long", f"a line over max_row_bytes={opts.max_row_bytes}"
+        elif fields is not None and (not fields or (len(fields) == 1 and not fields[0].strip())):
+            continue  # a blank line
+        if columns is None:
+            if reason is not None:
+                raise DataError(f"{rows.source}: line {start}: unreadable CSV header ({reason}: {detail})")
+            columns, width = ColumnMap(layout_for(opts.format, fields, opts.text_column), fields), len(fields)
+            if columns.text is None:
                 raise DataError(
-                    f"{path}: CSV header has no reviewText/review_body/{opts.text_column!r} column: {header[:15]}"
+                    f"{rows.source}: CSV header has no reviewText/review_body/{opts.text_column!r} column: "
+                    f"{fields[:15]}"
                 )
-            title_col = next((c for c in ("summary", "review_headline", "title") if c in header), None)
             continue
-        if len(fields) != len(header):
-            rows.bad(start, "wrong_columns", f"expected {len(header)} fields, got {len(fields)}")
+        if reason is None and len(fields) != width:
+            reason, detail = "wrong_columns", f"expected {width} fields, got {len(fields)}"
+        if reason is not None:
+            if len(feed.taken) > 1:
+                feed.replay_after_first()  # what the broken record spanned is read again, line by line
+                detail += f" (lines {start}-{feed.taken[-1][0]}; re-read from line {feed.taken[1][0]})"
+            rows.bad(start, reason, detail)
         elif sum(len(x) for x in fields) > opts.max_row_bytes:
             rows.bad(start, "too_long", f"over max_row_bytes={opts.max_row_bytes}")
-        elif any(_has_surrogate(x) for x in fields):
+        elif any(has_surrogate(x) for x in fields):
             rows.bad(start, "invalid_utf8")
+        elif any("\x00" in x for x in fields):
+            rows.bad(start, "nul_byte")
         else:
-            rec = dict(zip(header, fields))
-            if _check_text(rows, start, rec[text_col]):
-                vp = rec.get("verified") or rec.get("verified_purchase")
-                rating = rec.get("overall") or rec.get("star_rating") or rec.get("rating")
-                rows.good(
-                    start,
-                    rec[text_col],
-                    _csv_key(rec),
-                    rec.get(title_col) if title_col else None,
-                    rating,
-                    None if vp is None else vp.strip().lower() in ("true", "y", "1"),
-                )
+            rows.add(start, columns.extract(fields))
         if rows.full():
             yield rows.take()
 
 
-def _has_surrogate(s: str) -> bool:
-    try:
-        s.encode("utf-8")
-        return False
-    except UnicodeEncodeError:
-        return True
-
-
+# --- Blitzer -------------------------------------------------------------------------------------------
 _BLITZER_TAG = re.compile(r"^<(/?)([a-z_]+)>$")
+_BLITZER_JOIN = {"review_text": "\n"}  # the body keeps its line breaks (cleaning folds them); others " "
 
 
-def _parse_blitzer(f, path: str, opts: ReadOptions, rows: _Rows) -> Iterator[pa.Table]:
+def _blitzer_fields(rec: dict[str, list[str]]) -> tuple:
+    joined = {k: (_BLITZER_JOIN.get(k, " ").join(v).strip() or None) for k, v in rec.items()}
+    if "review_text" not in joined:
+        joined["review_text"] = None
+    elif joined["review_text"] is None:
+        joined["review_text"] = ""
+    return extract(LAYOUTS["blitzer"], joined.get)
+
+
+def _parse_blitzer(
+    lines: Iterable[tuple[int, bytes | None]], rows: _Rows, opts: ReadOptions
+) -> Iterator[pa.Table]:
     rec: dict[str, list[str]] | None = None
     field_name, start, bad = None, 0, None
-    for lineno, raw in _lines(f, path, opts.max_row_bytes):
+    for lineno, raw in lines:
         if raw is None:
             bad = bad or "too_long"
             continue
@@ -466,18 +499,15 @@ def _parse_blitzer(f, path: str, opts: ReadOptions, rows: _Rows) -> Iterator[pa.
             bad = bad or "nul_byte"
         m = _BLITZER_TAG.match(line.strip())
         if m and m.group(2) == "review":
-            if not m.group(1):
+            if not m.group(1):  # <review>
+                if rec is not None:
+                    rows.bad(start, "unclosed_record", f"no </review> before the <review> at line {lineno}")
                 rec, field_name, start, bad = {}, None, lineno, None
-            elif rec is not None:
+            elif rec is not None:  # </review>
                 if bad:
                     rows.bad(start, bad)
                 else:
-                    text = "\n".join(rec.get("review_text", [])).strip()
-                    title = " ".join(rec.get("title", [])).strip() or None
-                    uid = " ".join(rec.get("unique_id", [])).strip() or None
-                    rating = " ".join(rec.get("rating", [])).strip() or None
-                    if _check_text(rows, start, text):
-                        rows.good(start, text, uid, title, rating)
+                    rows.add(start, _blitzer_fields(rec))
                 rec = None
         elif m and rec is not None:
             field_name = None if m.group(1) else m.group(2)
@@ -487,9 +517,76 @@ def _parse_blitzer(f, path: str, opts: ReadOptions, rows: _Rows) -> Iterator[pa.
             rec[field_name].append(line)
         if rows.full():
             yield rows.take()
+    if rec is not None:
+        rows.bad(start, "unclosed_record", "no </review> before the end of the file")
 
 
-_PARSERS = {
+def _blitzer_category(path: str) -> str | None:
+    """The Blitzer domain is the directory a file lies in: sorted_data_acl/books/positive.review -> books."""
+    parts = path.rstrip("/").split("/")
+    return parts[-2] if len(parts) >= 2 and parts[-2] else None
+
+
+# --- Parquet -------------------------------------------------------------------------------------------
+_NOT_UTF8 = object()  # a binary/string value whose bytes are not UTF-8
+
+
+def _pylist(col: pa.ChunkedArray) -> list:
+    """Python values of a column; string bytes that are not UTF-8 become `_NOT_UTF8`, never an error."""
+    t = col.type
+    if (
+        pa.types.is_binary(t)
+        or pa.types.is_large_binary(t)
+        or pa.types.is_string(t)
+        or pa.types.is_large_string(t)
+    ):
+        if pa.types.is_string(t) or pa.types.is_large_string(t):
+            try:
+                return col.to_pylist()
+            except (UnicodeDecodeError, pa.ArrowException):
+                col = col.cast(pa.large_binary())
+        out = []
+        for b in col.to_pylist():
+            try:
+                out.append(None if b is None else b.decode("utf-8"))
+            except UnicodeDecodeError:
+                out.append(_NOT_UTF8)
+        return out
+    return col.to_pylist()
+
+
+def _parse_parquet(f, rows: _Rows, opts: ReadOptions) -> Iterator[pa.Table]:
+    try:
+        pf = pq.ParquetFile(f)
+    except (OSError, pa.ArrowException) as e:
+        raise DataError(f"{rows.source}: not a readable Parquet file: {e}") from e
+    names = pf.schema_arrow.names
+    columns = ColumnMap(layout_for(opts.format, names, opts.text_column), names)
+    if columns.text is None:
+        raise DataError(
+            f"{rows.source}: Parquet file has no text column ({opts.text_column!r}): {names[:15]}"
+        )
+    needed = [names[i] for i in columns.needed]
+    row = 0
+    try:
+        for batch in pf.iter_batches(batch_size=opts.rows_per_block, columns=needed):
+            values = [None] * len(names)
+            for name, i in zip(needed, columns.needed):
+                values[i] = _pylist(batch.column(name))
+            for j in range(batch.num_rows):
+                row += 1
+                record = [None if v is None else v[j] for v in values]
+                if any(v is _NOT_UTF8 for v in record):
+                    rows.bad(row, "invalid_utf8")
+                else:
+                    rows.add(row, columns.extract(record))
+                if rows.full():
+                    yield rows.take()
+    except (OSError, pa.ArrowException) as e:
+        raise DataError(f"{rows.source}: cannot read Parquet (truncated or corrupt file?): {e}") from e
+
+
+_LINE_PARSERS = {
     "json": _parse_json,
     "json2014": _parse_json,
     "json2023": _parse_json,
@@ -502,7 +599,9 @@ _PARSERS = {
 
 def sniff_format(first: bytes) -> str:
     """Format of a file whose name says nothing, from its first bytes."""
-    head = first.lstrip()
+    if first.startswith(b"PAR1"):
+        return "parquet"
+    head = first.removeprefix(_BOM).lstrip()
     if head.startswith(b"{"):
         return "json"
     if head.startswith(b"<review>") or head.startswith(b"<data>"):
@@ -528,8 +627,28 @@ class _Peeked:
         return self.f.read(n)
 
 
+def parse_file(f, path: str, opts: ReadOptions) -> Iterator[pa.Table]:
+    """All records of one open file as `ROW_SCHEMA` tables: what one Ray read task runs (and what the
+    parse benchmark times). `f` is a stream, or a random-access file for Parquet."""
+    fmt = opts.format if opts.format != "auto" else format_from_name(path)
+    if fmt is None:
+        head = _read(f, path, 1 << 16)
+        fmt, f = sniff_format(head), _Peeked(head, f)
+        if fmt == "parquet":
+            raise DataError(f"{path}: looks like Parquet; name it *.parquet or set data.format=parquet")
+    category = _blitzer_category(path) if fmt == "blitzer" else category_for(path, opts.categories)
+    if fmt == "parquet":
+        rows = _Rows(path, opts, category, unit="row")
+        yield from _parse_parquet(f, rows, opts)
+    else:
+        rows = _Rows(path, opts, category)
+        yield from _LINE_PARSERS[fmt](_lines(f, path, opts.max_row_bytes), rows, opts)
+    if rows.n:
+        yield rows.take()
+
+
 class ReviewDatasource(FileBasedDatasource):
-    """Streams review files line by line and parses them by format into `ROW_SCHEMA` rows."""
+    """Reads review files of every format into `ROW_SCHEMA` rows (`parse_file` per file)."""
 
     def __init__(
         self, paths: list[str], opts: ReadOptions, filesystem: pafs.FileSystem | None = None
@@ -537,68 +656,25 @@ class ReviewDatasource(FileBasedDatasource):
         super().__init__(paths, filesystem=filesystem)
         self.opts = opts
 
+    def _is_parquet(self, path: str) -> bool:
+        return self.opts.format == "parquet" or (
+            self.opts.format == "auto" and format_from_name(path) == "parquet"
+        )
+
     def _open_input_source(self, filesystem, path: str, **open_args):
         try:
+            if self._is_parquet(path):
+                return filesystem.open_input_file(path)  # Parquet needs random access (footer first)
             return super()._open_input_source(filesystem, path, **open_args)
         except OSError as e:
             raise DataError(f"{path}: cannot open: {e}") from e
 
     def _read_stream(self, f, path: str) -> Iterator[pa.Table]:
-        fmt = self.opts.format if self.opts.format != "auto" else format_from_name(path)
-        if fmt is None:
-            try:
-                head = f.read(1 << 16)
-            except (OSError, pa.ArrowException) as e:
-                raise DataError(f"{path}: cannot read (truncated or corrupt file?): {e}") from e
-            fmt, f = sniff_format(head), _Peeked(head, f)
-        if fmt == "parquet":
-            raise DataError(f"{path}: Parquet is read by read_parquet, not line by line")
-        rows = _Rows(path, self.opts)
-        yield from _PARSERS[fmt](f, path, self.opts, rows)
-        if rows.cols["row"]:
-            yield rows.take()
-
-
-# --- Parquet -------------------------------------------------------------------------------------------
-def _parquet_rows(batch: pa.Table, text_column: str) -> pa.Table:
-    n = batch.num_rows
-    names = set(batch.column_names)
-    col = lambda name: batch.column(name).to_pylist() if name in names else [None] * n  # noqa: E731
-    texts = col(
-        text_column if text_column in names else ("reviewText" if "reviewText" in names else "review_body")
-    )
-    titles = col("title") if "title" in names else col("summary")
-    keys = col("review_id") if "review_id" in names else [None] * n
-    if "reviewerID" in names:
-        keys = [f"{a}|{b}" for a, b in zip(col("reviewerID"), col("asin"))]
-    ratings = col("rating") if "rating" in names else col("overall")
-    paths = col("path")
-    out = {name: [] for name in ROW_SCHEMA.names}
-    for i in range(n):
-        t = texts[i]
-        reason = None
-        if t is None:
-            reason = "missing_text"
-        elif not isinstance(t, str):
-            reason = "bad_text_type"
-        elif not t.strip():
-            reason = "empty_text"
-        elif "\x00" in t:
-            reason = "nul_byte"
-        good = reason is None
-        out["text"].append(t if good else None)
-        out["title"].append(titles[i] if good and isinstance(titles[i], str) else None)
-        out["key"].append((str(keys[i]) if keys[i] else t) if good else None)
-        out["rating"].append(_to_float(ratings[i]) if good else None)
-        out["verified"].append(None)
-        out["source"].append(paths[i])
-        out["row"].append(0)
-        out["reason"].append(reason)
-    return pa.Table.from_pydict(out, schema=ROW_SCHEMA)
+        yield from parse_file(f, path, self.opts)
 
 
 def read_parquet(paths, **kwargs):
-    """ray.data.read_parquet through the v1 datasource (`ray_env.v1_parquet_reader`)."""
+    """ray.data.read_parquet through the v1 datasource (`ray_env.v1_parquet_reader`); for prepared dirs."""
     import ray
 
     from raylstm.ray_env import v1_parquet_reader
@@ -618,34 +694,16 @@ def read_reviews(sources: list[str], opts: ReadOptions, override_num_blocks: int
     import ray
 
     files = resolve_files(sources)
-    # One read per (filesystem, reader) pair: all local files share one LocalFileSystem.
-    groups: dict[tuple[Any, bool], tuple[pafs.FileSystem, list[str]]] = {}
+    # One read per filesystem: all local files share one LocalFileSystem.
+    groups: dict[Any, tuple[pafs.FileSystem, list[str]]] = {}
     for fs, path, _ in files:
-        is_parquet = (opts.format == "parquet") or (
-            opts.format == "auto" and format_from_name(path) == "parquet"
-        )
         fs_key = "local" if isinstance(fs, pafs.LocalFileSystem) else id(fs)
-        groups.setdefault((fs_key, is_parquet), (fs, []))[1].append(path)
-    datasets = []
-    for (_, is_parquet), (fs, paths) in groups.items():
-        if is_parquet:
-            ds = read_parquet(
-                paths, filesystem=fs, include_paths=True, override_num_blocks=override_num_blocks
-            )
-            ds = ds.map_batches(
-                _parquet_rows,
-                fn_kwargs={"text_column": opts.text_column},
-                batch_format="pyarrow",
-                batch_size=opts.rows_per_block,
-            )
-        else:
-            ds = ray.data.read_datasource(
-                ReviewDatasource(paths, opts, filesystem=fs), override_num_blocks=override_num_blocks
-            )
-        datasets.append(ds)
+        groups.setdefault(fs_key, (fs, []))[1].append(path)
+    datasets = [
+        ray.data.read_datasource(
+            ReviewDatasource(paths, opts, filesystem=fs), override_num_blocks=override_num_blocks
+        )
+        for fs, paths in groups.values()
+    ]
     ds = datasets[0] if len(datasets) == 1 else datasets[0].union(*datasets[1:])
-
-    def uri(fs: pafs.FileSystem, path: str) -> str:
-        return path if isinstance(fs, pafs.LocalFileSystem) else f"{fs.type_name}://{path}"
-
-    return ds, [{"path": uri(fs, p), "size": s, "source": p} for fs, p, s in files]
+    return ds, [{"path": storage.to_uri(fs, p), "size": s, "source": p} for fs, p, s in files]

@@ -13,11 +13,15 @@ environment (`ray job submit --runtime-env-json '{"env_vars": {...}}'`, see docs
 
 from __future__ import annotations
 
+import fnmatch
+import glob as globlib
+import hashlib
 import json
 import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +72,86 @@ def join(base: str | os.PathLike[str], *parts: str) -> str:
     for p in parts:
         out = f"{out}/{str(p).strip('/')}"
     return out
+
+
+COMPRESSION_SUFFIXES = (".gz", ".gzip", ".bz2", ".zst", ".zstd", ".lz4", ".br")
+_GLOB_CHARS = "*?["
+
+
+def extension(path: str | os.PathLike[str]) -> str:
+    """The lower-case extension under any compression suffix: "a/B.JSON.gz" -> ".json", "x.tsv" -> ".tsv"."""
+    name = str(path).rstrip("/").rsplit("/", 1)[-1].lower()
+    for suf in COMPRESSION_SUFFIXES:
+        if name.endswith(suf):
+            name = name[: -len(suf)]
+            break
+    return os.path.splitext(name)[1]
+
+
+def _hidden(name: str) -> bool:
+    return name.startswith(".") or name.startswith("_")
+
+
+def _walk(fs: pafs.FileSystem, root: str, keep: Callable[[str], bool]) -> list[tuple[str, int]]:
+    """Files under `root`, recursively, that `keep` accepts; hidden files and directories (".x", "_x")
+    left out."""
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    files = []
+    for i in infos:
+        rel = i.path[len(root) :].lstrip("/")
+        if i.type != pafs.FileType.File or any(_hidden(part) for part in rel.split("/")):
+            continue
+        if keep(i.path):
+            files.append((i.path, i.size))
+    return sorted(files)
+
+
+def expand(
+    source: str | os.PathLike[str], keep: Callable[[str], bool] = lambda p: True
+) -> list[tuple[pafs.FileSystem, str, int]]:
+    """(filesystem, path, size) of every file a source names: a file; a directory, walked recursively for
+    files `keep` accepts; or a glob (local or on object storage; a matching directory is walked too).
+    Sorted, for determinism. A missing file or directory raises FileNotFoundError; a glob may match none."""
+    src = str(source)
+    fs, path = resolve(src)
+    found: list[tuple[str, int]] = []
+    if any(ch in path for ch in _GLOB_CHARS):
+        if isinstance(fs, pafs.LocalFileSystem):
+            matches = sorted(globlib.glob(path, recursive=True))
+        else:
+            base = re.split(r"[*?\[]", path, maxsplit=1)[0].rsplit("/", 1)[0]
+            infos = fs.get_file_info(pafs.FileSelector(base, recursive=True))
+            matches = sorted(i.path for i in infos if fnmatch.fnmatch(i.path, path))
+        for m in matches:
+            info = fs.get_file_info(m)
+            if info.type == pafs.FileType.File:
+                found.append((m, info.size))
+            elif info.type == pafs.FileType.Directory:
+                found.extend(_walk(fs, m, keep))
+    else:
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.NotFound:
+            raise FileNotFoundError(f"review source not found: {src}")
+        if info.type == pafs.FileType.Directory:
+            found.extend(_walk(fs, path, keep))
+        else:
+            found.append((path, info.size))
+    return [(fs, p, s) for p, s in found]
+
+
+def sha256(path: str | os.PathLike[str]) -> str:
+    """sha256 of a file's stored bytes (a .gz is hashed as stored, not gunzipped), streamed; local or URI.
+    The one file hash of raylstm: checkpoints, prepare's manifest and downloads all use it."""
+    fs, p = resolve(path)
+    h = hashlib.sha256()
+    try:
+        # compression=None: pyarrow would otherwise gunzip .gz files ("detect") and hash the wrong bytes.
+        with fs.open_input_stream(p, compression=None) as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{path}: no such file") from e
+    return h.hexdigest()
 
 
 def exists(path: str | os.PathLike[str]) -> bool:

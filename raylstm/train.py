@@ -3,6 +3,7 @@
     train(cfg, storage, name)
       ensure_ray(address)                     join RAY_ADDRESS (ray job submit) or start a local Ray
       load_splits + window_dataset            Ray Data: text -> segments of windows of ids  (raylstm.data)
+      condition_vocab (model.conditions)      rating/category ids of a conditioned model, from the train split
       fit_windows(...)                        TorchTrainer(train_loop_per_worker) with DDP workers; val =
                                               the val reviews, each scored whole (seed mode: windows)
         RunLog callback (controller)          metrics.jsonl, samples.jsonl, best.json as training goes
@@ -33,6 +34,7 @@ from ray.train.torch import TorchTrainer
 
 from raylstm import storage as store
 from raylstm.checkpoint import BEST, load_checkpoint, write_best
+from raylstm.conditions import ConditionVocab
 from raylstm.config import Config
 from raylstm.ray_env import quiet_dataset
 from raylstm.sample import training_samples
@@ -171,17 +173,26 @@ def train(
     ray_init_kwargs: dict | None = None,
 ) -> TrainResult:
     """Train `cfg` on its data sources with Ray Train; returns where the run and its best checkpoint are."""
-    from raylstm.data import load_splits, window_dataset
+    from raylstm.data import condition_vocab, load_splits, window_dataset
     from raylstm.ray_env import ensure_ray
 
     if not ray.is_initialized():
         ensure_ray(address, **(ray_init_kwargs or {}))
-    splits = load_splits(cfg.data)
-    train_ds = window_dataset(splits.train, splits.vocab, cfg.data)
+    name = name or default_run_name(cfg)
+    storage_path, run_dir = resolve_storage(storage, name)
+    # Raw sources are prepared once into the run's own data/ (streamed, never held in the object store),
+    # where every node sees it when the storage is shared or s3://; a prepared dir is read as it is.
+    work_dir = (
+        store.join(storage_path, name, "data") if store.is_remote(storage_path) else str(run_dir / "data")
+    )
+    splits = load_splits(cfg.data, work_dir=work_dir)
+    conditions = condition_vocab(splits.train, cfg.model.conditions) if cfg.model.conditions else None
+    train_ds = window_dataset(splits.train, splits.vocab, cfg.data, conditions=conditions)
     if cfg.data.window_mode == "full":
-        val_ds = splits.val.select_columns(["text"])  # whole reviews, scored as `raylstm evaluate` does
+        # Whole reviews, scored as `raylstm evaluate` does (a conditioned model: with their conditions).
+        val_ds = splits.val.select_columns(["text", *(conditions.fields if conditions else ())])
     else:
-        val_ds = window_dataset(splits.val, splits.vocab, cfg.data)
+        val_ds = window_dataset(splits.val, splits.vocab, cfg.data, conditions=conditions)
     return fit_windows(
         cfg,
         splits.vocab,
@@ -190,6 +201,7 @@ def train(
         storage=storage,
         name=name,
         manifest=getattr(splits, "manifest", None),
+        conditions=conditions,
     )
 
 
@@ -201,13 +213,20 @@ def fit_windows(
     storage: str = "runs",
     name: str | None = None,
     manifest: dict | None = None,
+    conditions: ConditionVocab | None = None,
 ) -> TrainResult:
     """Run TorchTrainer on ready datasets and write the run's outputs.
 
     `train_ds` rows are {"ids": int32[width]} from `data.window_dataset`; `val_ds` rows are either reviews
     {"text": str} (each scored whole, from a zero state, every character with the review before it) or
-    windows {"ids"} (what seed mode validates on)."""
+    windows {"ids"} (what seed mode validates on). A conditioned model (model.conditions) needs its
+    `conditions` vocabulary, and rows that carry them ("cond"; the val reviews' rating/category)."""
     cfg.model.vocab_size = len(vocab)
+    if list(cfg.model.conditions) != (list(conditions.fields) if conditions else []):
+        raise ValueError(
+            f"model.conditions is {list(cfg.model.conditions)} but the condition vocabulary is {conditions!r}"
+        )
+    cfg.model.condition_sizes = conditions.sizes if conditions else []
     tcfg = cfg.train
     check_plan(cfg)
     name = name or default_run_name(cfg)
@@ -256,6 +275,7 @@ def fit_windows(
         train_loop_config={
             "config": cfg.to_dict(),
             "vocab": vocab.to_dict(),
+            "conditions": conditions.to_dict() if conditions else None,
             "total_steps": total_steps,
             "steps_per_epoch": steps_per_epoch,
             "val_kind": val_kind,

@@ -22,6 +22,10 @@ segments, and each of its windows is one optimizer step:
 
 Seed mode rows are the original's windows: x = ids[:, :-1], y = ids[:, -1] (one prediction per window).
 
+A conditioned model's rows also carry cond [B, n*T+1, F] (data.stream_condition_rows): each id's review's
+condition ids, cut into windows exactly as ids are; a window's x is read with cond[:, 1:], the
+conditions of the characters it predicts.
+
 The small pieces (LR schedule, optimizer, loss, evaluation, sampling, loss guard, train step) are plain
 functions of torch objects so tests and benchmarks use them without Ray.
 """
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -52,6 +57,7 @@ from raylstm.checkpoint import (
     load_training_state,
     save_checkpoint,
 )
+from raylstm.conditions import ConditionVocab
 from raylstm.config import Config, TrainConfig
 from raylstm.model import LSTMState, build_model, unwrap
 from raylstm.ray_env import MIN_REPORT_INTERVAL_S, console_print
@@ -115,19 +121,29 @@ def split_batch(ids: torch.Tensor, window_mode: str) -> tuple[torch.Tensor, torc
     return (x, ids[:, -1]) if window_mode == "seed" else (x, ids[:, 1:])
 
 
-def loss_sum_and_count(model: nn.Module, ids: torch.Tensor, window_mode: str) -> tuple[torch.Tensor, int]:
+def loss_sum_and_count(
+    model: nn.Module, ids: torch.Tensor, window_mode: str, cond: torch.Tensor | None = None
+) -> tuple[torch.Tensor, int]:
     """Summed cross-entropy (nats) and the number of predictions it covers, from a zero state."""
-    loss_sum, n, _ = window_loss(model, ids, window_mode, None)
+    loss_sum, n, _ = window_loss(model, ids, window_mode, None, cond)
     return loss_sum, n
 
 
 def window_loss(
-    model: nn.Module, ids: torch.Tensor, window_mode: str, state: LSTMState | None
+    model: nn.Module,
+    ids: torch.Tensor,
+    window_mode: str,
+    state: LSTMState | None,
+    cond: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, int, LSTMState]:
     """Summed cross-entropy (nats) of one window read from `state`, its prediction count, and the LSTM
-    state after the window (the state the next window of the same stream starts from)."""
+    state after the window (the state the next window of the same stream starts from). `cond` [B, T+1, F]:
+    the window's condition ids (a conditioned model), read beside the targets."""
     x, y = split_batch(ids, window_mode)
-    logits, state = model(x, state)
+    if cond is None:
+        logits, state = model(x, state)
+    else:
+        logits, state = model(x, state, cond[:, 1:])
     if window_mode == "seed":
         logits = logits[:, -1]
     logits = logits.reshape(-1, logits.shape[-1]).float()
@@ -142,7 +158,8 @@ def autocast_for(device: torch.device, precision: str):
 
 
 def segment_windows(segments: torch.Tensor, seq_len: int) -> Iterator[torch.Tensor]:
-    """[B, n*T+1] segment ids -> n consecutive windows [B, T+1]; window j+1 starts where window j's x ends."""
+    """[B, n*T+1] segment ids -> n consecutive windows [B, T+1]; window j+1 starts where window j's x ends.
+    (Condition ids [B, n*T+1, F] are cut the same way.)"""
     n = (segments.shape[1] - 1) // seq_len
     for j in range(n):
         yield segments[:, j * seq_len : (j + 1) * seq_len + 1]
@@ -156,6 +173,7 @@ def train_step(
     state: LSTMState | None,
     tcfg: TrainConfig,
     window_mode: str,
+    cond: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, int, LSTMState]:
     """One optimizer update on one window from `state`: (mean loss, predictions, state after the window).
 
@@ -163,7 +181,7 @@ def train_step(
     BPTT). The loss stays a tensor so the caller decides when to synchronise.
     """
     with autocast_for(ids.device, tcfg.precision):
-        loss_sum, n, state = window_loss(model, ids, window_mode, state)
+        loss_sum, n, state = window_loss(model, ids, window_mode, state, cond)
         loss = loss_sum / n
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -185,12 +203,15 @@ def evaluate(
     world_size: int = 1,
     max_batches: int = 0,
     vocab: CharVocab | None = None,
+    conditions: ConditionVocab | None = None,
 ) -> tuple[float, int]:
     """Mean validation loss (nats/char) and prediction count over ALL workers.
 
     A batch is either reviews {"text": [...]} (each scored whole from a zero state after "\\n", exactly as
     `raylstm evaluate` scores the test split: every character with the whole review before it; needs
-    `vocab`) or windows {"ids": [B, T+1]} (seed mode: the window the model was trained on).
+    `vocab`) or windows {"ids": [B, T+1]} (seed mode: the window the model was trained on). A conditioned
+    model (`conditions`) reads each review with its own rating/category (the batch's columns), each
+    window with its "cond".
     Every worker iterates the same (unsplit) validation set and computes every world_size-th batch, then
     the sums are all-reduced: the result is the loss on the whole set, identical on every rank and the
     same for 1 or N workers. `max_batches` caps the global number of batches (0 = all).
@@ -207,12 +228,16 @@ def evaluate(
         if i % world_size != rank:
             continue
         if "text" in batch:
-            bits, chars, _ = score_reviews(bare, vocab, [str(t) for t in batch["text"]], device=device)
+            cond = None if conditions is None else conditions.encode_rows(batch)
+            texts = [str(t) for t in batch["text"]]
+            bits, chars, _ = score_reviews(bare, vocab, texts, device=device, conditions=cond)
             total[0] += bits * LN2
             total[1] += chars
         else:
             with autocast_for(device, precision):
-                s, n = loss_sum_and_count(bare, batch["ids"].to(device, non_blocking=True), window_mode)
+                ids = batch["ids"].to(device, non_blocking=True)
+                cond = batch["cond"].to(device) if "cond" in batch else None
+                s, n = loss_sum_and_count(bare, ids, window_mode, cond)
             total[0] += s.double()
             total[1] += n
     if world_size > 1:
@@ -245,6 +270,7 @@ class Worker:
     rank: int
     world: int
     device: torch.device
+    conditions: ConditionVocab | None = None  # a conditioned model's condition vocabulary
 
     @classmethod
     def from_loop_config(cls, loop_config: dict[str, Any]) -> Worker:
@@ -258,6 +284,9 @@ class Worker:
         return cls(
             cfg=cfg,
             vocab=CharVocab.from_dict(loop_config["vocab"]),
+            conditions=ConditionVocab.from_dict(loop_config["conditions"])
+            if loop_config.get("conditions")
+            else None,
             total_steps=int(loop_config["total_steps"]),
             steps_per_epoch=loop_config.get("steps_per_epoch"),
             val_kind=loop_config.get("val_kind", "windows"),
@@ -308,16 +337,28 @@ class Position:
 
 
 def restore(
-    checkpoint: Any, vocab: CharVocab, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
+    checkpoint: Any,
+    vocab: CharVocab,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    conditions: ConditionVocab | None = None,
 ) -> LoadedCheckpoint:
     """Load a Ray checkpoint's weights, optimizer and scheduler state into the given objects (in place);
-    returns the loaded checkpoint (step, epoch, data_position). Refuses another vocabulary."""
+    returns the loaded checkpoint (step, epoch, data_position). Refuses another vocabulary (of
+    characters or of conditions)."""
     with checkpoint.as_directory() as d:
         loaded = load_checkpoint(d)
         if loaded.vocab != vocab:
             raise CheckpointError(
                 f"{d}: the run's checkpoint was trained with a different vocabulary than this data's; "
                 "use a new run name (or the same data) to continue"
+            )
+        theirs = loaded.conditions.fingerprint() if loaded.conditions else None
+        if theirs != (conditions.fingerprint() if conditions else None):
+            raise CheckpointError(
+                f"{d}: the run's checkpoint was trained with other conditions ({loaded.conditions}) than "
+                f"this run's ({conditions}); use a new run name to continue"
             )
         unwrap(model).load_state_dict(loaded.model.state_dict())
         state = load_training_state(d)
@@ -334,13 +375,19 @@ def resume(w: Worker, model: nn.Module, optimizer: torch.optim.Optimizer, schedu
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return None
-    loaded = restore(checkpoint, w.vocab, model, optimizer, scheduler)
+    loaded = restore(checkpoint, w.vocab, model, optimizer, scheduler, w.conditions)
     return Position.from_checkpoint(loaded.step, loaded.epoch, loaded.data_position, w)
 
 
-def epoch_windows(w: Worker, shard: Any, epoch: int, skip_steps: int) -> Iterator[tuple[torch.Tensor, bool]]:
-    """(window ids [B, T+1], starts_segment) for every optimizer step of one epoch, after skipping the
-    first `skip_steps` (a resume: the batches are read, not computed on, so the epoch keeps its length).
+Window = tuple[
+    torch.Tensor, torch.Tensor | None, bool
+]  # ids [B, T+1], cond [B, T+1, F] or None, starts_segment
+
+
+def epoch_windows(w: Worker, shard: Any, epoch: int, skip_steps: int) -> Iterator[Window]:
+    """(window ids [B, T+1], its condition ids or None, starts_segment) for every optimizer step of one
+    epoch, after skipping the first `skip_steps` (a resume: the batches are read, not computed on, so the
+    epoch keeps its length).
 
     With data.preserve_order the order is the same in every attempt: the shard's blocks are dispatched
     deterministically and the local shuffle is seeded by (seed, epoch, rank).
@@ -364,11 +411,19 @@ def epoch_windows(w: Worker, shard: Any, epoch: int, skip_steps: int) -> Iterato
         if seen + n <= skip_steps:
             seen += n
             continue
-        rows = batch["ids"]
-        windows = segment_windows(rows, dcfg.seq_len) if dcfg.window_mode == "full" else iter([rows])
-        for j, window in enumerate(windows):
+        rows, cond_rows = batch["ids"], batch.get("cond")
+        full = dcfg.window_mode == "full"
+        windows = segment_windows(rows, dcfg.seq_len) if full else iter([rows])
+        conds: Iterator[torch.Tensor | None] = (
+            itertools.repeat(None)
+            if cond_rows is None
+            else segment_windows(cond_rows, dcfg.seq_len)
+            if full
+            else iter([cond_rows])
+        )
+        for j, (window, cond) in enumerate(zip(windows, conds)):
             if seen >= skip_steps:
-                yield window, j == 0 or seen == skip_steps
+                yield window, cond, j == 0 or seen == skip_steps
             seen += 1
 
 
@@ -490,7 +545,7 @@ def evaluate_and_checkpoint(
         batches = val.iter_torch_batches(batch_size=tcfg.batch_size, dtypes=torch.long, device=w.device)
     val_loss, val_count = evaluate(
         model, batches, w.cfg.data.window_mode, w.device, tcfg.precision, w.rank, w.world,
-        tcfg.max_val_batches, w.vocab,
+        tcfg.max_val_batches, w.vocab, w.conditions,
     )  # fmt: skip
     metrics.update(val_loss=val_loss, val_bpc=val_loss / LN2, val_count=val_count)
     if w.rank == 0:
@@ -505,6 +560,7 @@ def evaluate_and_checkpoint(
                 w.cfg,
                 step=pos.step,
                 epoch=pos.epoch,
+                conditions=w.conditions,
                 metrics=metrics,
                 optimizer=optimizer,
                 scheduler=scheduler,
@@ -543,14 +599,14 @@ def _samples(w: Worker, model: nn.Module, step: int) -> tuple[str, int, dict[str
     return prime, seed, samples
 
 
-def training_windows(w: Worker, shard: Any, pos: Position) -> Iterator[tuple[torch.Tensor, bool]]:
+def training_windows(w: Worker, shard: Any, pos: Position) -> Iterator[Window]:
     """`epoch_windows` of one epoch after another until total_steps or train.epochs run out; moves
     `pos` to the next epoch between them."""
     while pos.step < w.total_steps and pos.epoch < w.cfg.train.epochs:
-        for window, starts_segment in epoch_windows(w, shard, pos.epoch, pos.steps_in_epoch):
+        for window in epoch_windows(w, shard, pos.epoch, pos.steps_in_epoch):
             if pos.step >= w.total_steps:
                 return
-            yield window, starts_segment
+            yield window
         if pos.step < w.total_steps:
             pos.epoch += 1
             pos.steps_in_epoch = 0
@@ -573,8 +629,8 @@ def interval_metrics(
 
 # --- the worker loop ------------------------------------------------------------------------------------
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """Ray Train entry point. `loop_config`: config (dict), vocab (dict), total_steps, steps_per_epoch,
-    val_kind."""
+    """Ray Train entry point. `loop_config`: config (dict), vocab (dict), conditions (dict or None),
+    total_steps, steps_per_epoch, val_kind."""
     import ray.train
     import ray.train.torch
 
@@ -605,12 +661,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     meter, state, checkpointed = IntervalMeter(), None, pos.step if restored else None
     model.train()
-    for window, starts_segment in training_windows(w, ray.train.get_dataset_shard("train"), pos):
+    for window, cond, starts_segment in training_windows(w, ray.train.get_dataset_shard("train"), pos):
         state = None if starts_segment else state
         if trace:
             trace.window(pos.step + 1, pos.epoch, window, reset=state is None)
         torch.manual_seed(step_seed(tcfg.seed, pos.step + 1, w.rank))
-        loss, preds, state = train_step(model, optimizer, scheduler, window, state, tcfg, mode)
+        loss, preds, state = train_step(model, optimizer, scheduler, window, state, tcfg, mode, cond)
         pos.step += 1
         pos.steps_in_epoch += 1
         want_report = pos.step % tcfg.log_every == 0 and meter.seconds() >= MIN_REPORT_INTERVAL_S

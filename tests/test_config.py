@@ -75,3 +75,15 @@ def test_shipped_presets_load():
         pytest.skip("no presets in configs/ yet")
     for p in presets:
         load_config(p)  # raises ConfigError naming the field on any typo
+
+
+def test_data_categories_table_from_file_and_override(tmp_path):
+    p = tmp_path / "c.toml"
+    p.write_text('[data.categories]\n"*Musical*" = "Musical Instruments"\n')
+    assert load_config(p).data.categories == {"*Musical*": "Musical Instruments"}
+    cfg = load_config(overrides=['data.categories={"*.tsv" = "Gift Card"}'])
+    assert cfg.data.categories == {"*.tsv": "Gift Card"}
+    with pytest.raises(ConfigError, match="data.categories must be a table"):
+        load_config(overrides=["data.categories=3"])
+    with pytest.raises(ConfigError, match="data.categories must be a string"):
+        load_config(overrides=['data.categories={"*" = 3}'])

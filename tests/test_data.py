@@ -123,3 +123,44 @@ def test_demo_corpus_is_the_default(ray_session):
     assert EOR in s.vocab and len(s.vocab) > 40
     text = s.train.take(1)[0]["text"]
     assert EOR not in text and s.vocab.decode(s.vocab.encode(text)) == text
+
+
+def test_dedupe_sorted_keeps_smallest_row_and_survives_hash_collisions():
+    import pyarrow as pa
+
+    from raylstm.data import dedupe_sorted
+
+    rows = [  # (text, hash, key, source, row): "x" and "y" collide on hash 7
+        ("x", 7, "k3", "f", 1),
+        ("y", 7, "k1", "f", 2),
+        ("x", 7, "k2", "f", 3),
+        ("y", 7, "k4", "f", 4),
+        ("z", 9, "k9", "g", 1),
+        ("z", 9, "k9", "f", 5),
+        ("w", 1, "k0", "f", 6),
+    ]
+    table = pa.table(
+        {
+            "text": [r[0] for r in rows],
+            "hash": pa.array([r[1] for r in rows], pa.uint64()),
+            "key": [r[2] for r in rows],
+            "source": [r[3] for r in rows],
+            "row": pa.array([r[4] for r in rows], pa.int64()),
+        }
+    )
+    for order in (list(range(7)), list(range(6, -1, -1))):
+        got = dedupe_sorted(table.take(pa.array(order)))
+        kept = sorted(zip(*(got.column(c).to_pylist() for c in ("text", "key", "source"))))
+        # one row per distinct text, the smallest (key, source, row) of each, collisions kept apart
+        assert kept == [("w", "k0", "f"), ("x", "k2", "f"), ("y", "k1", "f"), ("z", "k9", "f")]
+
+
+def test_plan_groups_cover_every_bucket_once():
+    from raylstm.data import plan_groups
+
+    sizes = np.zeros(4096, np.int64)
+    sizes[[3, 10, 11, 500, 4095]] = [5, 100, 1, 50, 60]
+    groups = plan_groups(sizes, target=80)
+    assert sum(int(sizes[lo:hi].sum()) for lo, hi in groups) == sizes.sum()
+    assert all(b[0] >= a[1] for a, b in zip(groups, groups[1:]))  # disjoint, in order
+    assert len(groups) == 3 and plan_groups(np.zeros(4096, np.int64), 80) == []

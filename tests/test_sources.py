@@ -352,3 +352,182 @@ def test_s3_sources_and_prepared_dir_on_s3(tmp_path):
     files = {f["path"]: f for f in got["files"]}
     assert set(files) == {f"s3://{bucket}/reviews/a.json.gz", f"s3://{bucket}/reviews/b.tsv"}
     assert files[f"s3://{bucket}/reviews/b.tsv"]["sha256"] == hashlib.sha256(tsv_bytes).hexdigest()
+
+
+# --- the same reviews in every container and layout: same keys, splits, ratings, verified -------------
+REVIEWS = [  # (id, text, rating, verified, category)
+    ("R1", "A sturdy stand that holds my guitar well.", 5, True, "Musical Instruments"),
+    ("R2", "The strings went dead after a week of play.", 2, False, "Musical Instruments"),
+    ("R3", "Fine cable, a little stiff when it is cold.", 4, True, "Musical Instruments"),
+    ("R4", "Tuner clips on and reads fast and true.", 5, False, "Musical Instruments"),
+]
+LAYOUT_RECORDS = {
+    # layout -> one review as that layout's typed record (as JSON lines and Parquet hold it)
+    "tsv": lambda i, t, r, v, c: {
+        "marketplace": "US",
+        "customer_id": f"C{i}",
+        "review_id": i,
+        "product_id": "P1",
+        "product_category": c,
+        "star_rating": r,
+        "verified_purchase": "Y" if v else "N",
+        "review_headline": "head",
+        "review_body": t,
+    },
+    "json2014": lambda i, t, r, v, c: {
+        "reviewerID": i,
+        "asin": "B001",
+        "reviewText": t,
+        "overall": float(r),
+        "summary": "head",
+        "verified": v,
+        "category": c,
+    },
+    "json2023": lambda i, t, r, v, c: {
+        "rating": float(r),
+        "title": "head",
+        "text": t,
+        "asin": "B001",
+        "parent_asin": "B001",
+        "user_id": i,
+        "timestamp": 1588687728923,
+        "verified_purchase": v,
+        "main_category": c,
+    },
+}
+
+
+def _as_string(v) -> str:
+    return ("True" if v else "False") if isinstance(v, bool) else str(v)
+
+
+def write_all_containers(root, layout: str) -> None:
+    import csv
+
+    recs = [LAYOUT_RECORDS[layout](*r) for r in REVIEWS]
+    cols = list(recs[0])
+    d = root / layout
+    d.mkdir()
+    (d / "r.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    (d / "r.tsv").write_text(
+        "\n".join(["\t".join(cols)] + ["\t".join(_as_string(r[c]) for c in cols) for r in recs]) + "\n"
+    )
+    with open(d / "r.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(cols)
+        w.writerows([[_as_string(r[c]) for c in cols] for r in recs])
+    pq.write_table(pa.Table.from_pylist(recs), d / "r.parquet")
+
+
+def test_same_reviews_from_every_container_and_layout_agree(ray_session, tmp_path):
+    for layout in LAYOUT_RECORDS:
+        write_all_containers(tmp_path, layout)
+    s = load_splits(cfg([tmp_path]))
+    assert s.manifest["rows"]["records"] == 4 * 4 * 3 and s.manifest["skipped"] == {}
+    got: dict[tuple[str, str], list] = {}
+    for split in ("train", "val", "test"):
+        for r in getattr(s, split).take_all():
+            layout, container = r["source"].rsplit("/", 2)[-2], r["source"].rsplit(".", 1)[-1]
+            got.setdefault((layout, container), []).append(
+                (r["text"], r["key"], split, r["rating"], r["verified"], r["category"])
+            )
+    assert len(got) == 12
+    for layout in LAYOUT_RECORDS:
+        want = sorted(got[(layout, "jsonl")])
+        for container in ("tsv", "csv", "parquet"):
+            assert sorted(got[(layout, container)]) == want, (layout, container)
+    # the keys each layout names (so the split follows the review, not the file it came in)
+    keys = {layout: sorted(x[1] for x in got[(layout, "parquet")]) for layout in LAYOUT_RECORDS}
+    assert keys == {
+        "tsv": ["R1", "R2", "R3", "R4"],
+        "json2014": [f"R{i}|B001" for i in range(1, 5)],
+        "json2023": [f"R{i}|B001|1588687728923" for i in range(1, 5)],
+    }
+    by_text = {x[0]: x for x in got[("json2023", "csv")]}
+    for _, text, rating, verified, category in REVIEWS:
+        assert by_text[text][3:] == (float(rating), verified, category)
+
+
+# --- every kind of bad record, end to end through Ray: the manifest's accounting -----------------------
+def test_kinds_end_to_end_accounting_and_prepared_columns(ray_session, tmp_path):
+    from raylstm.prepare import prepare
+
+    d = tmp_path / "kinds"
+    (d / "books").mkdir(parents=True)
+    bom = b"\xef\xbb\xbf"
+    good = lambda i: json.dumps({"text": f"good json review {i}", "rating": 4, "user_id": f"U{i}"}).encode()  # noqa: E731
+    (d / "a.jsonl").write_bytes(
+        bom
+        + b"\r\n".join(
+            [
+                good(1),
+                b'{"text": "lone \\ud800", "rating": 1, "user_id": "S"}',
+                b'{"text": "t", "title": "lone \\udc00", "rating": 1, "user_id": "S2"}',
+                b"[" * 5000 + b"]" * 5000,
+                b'{"a": ' * 5000 + b"1" + b"}" * 5000,
+                good(2),
+            ]
+        )
+    )
+    (d / "books" / "x.review").write_text(
+        "<review>\n<unique_id>\nb1\n</unique_id>\n<review_text>\ngood blitzer review\n</review_text>\n</review>\n"
+        "<review>\n<unique_id>\nb2\n</unique_id>\n<review_text>\nnever closed\n"
+    )
+    (d / "k.csv").write_bytes(
+        bom
+        + b'reviewerID,asin,reviewText,overall\r\nA1,B,"good csv review",5.0\r\nA2,B,"unterminated,1.0\r\n'
+    )
+    s = load_splits(cfg([d], categories={"*.jsonl": "From Config"}))
+    m = s.manifest
+    assert m["skipped"] == {"invalid_text": 2, "invalid_json": 2, "unclosed_record": 1, "csv_error": 1}
+    assert m["rows"]["records"] == 10 == m["rows"]["kept"] + sum(m["skipped"].values())
+    assert sorted(all_texts(s)) == sorted(
+        ["good json review 1", "good json review 2", "good blitzer review", "good csv review"]
+    )
+    out = tmp_path / "prepared"
+    prepare(cfg([d], categories={"*.jsonl": "From Config"}), out)
+    back = load_splits(DataConfig(sources=[str(out)]))
+    rows = [r for ds in (back.train, back.val, back.test) for r in ds.take_all()]
+    assert {
+        r["text"]: (r["category"], r["source"].rsplit("/", 1)[-1], r["rating"], r["verified"]) for r in rows
+    } == {
+        "good json review 1": ("From Config", "a.jsonl", 4.0, None),
+        "good json review 2": ("From Config", "a.jsonl", 4.0, None),
+        "good blitzer review": ("books", "x.review", None, None),
+        "good csv review": (None, "k.csv", 5.0, None),
+    }
+
+
+def test_random_junk_among_good_lines_end_to_end(ray_session, tmp_path):
+    """The property test's input, once through Ray and the manifest: seeded random bytes and JSON values
+    as lines among good ones; every line is one record, every good row survives cleaning and the split."""
+    import random
+
+    rnd = random.Random(10)
+
+    def junk() -> bytes:
+        kind = rnd.randrange(4)
+        if kind == 0:
+            return rnd.randbytes(rnd.randrange(1, 80)).replace(b"\n", b"")
+        if kind == 1:
+            depth = rnd.randrange(1, 3000)
+            return (b"[" if rnd.random() < 0.5 else b'{"a": ') * depth
+        value = rnd.choice([None, 1e308, -(2**70), "\ud800", "x\udfffy", [1, {"t": "\ud83d"}], "ok"])
+        rec = {"text": value, "rating": rnd.choice([1, "5", float("nan"), 10**30]), "user_id": "J"}
+        return json.dumps(rec).encode()
+
+    good = [
+        json.dumps({"text": f"good review number {i} kept", "rating": 3, "user_id": f"G{i}"}).encode()
+        for i in range(20)
+    ]
+    lines = good + [junk() for _ in range(200)]
+    rnd.shuffle(lines)
+    data = b"\xef\xbb\xbf" + b"\n".join(lines) + b"\n"
+    p = tmp_path / "junk.jsonl"
+    p.write_bytes(data)
+    s = load_splits(cfg([p]))
+    m = s.manifest
+    expected = sum(1 for line in data[3:].split(b"\n") if line.strip())
+    assert m["rows"]["records"] == expected == m["rows"]["kept"] + sum(m["skipped"].values())
+    kept = all_texts(s)
+    assert all(f"good review number {i} kept" in kept for i in range(20))

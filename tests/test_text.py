@@ -76,3 +76,76 @@ def test_clean_is_idempotent_and_never_leaves_a_newline(raw, lower, ascii_only):
     assert clean_text(once, lowercase=lower, ascii_only=ascii_only) == once
     if ascii_only:
         assert once.isascii()
+
+
+# --- clean_column: the vectorised path must equal clean_text row for row --------------------------------
+_PIECES = [
+    "plain words",
+    " ",
+    "  ",
+    "\t",
+    "\n",
+    "\r\n",
+    "\x0b",
+    "\x0c",
+    "\x1c",
+    "\x1f",
+    "\x00",
+    "\x07",
+    "\x7f",
+    "&amp;",
+    "&#34;",
+    "&amp;#34;",
+    "&amp;amp;lt;",
+    "AT&T",
+    "&",
+    "&lt;br /&gt;",
+    "<br />",
+    "<br/>",
+    "<BR>",
+    "<p class='x\ny'>",
+    "</div>",
+    "<",
+    ">",
+    "<<b>>",
+    "a < b",
+    "<3",
+    "café",
+    "\u00a0",
+    "\u200b",
+    "\ufeff",
+    "ｆｕｌｌ",
+    "＆amp;",
+    "\u2019",
+    "\u2026",
+    "ﬁ",
+    "Ünïcödé",
+    "E\u0301",
+    "😀",
+    ".",
+    "Great!",
+]
+
+
+@pytest.mark.parametrize(
+    "lowercase, ascii_only", [(False, False), (True, False), (False, True), (True, True)]
+)
+def test_clean_column_equals_clean_text(lowercase, ascii_only):
+    import pyarrow as pa
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from raylstm.text import clean_column
+
+    texts = st.lists(st.sampled_from(_PIECES) | st.text(max_size=6), max_size=12).map("".join)
+
+    @settings(max_examples=80, deadline=None)
+    @given(st.lists(texts, min_size=1, max_size=40))
+    def check(batch):
+        want = [clean_text(t, lowercase, ascii_only) for t in batch]
+        assert clean_column(pa.array(batch, pa.string()), lowercase, ascii_only).to_pylist() == want
+        # a slice (a non-zero offset into the buffers) and large_string take the same path
+        sliced = pa.array(["&x<", *batch], pa.large_string()).slice(1)
+        assert clean_column(sliced, lowercase, ascii_only).to_pylist() == want
+
+    check()

@@ -1,0 +1,274 @@
+"""The figures of bench.conditioning from its two runs (see that module): held-out rating and category by
+Bayes' rule beside the majority class and TF-IDF + LR, conditioned samples judged by an independent
+classifier, the sentiment probe and unit, steering. Writes conditioning/figures.json."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.conditioning import AMAZON, CONFIG, ROOT, RUNS, out_paths
+
+SAMPLES_PER_RATING = 200
+SAMPLE_TEMPERATURE = 0.8  # documented beside the figure: lower is more on-message, higher more varied
+SAMPLE_CHARS = 400
+SHOW_CATEGORY = "Musical Instruments"
+
+
+def split_rows_with_conditions(ds: Any) -> list[tuple[str, str | None, str | None]]:
+    """(text, rating "1".."5" or None, category) of a split, in key order."""
+    from raylstm.conditions import rating_value
+    from raylstm.evaluate import split_rows
+
+    return [(r[1], rating_value(r[3]), r[4]) for r in split_rows(ds, ("rating", "category"))]
+
+
+def conditioned_samples(sampler: Any, rating: int, categories: list[str], n: int, seed: int) -> list[str]:
+    """n reviews at `rating`, the categories taken in turn; each from "\\n" (a review's start) to its "\\n"."""
+    from raylstm.sample import SampleParams
+
+    prompts, params = [], []
+    for i in range(n):
+        cond = {"rating": rating, "category": categories[i % len(categories)]}
+        params.append(
+            SampleParams(
+                temperature=SAMPLE_TEMPERATURE, max_chars=SAMPLE_CHARS, stop=("\n",), seed=seed + i,
+                conditions=cond,
+            )
+        )  # fmt: skip
+        prompts.append("\n")
+    return [g[0].text for g in sampler.generate(prompts, params)]
+
+
+def steered_samples(sampler: Any, strength: float, n: int, seed: int) -> list[str]:
+    from raylstm.sample import SampleParams
+
+    params = [
+        SampleParams(
+            temperature=SAMPLE_TEMPERATURE, max_chars=SAMPLE_CHARS, stop=("\n",), seed=seed + i,
+            steer_sentiment=strength,
+        )
+        for i in range(n)
+    ]  # fmt: skip
+    return [g[0].text for g in sampler.generate(["\n"] * n, params)]
+
+
+def sampler_takes_conditions() -> bool:
+    """Whether this tree's sampler takes conditions and steering (the serving rewrite lands them)."""
+    from raylstm.sample import SampleParams
+
+    return {"conditions", "steer_sentiment"} <= set(SampleParams.__dataclass_fields__)
+
+
+def probe_figures(figures: dict[str, Any], plain_ckpt: Any, cond_ckpt: Any, base: Path, quick: bool) -> None:
+    """The probe and the sentiment unit, on both models (each read without conditions)."""
+    from raylstm.classify import labelled_sets, sentiment_report
+
+    sets = labelled_sets(AMAZON, plain_ckpt.config.data)
+    if quick:
+        for s in sets:
+            s.train_texts, s.train_labels = s.train_texts[::8], s.train_labels[::8]
+    figures["probe"] = {}
+    for name, ckpt in (("unconditioned", plain_ckpt), ("conditioned", cond_ckpt)):
+        report, unit = sentiment_report(ckpt, sets)
+        figures["probe"][name] = report
+        report["unit_file"] = str(unit.save(base / f"sentiment-unit-{name}.json"))
+
+
+def eval_stage(out_dir: Path, quick: bool = False) -> dict[str, Any]:
+    import torch
+
+    from raylstm.checkpoint import load_checkpoint
+    from raylstm.classify import (
+        binary_of,
+        heldout_category_report,
+        heldout_rating_report,
+        tfidf_classifier,
+    )
+    from raylstm.data import load_splits
+    from raylstm.ray_env import ensure_ray
+    from raylstm.sample import Sampler
+
+    torch.set_num_threads(2)
+    base, _ = out_paths(out_dir)
+    runs = {name: json.loads((base / f"run-{name}.json").read_text()) for name in RUNS}
+    t0 = time.perf_counter()
+    ensure_ray(num_cpus=4, include_dashboard=False)
+    cond_ckpt = load_checkpoint(runs["conditioned"]["run_dir"])
+    plain_ckpt = load_checkpoint(runs["unconditioned"]["run_dir"])
+    splits = load_splits(cond_ckpt.config.data)
+    train = split_rows_with_conditions(splits.train)
+    test = split_rows_with_conditions(splits.test)
+    if quick:
+        test = test[::10]
+    figures: dict[str, Any] = {"runs": runs}
+
+    rated_train = [r for r in train if r[1]]
+    rated_test = [r for r in test if r[1]]
+    figures["rating"] = heldout_rating_report(cond_ckpt, rated_train, rated_test)
+    figures["category"] = heldout_category_report(cond_ckpt, train, test)
+    figures["classify_s"] = time.perf_counter() - t0
+
+    # The independent judge: TF-IDF + LR, positive (4-5) vs negative (1-2), fit on real training reviews.
+    judged = [(t, binary_of(r)) for t, r, _ in rated_train if binary_of(r)]
+    judge = tfidf_classifier([t for t, _ in judged], [b for _, b in judged], balanced=True)
+    probe_figures(figures, plain_ckpt, cond_ckpt, base, quick)
+    if not sampler_takes_conditions():
+        figures["eval_s"] = time.perf_counter() - t0
+        (base / "figures.json").write_text(json.dumps(figures, indent=2))
+        return figures
+    sampler = Sampler.load(cond_ckpt)
+    categories = list(cond_ckpt.conditions.values["category"])
+    n = 20 if quick else SAMPLES_PER_RATING
+    judged_samples = {}
+    for rating, want in ((1, "negative"), (5, "positive")):
+        texts = conditioned_samples(sampler, rating, categories, n, seed=1000 * rating)
+        verdict = judge.predict(texts).tolist()
+        judged_samples[str(rating)] = {
+            "n": n,
+            "share_as_conditioned": sum(v == want for v in verdict) / n,
+            "want": want,
+            "mean_chars": sum(map(len, texts)) / n,
+            "first": texts[:3],
+        }
+    figures["samples_judged"] = {
+        "temperature": SAMPLE_TEMPERATURE,
+        "max_chars": SAMPLE_CHARS,
+        "categories": categories,
+        "judge_train_reviews": len(judged),
+        "by_rating": judged_samples,
+    }
+    figures["shown_samples"] = {
+        str(r): conditioned_samples(sampler, r, [SHOW_CATEGORY], 3, seed=77) for r in (1, 3, 5)
+    }
+
+    steer = Sampler.load(plain_ckpt, sentiment_unit=base / "sentiment-unit-unconditioned.json")
+    figures["steering"] = {}
+    for strength, want in ((1.0, "positive"), (-1.0, "negative")):
+        texts = steered_samples(steer, strength, 10 if quick else 100, seed=5000)
+        verdict = judge.predict(texts).tolist()
+        figures["steering"][f"{strength:+g}"] = {
+            "n": len(texts),
+            "share": sum(v == want for v in verdict) / len(texts),
+            "want": want,
+            "first": texts[:2],
+        }
+    unsteered = steered_samples(steer, 0.0, 10 if quick else 100, seed=5000)
+    figures["steering"]["none"] = {
+        "n": len(unsteered),
+        "share_positive": sum(v == "positive" for v in judge.predict(unsteered).tolist()) / len(unsteered),
+    }
+    figures["eval_s"] = time.perf_counter() - t0
+    (base / "figures.json").write_text(json.dumps(figures, indent=2))
+    return figures
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def to_markdown(f: dict[str, Any], command: str) -> str:
+    runs = f["runs"]
+    c, u = runs["conditioned"], runs["unconditioned"]
+    sj = f.get("samples_judged")
+    lines = [
+        "## Conditioning: a review of a given rating and category, and the rating read back",
+        "",
+        f"`{Path(CONFIG).relative_to(ROOT)}` on the Musical Instruments reviews + the 8 Blitzer files "
+        f'(their ratings; the Blitzer domains and "Musical Instruments" as categories); the same preset '
+        f"with `--set model.conditions=[]` for the unconditioned model. Wall time per run: process start "
+        f"(Ray, prepare) to the end of `train()`, 2 cores.",
+        "",
+        "| model | steps | wall | best val bpc | held-out (test) bpc |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, r in (("conditioned (rating, category)", c), ("unconditioned", u)):
+        lines.append(
+            f"| {name} | {r['steps']:,} | {r['wall_s'] / 60:.1f} min | {r['best_val_bpc']:.4f} | "
+            f"{r['test_bpc']:.4f} |"
+        )
+    d = c["test_bpc"] - u["test_bpc"]
+    lines += [
+        "",
+        f"Held-out bpc difference (conditioned - unconditioned): **{d:+.4f}** on {c['test_chars']:,} "
+        f"chars of {c['test_reviews']:,} test reviews (the conditioned model reads each with its own rating "
+        f"and category; target: no worse than +0.02).",
+    ]
+    if sj:
+        lines += [
+            "",
+            f"### Generated reviews obey the condition ({sj['by_rating']['1']['n']} per rating, T = "
+            f"{sj['temperature']}, one review each, categories in turn)",
+            "",
+            f"Judge: TF-IDF (word 1-2-grams) + logistic regression, class-balanced, fit on the "
+            f"{sj['judge_train_reviews']:,} real training reviews rated 1-2 or 4-5 (none generated).",
+            "",
+            "| condition | judged as conditioned | mean length |",
+            "|---|---:|---:|",
+        ]
+        for r, s in sj["by_rating"].items():
+            lines.append(
+                f"| {r} star(s) -> {s['want']} | **{_pct(s['share_as_conditioned'])}** | "
+                f"{s['mean_chars']:.0f} chars |"
+            )
+    else:
+        lines += ["", "Conditioned samples: not measured (this tree's sampler takes no conditions yet)."]
+    lines += ["", "### Held-out rating by Bayes' rule (the review's category known)", ""]
+    for key, title in (("five_way", "5-way (1-5 stars)"), ("binary", "positive (4-5) vs negative (1-2)")):
+        rr = f["rating"][key]
+        lines += [
+            f"{title}, {rr['bayes']['n']:,} test reviews:",
+            "",
+            "| method | accuracy | macro-F1 |",
+            "|---|---:|---:|",
+            f"| Bayes' rule on the conditioned model | **{_pct(rr['bayes']['accuracy'])}** | **{rr['bayes']['macro_f1']:.3f}** |",
+            f"| majority class ({rr['majority']['class']}) | {_pct(rr['majority']['accuracy'])} | {rr['majority']['macro_f1']:.3f} |",
+            f"| TF-IDF + LR (training split) | {_pct(rr['tfidf_lr']['accuracy'])} | {rr['tfidf_lr']['macro_f1']:.3f} |",
+            "",
+        ]
+    cat = f["category"]
+    lines += [
+        f"Category by Bayes' rule (summed over ratings), {cat['bayes']['n']:,} test reviews: accuracy "
+        f"**{_pct(cat['bayes']['accuracy'])}**, macro-F1 {cat['bayes']['macro_f1']:.3f} (majority "
+        f'"{cat["majority"]["class"]}": {_pct(cat["majority"]["accuracy"])}). Classification time '
+        f"(rating + category): {f['classify_s']:.0f} s.",
+        "",
+        "### Sentiment probe and unit (Radford et al.), on held-out labels",
+        "",
+        "Linear probe: standardised [h ; c] of the top layer after the review -> logistic regression (C by "
+        "3-fold CV on the training part). Unit: the single feature with the best threshold on the Blitzer "
+        "training part, applied as is to both sets.",
+        "",
+        "| model | set | train / test | probe | single unit | TF-IDF + LR |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for model, rep in f["probe"].items():
+        for name, s in rep["sets"].items():
+            lines.append(
+                f"| {model} | {name} | {s['train']:,} / {s['test']:,} | **{_pct(s['probe_accuracy'])}** | "
+                f"{_pct(s['unit_accuracy'])} | {_pct(s['tfidf_accuracy'])} |"
+            )
+    unit = f["probe"]["unconditioned"]["unit"]
+    st = f.get("steering")
+    lines += [
+        "",
+        f"The unconditioned model's sentiment unit: {unit['state']}[{unit['unit']}] of layer {unit['layer']} "
+        f"(positive mean {unit['positive_mean']:.3f}, negative {unit['negative_mean']:.3f}).",
+    ]
+    if st:
+        lines[-1] += (
+            f" Steering it (`raylstm sample --steer-sentiment +1/-1`), {st['+1']['n']} samples each, same "
+            f"judge: +1 -> positive {_pct(st['+1']['share'])}, -1 -> negative {_pct(st['-1']['share'])}; "
+            f"unsteered: {_pct(st['none']['share_positive'])} positive."
+        )
+    if f.get("shown_samples"):
+        lines += ["", f"### Samples ({SHOW_CATEGORY}, T = {SAMPLE_TEMPERATURE})", ""]
+    for r, texts in f.get("shown_samples", {}).items():
+        lines.append(f"{r} star(s):")
+        lines.append("")
+        lines += [f"> {t}" for t in texts]
+        lines.append("")
+    lines += [f"Rerun: `{command}` (the runs, then the figures: `--stage train`, `--stage eval`).", ""]
+    return "\n".join(lines)
