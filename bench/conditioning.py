@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 AMAZON = ROOT.parent / "shared" / "data" / "amazon"
 MI_CSV = AMAZON / "Musical_instruments_reviews.csv.gz"
 CONFIG = ROOT / "configs" / "cpu-conditioned.toml"
-SHARED_QUALITY = ROOT.parent / "runs-shared" / "quality"  # the team's cpu-quality run (bench.quality)
+SHARED_QUALITY = ROOT.parent / "runs-shared" / "quality"  # bench.quality --out here: the team's quality run
 RUNS = {"conditioned": [], "unconditioned": ["model.conditions=[]"]}
 QUICK = ["train.max_steps=64", "train.eval_every=32", "train.warmup_steps=5", "train.sample_chars=50"]
 BUDGET_S = 20 * 60
@@ -137,7 +137,13 @@ def train_stage(
 
 
 def default_unconditioned() -> Path | None:
-    return SHARED_QUALITY if (SHARED_QUALITY / "best.json").exists() else None
+    """The newest full (not --quick) run under ../runs-shared/quality that reached a best checkpoint."""
+    runs = sorted(
+        (d for d in (SHARED_QUALITY / "runs").glob("quality-*") if not d.name.endswith("-quick")),
+        key=lambda d: d.name,
+    )
+    done = [d for d in runs if (d / "best.json").exists()]
+    return done[-1] if done else None
 
 
 # --- stage 2: the figures -----------------------------------------------------------------------------
@@ -173,7 +179,8 @@ def main() -> None:
     if args.stage in ("all", "eval"):
         from bench.conditioning_eval import eval_stage, to_markdown
 
-        md = to_markdown(eval_stage(out, args.quick), "python -m bench.conditioning")
+        plain = None if args.unconditioned in (None, "train") else Path(args.unconditioned)
+        md = to_markdown(eval_stage(out, args.quick, plain), "python -m bench.conditioning")
         base, _ = out_paths(out)
         (base / "conditioning.md").write_text(md)
         print(md)
