@@ -80,7 +80,7 @@ def conditioned_samples(sampler: Any, rating: int, categories: list[str], n: int
     return [g[0].text for g in sampler.generate(prompts, params)]
 
 
-def steered_samples(sampler: Any, strength: float, n: int, seed: int) -> list[str]:
+def steered_samples(sampler: Any, strength: float | None, n: int, seed: int) -> list[str]:
     from raylstm.sample import SampleParams
 
     params = [
@@ -214,7 +214,7 @@ def eval_stage(out_dir: Path, quick: bool = False, unconditioned: Path | None = 
             "want": want,
             "first": texts[:2],
         }
-    unsteered = steered_samples(steer, 0.0, 10 if quick else 100, seed=5000)
+    unsteered = steered_samples(steer, None, 10 if quick else 100, seed=5000)
     figures["steering"]["none"] = {
         "n": len(unsteered),
         "share_positive": sum(v == "positive" for v in judge.predict(unsteered).tolist()) / len(unsteered),
