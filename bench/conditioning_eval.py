@@ -13,6 +13,7 @@ from bench.conditioning import AMAZON, CONFIG, MI_CSV, ROOT, RUNS, out_paths
 
 SAMPLES_PER_RATING = 200
 SAMPLE_TEMPERATURE = 0.8  # documented beside the figure: lower is more on-message, higher more varied
+ALSO_TEMPERATURE = 0.5  # the same count again at a lower temperature, reported beside it
 SAMPLE_CHARS = 400
 SHOW_CATEGORY = "Musical Instruments"
 MAX_CATEGORY_REVIEWS = (
@@ -63,7 +64,14 @@ def split_rows_with_conditions(ds: Any) -> list[tuple[str, str | None, str | Non
     return [(r[1], rating_value(r[3]), r[4]) for r in split_rows(ds, ("rating", "category"))]
 
 
-def conditioned_samples(sampler: Any, rating: int, categories: list[str], n: int, seed: int) -> list[str]:
+def conditioned_samples(
+    sampler: Any,
+    rating: int,
+    categories: list[str],
+    n: int,
+    seed: int,
+    temperature: float = SAMPLE_TEMPERATURE,
+) -> list[str]:
     """n reviews at `rating`, the categories taken in turn; each from "\\n" (a review's start) to its "\\n"."""
     from raylstm.sample import SampleParams
 
@@ -72,7 +80,7 @@ def conditioned_samples(sampler: Any, rating: int, categories: list[str], n: int
         cond = {"rating": rating, "category": categories[i % len(categories)]}
         params.append(
             SampleParams(
-                temperature=SAMPLE_TEMPERATURE, max_chars=SAMPLE_CHARS, stop=("\n",), seed=seed + i,
+                temperature=temperature, max_chars=SAMPLE_CHARS, stop=("\n",), seed=seed + i,
                 conditions=cond,
             )
         )  # fmt: skip
@@ -118,6 +126,7 @@ def probe_figures(figures: dict[str, Any], plain_ckpt: Any, cond_ckpt: Any, base
 def eval_stage(out_dir: Path, quick: bool = False, unconditioned: Path | None = None) -> dict[str, Any]:
     """The figures from run-conditioned.json and run-unconditioned.json in `out_dir`; a missing
     unconditioned one is the run dir `unconditioned` (default: the shared quality run)."""
+    import numpy as np
     import torch
 
     from raylstm.checkpoint import load_checkpoint
@@ -181,23 +190,37 @@ def eval_stage(out_dir: Path, quick: bool = False, unconditioned: Path | None = 
     sampler = Sampler.load(cond_ckpt)
     categories = list(cond_ckpt.conditions.values["category"])
     n = 20 if quick else SAMPLES_PER_RATING
-    judged_samples = {}
-    for rating, want in ((1, "negative"), (5, "positive")):
-        texts = conditioned_samples(sampler, rating, categories, n, seed=1000 * rating)
-        verdict = judge.predict(texts).tolist()
-        judged_samples[str(rating)] = {
-            "n": n,
-            "share_as_conditioned": sum(v == want for v in verdict) / n,
-            "want": want,
-            "mean_chars": sum(map(len, texts)) / n,
-            "first": texts[:3],
-        }
+
+    def judged_at(temperature: float) -> dict[str, Any]:
+        out = {}
+        for rating, want in ((1, "negative"), (5, "positive")):
+            texts = conditioned_samples(sampler, rating, categories, n, 1000 * rating, temperature)
+            verdict = judge.predict(texts).tolist()
+            out[str(rating)] = {
+                "n": n,
+                "share_as_conditioned": sum(v == want for v in verdict) / n,
+                "want": want,
+                "mean_chars": sum(map(len, texts)) / n,
+                "first": texts[:3],
+            }
+        return out
+
+    # How far the judge itself can be trusted: its accuracy on the real held-out reviews (1-2 vs 4-5).
+    real = [(t, binary_of(r)) for t, r, _ in rated_test if binary_of(r)]
+    judge_acc = {
+        b: float(
+            np.mean([p == b for p, (_, bb) in zip(judge.predict([t for t, _ in real]), real) if bb == b])
+        )
+        for b in ("negative", "positive")
+    }
     figures["samples_judged"] = {
         "temperature": SAMPLE_TEMPERATURE,
         "max_chars": SAMPLE_CHARS,
         "categories": categories,
         "judge_train_reviews": len(judged),
-        "by_rating": judged_samples,
+        "judge_recall_on_real_test": judge_acc,
+        "by_rating": judged_at(SAMPLE_TEMPERATURE),
+        "also": {"temperature": ALSO_TEMPERATURE, "by_rating": judged_at(ALSO_TEMPERATURE)},
     }
     figures["shown_samples"] = {
         str(r): conditioned_samples(sampler, r, [SHOW_CATEGORY], 3, seed=77) for r in (1, 3, 5)
@@ -279,14 +302,21 @@ def to_markdown(f: dict[str, Any], command: str) -> str:
             f"Judge: TF-IDF (word 1-2-grams) + logistic regression, class-balanced, fit on the "
             f"{sj['judge_train_reviews']:,} real training reviews rated 1-2 or 4-5 (none generated).",
             "",
-            "| condition | judged as conditioned | mean length |",
-            "|---|---:|---:|",
+            f"| condition | judged as conditioned | mean length | at T = {sj['also']['temperature']} |",
+            "|---|---:|---:|---:|",
         ]
         for r, s in sj["by_rating"].items():
+            also = sj["also"]["by_rating"][r]
             lines.append(
                 f"| {r} star(s) -> {s['want']} | **{_pct(s['share_as_conditioned'])}** | "
-                f"{s['mean_chars']:.0f} chars |"
+                f"{s['mean_chars']:.0f} chars | {_pct(also['share_as_conditioned'])} |"
             )
+        jr = sj["judge_recall_on_real_test"]
+        lines += [
+            "",
+            f"The judge on the real held-out reviews: {_pct(jr['negative'])} of the 1-2 star ones called "
+            f"negative, {_pct(jr['positive'])} of the 4-5 star ones positive.",
+        ]
     else:
         lines += ["", "Conditioned samples: not measured (this tree's sampler takes no conditions yet)."]
     lines += ["", "### Held-out rating by Bayes' rule (the review's category known)", ""]
