@@ -445,8 +445,16 @@ class Sampler:
         self.conditions = (
             conditions if conditions is not None else (checkpoint.conditions if checkpoint else None)
         )
-        if bool(getattr(self.model, "conditioned", False)) != (self.conditions is not None):
-            raise ValueError("a conditioned model needs its condition vocabulary (and only it has one)")
+        # Condition fields the model reads. Without their vocabulary (the trainer's own samples) a
+        # conditioned model reads every field as missing, and no value can be asked for.
+        self.condition_fields = (
+            len(self.model.cfg.conditions) if getattr(self.model, "conditioned", False) else 0
+        )
+        if self.conditions is not None and len(self.conditions.fields) != self.condition_fields:
+            raise ValueError(
+                f"condition vocabulary {list(self.conditions.fields)} does not fit the model "
+                f"({self.condition_fields} condition fields)"
+            )
         self.sentiment_unit = sentiment_unit
         self._batch: _Batch | None = None
 
@@ -530,9 +538,11 @@ class Sampler:
                 field = next(iter(asked))
                 raise SampleParamError(
                     field,
-                    f"{field}: this model is not conditioned on anything (trained with model.conditions = [])",
+                    f"{field}: this model is not conditioned on anything (trained with model.conditions = [])"
+                    if not self.condition_fields
+                    else f"{field}: this sampler has no condition vocabulary (load it from its checkpoint)",
                 )
-            return None
+            return [0] * self.condition_fields if self.condition_fields else None
         try:
             return self.conditions.request_ids(asked)
         except ConditionError as e:
@@ -575,7 +585,7 @@ class Sampler:
         """Condition ids [B, F] and steering values [B] (NaN: not steered) of rows with these params;
         each None when no row needs it (an unconditioned model; no row steered)."""
         cond = None
-        if self.conditions is not None:
+        if self.condition_fields:
             cond = torch.tensor([self.condition_ids(p) for p in params], dtype=torch.long)
         values = [self.steer_value(p) for p in params]
         steer = None if all(math.isnan(v) for v in values) else torch.tensor(values, dtype=torch.float32)
@@ -749,7 +759,7 @@ class Sampler:
                 p[name] = vec(name)
         zeros = torch.zeros(V, dtype=torch.float64)
         nothing = torch.zeros(V, dtype=torch.bool)
-        cond = torch.tensor([r.cond for r in rows], dtype=torch.long) if self.conditions is not None else None
+        cond = torch.tensor([r.cond for r in rows], dtype=torch.long) if self.condition_fields else None
         steer = None
         if any(not math.isnan(r.steer) for r in rows):
             steer = torch.tensor([r.steer for r in rows], dtype=torch.float32)

@@ -138,3 +138,20 @@ def test_cli_sample_takes_rating_category_and_steering(trained, tmp_path, capsys
     assert capsys.readouterr().out.splitlines()[1] == "The " + want.split("\n")[0]
     assert main([*args[:-6], "--rating", "6"]) == 2
     assert "rating '6' is not one this model knows; valid values: 1, 2, 3, 4, 5" in capsys.readouterr().err
+
+
+def test_the_trainers_samples_of_a_conditioned_model_read_every_field_missing(trained):
+    """The training loop samples without the condition vocabulary: every field is "missing" (id 0),
+    exactly as a sampler that has the vocabulary and is asked for nothing."""
+    from raylstm.sample import training_samples
+
+    model, vocab, conds, cfg = trained
+    _, got = training_samples(model, vocab, cfg.data, "The ", 40, [0.0, 0.8], seed=2)
+    full = Sampler(model, vocab, cfg.data, conditions=conds)
+    want = full.generate(
+        ["The "] * 2, [SampleParams(temperature=t, max_chars=40, seed=2) for t in (0.0, 0.8)]
+    )
+    assert got == {"0": want[0][0].text, "0.8": want[1][0].text}
+    assert got["0"].split("\n")[0] == reference_greedy(model, vocab, "The ", [0, 0], 40)
+    with pytest.raises(SampleParamError, match="no condition vocabulary"):
+        Sampler(model, vocab, cfg.data).check_params(SampleParams(conditions={"rating": 1}))
