@@ -167,10 +167,12 @@ def plot_learning_curves(out_dir: Path, png: Path) -> Path | None:
                 series.append((f"{name} (train)", t, bpc, "-"))
     quality = out_dir / "quality.json"
     if quality.exists():
-        curve = [c for c in json.loads(quality.read_text())["curve"] if c[0] is not None and c[2] is not None]
+        # bench.quality's curve: the val points, minutes since Ray start
+        curve = json.loads(quality.read_text())["curve"]
         if curve:
-            t0 = json.loads(quality.read_text())["curve"][0][0]
-            series.append(("cpu-quality (val)", [c[0] - t0 for c in curve], [c[2] for c in curve], "o-"))
+            series.append(
+                ("cpu-quality (val)", [c["minutes"] * 60 for c in curve], [c["val_bpc"] for c in curve], "o-")
+            )
     if not series:
         return None
     fig, ax = plt.subplots(figsize=(8, 4.5))
