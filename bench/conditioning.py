@@ -158,7 +158,13 @@ def run(out_dir: Path, quick: bool = False) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--stage", choices=["all", "train", "eval"], default="all")
+    ap.add_argument(
+        "--stage",
+        choices=["all", "train", "eval", "report"],
+        default="all",
+        help="report: the Markdown again from figures.json (no Ray), the unconditioned held-out figure "
+        "filled from the quality run's quality.json when the eval stage had none",
+    )
     ap.add_argument("--quick", action="store_true", help="tiny runs: check the path, not the figures")
     ap.add_argument("--out", default=str(ROOT / "bench" / "out"))
     ap.add_argument("--steps", type=int, help="train.max_steps of the run(s) (shorter, for development)")
@@ -176,12 +182,18 @@ def main() -> None:
     if args.stage in ("all", "train"):
         plain = None if args.unconditioned == "train" else args.unconditioned or default_unconditioned()
         train_stage(out, args.quick, args.steps, Path(plain) if plain else None)
-    if args.stage in ("all", "eval"):
-        from bench.conditioning_eval import eval_stage, to_markdown
+    if args.stage in ("all", "eval", "report"):
+        from bench.conditioning_eval import eval_stage, fill_from_quality, to_markdown
 
-        plain = None if args.unconditioned in (None, "train") else Path(args.unconditioned)
-        md = to_markdown(eval_stage(out, args.quick, plain), "python -m bench.conditioning")
         base, _ = out_paths(out)
+        if args.stage == "report":
+            figures = json.loads((base / "figures.json").read_text())
+        else:
+            plain = None if args.unconditioned in (None, "train") else Path(args.unconditioned)
+            figures = eval_stage(out, args.quick, plain)
+        if not args.quick and fill_from_quality(figures, SHARED_QUALITY / "quality.json"):
+            (base / "figures.json").write_text(json.dumps(figures, indent=2))
+        md = to_markdown(figures, "python -m bench.conditioning")
         (base / "conditioning.md").write_text(md)
         print(md)
 

@@ -43,16 +43,19 @@ def heldout_bpc(cond_ckpt: Any, plain_ckpt: Any, test: list[tuple]) -> dict[str,
         texts = [r[0] for r in rows]
         cond = conds.encode_rows({"rating": [r[1] for r in rows], "category": [r[2] for r in rows]})
         c_bits, chars, c_unk = score_reviews(cond_ckpt.model, cond_ckpt.vocab, texts, conditions=cond)
-        p_bits, p_chars, p_unk = score_reviews(plain_ckpt.model, plain_ckpt.vocab, texts)
         out[name] = {
             "reviews": len(rows),
             "chars": chars,
             "conditioned_bpc": c_bits / chars,
-            "unconditioned_bpc": p_bits / p_chars,
-            "difference": c_bits / chars - p_bits / p_chars,
-            "unknown_chars": {"conditioned": c_unk, "unconditioned": p_unk},
+            "unconditioned_bpc": None,
+            "difference": None,
+            "unknown_chars": {"conditioned": c_unk},
             "rated": sum(r[1] is not None for r in rows),
         }
+        if plain_ckpt is not None:
+            p_bits, p_chars, p_unk = score_reviews(plain_ckpt.model, plain_ckpt.vocab, texts)
+            out[name].update(unconditioned_bpc=p_bits / p_chars, difference=c_bits / chars - p_bits / p_chars)
+            out[name]["unknown_chars"]["unconditioned"] = p_unk
     return out
 
 
@@ -112,12 +115,14 @@ def probe_figures(figures: dict[str, Any], plain_ckpt: Any, cond_ckpt: Any, base
     """The probe and the sentiment unit, on both models (each read without conditions)."""
     from raylstm.classify import labelled_sets, sentiment_report
 
-    sets = labelled_sets(AMAZON, plain_ckpt.config.data)
+    sets = labelled_sets(AMAZON, cond_ckpt.config.data)
     if quick:
         for s in sets:
             s.train_texts, s.train_labels = s.train_texts[::8], s.train_labels[::8]
     figures["probe"] = {}
     for name, ckpt in (("unconditioned", plain_ckpt), ("conditioned", cond_ckpt)):
+        if ckpt is None:
+            continue
         report, unit = sentiment_report(ckpt, sets)
         figures["probe"][name] = report
         report["unit_file"] = str(unit.save(base / f"sentiment-unit-{name}.json"))
@@ -147,16 +152,19 @@ def eval_stage(out_dir: Path, quick: bool = False, unconditioned: Path | None = 
         from bench.conditioning import default_unconditioned, shared_run
 
         plain_dir = unconditioned or default_unconditioned()
-        if plain_dir is None:
-            raise FileNotFoundError(
-                f"{plain_json}: no unconditioned run; give --unconditioned RUN_DIR (or 'train')"
-            )
-        plain_json.write_text(json.dumps(shared_run(Path(plain_dir)), indent=2))
-    runs = {name: json.loads((base / f"run-{name}.json").read_text()) for name in RUNS}
+        if plain_dir is not None:
+            plain_json.write_text(json.dumps(shared_run(Path(plain_dir)), indent=2))
+    runs = {
+        name: json.loads((base / f"run-{name}.json").read_text())
+        for name in RUNS
+        if (base / f"run-{name}.json").exists()
+    }
     t0 = time.perf_counter()
     ensure_ray(num_cpus=4, include_dashboard=False)
     cond_ckpt = load_checkpoint(runs["conditioned"]["run_dir"])
-    plain_ckpt = load_checkpoint(runs["unconditioned"]["run_dir"])
+    # Without the unconditioned run here (not finished yet), its held-out figure comes from its own
+    # quality.json at the report stage (the same MI test reviews), and the probe/steering use this model.
+    plain_ckpt = load_checkpoint(runs["unconditioned"]["run_dir"]) if "unconditioned" in runs else None
     splits = load_splits(cond_ckpt.config.data)
     train = split_rows_with_conditions(splits.train)
     test_src = split_rows_with_source(splits.test)
@@ -226,8 +234,9 @@ def eval_stage(out_dir: Path, quick: bool = False, unconditioned: Path | None = 
         str(r): conditioned_samples(sampler, r, [SHOW_CATEGORY], 3, seed=77) for r in (1, 3, 5)
     }
 
-    steer = Sampler.load(plain_ckpt, sentiment_unit=base / "sentiment-unit-unconditioned.json")
-    figures["steering"] = {}
+    steer_name = "unconditioned" if plain_ckpt is not None else "conditioned"
+    steer = Sampler.load(plain_ckpt or cond_ckpt, sentiment_unit=base / f"sentiment-unit-{steer_name}.json")
+    figures["steering"] = {"model": steer_name}
     for strength, want in ((1.0, "positive"), (-1.0, "negative")):
         texts = steered_samples(steer, strength, 10 if quick else 100, seed=5000)
         verdict = judge.predict(texts).tolist()
@@ -251,9 +260,41 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
+def fill_from_quality(f: dict[str, Any], quality_json: Path) -> bool:
+    """An unconditioned held-out figure the eval stage could not measure (the quality run was not done
+    yet), from bench.quality's own quality.json: its model's bpc on the same MI test reviews (checked
+    by their count and chars). No Ray, no model: the report stage's fill-in."""
+    h = f["heldout"]["mi_test"]
+    if h.get("unconditioned_bpc") is not None or not quality_json.exists():
+        return False
+    q = json.loads(quality_json.read_text())
+    mi = q["mi_test"]
+    if (mi["reviews"], mi["chars"]) != (h["reviews"], h["chars"]):
+        raise ValueError(
+            f"{quality_json}: MI test {mi['reviews']} reviews / {mi['chars']} chars, but the conditioned "
+            f"model was scored on {h['reviews']} / {h['chars']}: not the same held-out text"
+        )
+    h["unconditioned_bpc"] = mi["model"]["bpc"]
+    h["difference"] = h["conditioned_bpc"] - h["unconditioned_bpc"]
+    h["unconditioned_from"] = str(quality_json)
+    f["runs"].setdefault(
+        "unconditioned",
+        {
+            "config": q["config"],
+            "overrides": q.get("overrides", []),
+            "steps": q["steps"],
+            "wall_s": None,
+            "best_val_bpc": q["best_val_bpc"],
+            "run_dir": q["run_dir"],
+        },
+    )
+    return True
+
+
 def to_markdown(f: dict[str, Any], command: str) -> str:
     runs = f["runs"]
-    c, u = runs["conditioned"], runs["unconditioned"]
+    c = runs["conditioned"]
+    u = runs.get("unconditioned") or {"config": "configs/cpu-quality.toml (not run yet)", "overrides": []}
     sj = f.get("samples_judged")
     lines = [
         "## Conditioning: a review of a given rating and category, and the rating read back",
@@ -267,6 +308,8 @@ def to_markdown(f: dict[str, Any], command: str) -> str:
         "|---|---|---:|---:|---:|",
     ]
     for name, r in (("conditioned (rating, category)", c), ("unconditioned", u)):
+        if "steps" not in r:
+            continue
         wall = f"{r['wall_s'] / 60:.1f} min" if r.get("wall_s") else "(bench.quality)"
         lines.append(
             f"| {name} | `{r['config']}` {' '.join('--set ' + o for o in r['overrides'])} | {r['steps']:,} | "
@@ -288,9 +331,10 @@ def to_markdown(f: dict[str, Any], command: str) -> str:
         if key not in h:
             continue
         x = h[key]
+        un = "not measured" if x["unconditioned_bpc"] is None else f"{x['unconditioned_bpc']:.4f}"
+        diff = "" if x["difference"] is None else f"**{x['difference']:+.4f}**"
         lines.append(
-            f"| {title} | {x['reviews']:,} | {x['chars']:,} | {x['conditioned_bpc']:.4f} | "
-            f"{x['unconditioned_bpc']:.4f} | **{x['difference']:+.4f}** |"
+            f"| {title} | {x['reviews']:,} | {x['chars']:,} | {x['conditioned_bpc']:.4f} | {un} | {diff} |"
         )
     lines += ["", "Target: the conditioned model no worse than +0.02 bpc above the unconditioned one."]
     if sj:
@@ -362,12 +406,14 @@ def to_markdown(f: dict[str, Any], command: str) -> str:
                 f"| {model} | {name} | {s['train']:,} / {s['test']:,} | **{_pct(s['probe_accuracy'])}** | "
                 f"{_pct(s['unit_accuracy'])} | {_pct(s['tfidf_accuracy'])} |"
             )
-    unit = f["probe"]["unconditioned"]["unit"]
-    st = f.get("steering")
+    st = f.get("steering") or {}
+    which = st.get("model", "unconditioned")
+    unit = f["probe"][which]["unit"]
     lines += [
         "",
-        f"The unconditioned model's sentiment unit: {unit['state']}[{unit['unit']}] of layer {unit['layer']} "
-        f"(positive mean {unit['positive_mean']:.3f}, negative {unit['negative_mean']:.3f}).",
+        f"The {which} model's sentiment unit (read without conditions): {unit['state']}[{unit['unit']}] of "
+        f"layer {unit['layer']} (positive mean {unit['positive_mean']:.3f}, negative "
+        f"{unit['negative_mean']:.3f}).",
     ]
     if st:
         lines[-1] += (
