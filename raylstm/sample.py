@@ -55,9 +55,8 @@ from raylstm.vocab import CharVocab
 MAX_SEED = 2**63 - 1
 MAX_LOGPROBS = 20  # OpenAI's cap on `logprobs` (top alternatives per character)
 MAX_STEER = 4.0  # |steer_sentiment|: 1 already sits a class-mean gap beyond the positive mean
-SENTIMENT_UNIT_FILE = (
-    "sentiment.json"  # in a run dir: `raylstm classify --probe --unit-out RUN/sentiment.json`
-)
+# Where Sampler.load looks for a sentiment unit: `raylstm classify --probe --unit-out RUN/sentiment.json`
+SENTIMENT_UNIT_FILE = "sentiment.json"
 
 
 class SampleParamError(ValueError):
