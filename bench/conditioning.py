@@ -68,8 +68,11 @@ def train_one(name: str, out_dir: Path, quick: bool, steps: int | None = None) -
 
     base, runs = out_paths(out_dir)
     overrides = RUNS[name] + (QUICK if quick else [])
-    if steps:  # a shorter run (development): not the 20-minute figures
-        overrides += [f"train.max_steps={steps}", f"train.eval_every={max(64, steps // 2 // 64 * 64)}"]
+    if steps:  # a shorter run (as the quality run's when the lock time is short; or development)
+        overrides += [f"train.max_steps={steps}"]
+        every = conditioned_config(overrides).train.eval_every
+        if steps < 2 * every:  # still evaluate (and checkpoint) twice, at multiples of segment_windows
+            overrides += [f"train.eval_every={max(64, steps // 2 // 64 * 64)}"]
     cfg = conditioned_config(overrides)
     shutil.rmtree(runs / name, ignore_errors=True)  # a run name that exists would be continued
     ensure_ray(num_cpus=4, include_dashboard=False, log_to_driver=True)
