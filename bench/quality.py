@@ -11,7 +11,7 @@ the same training text, and the original project's published weights (bench.seed
                     published reference figures, given MI's training split alone
     wall time       from before Ray starts to the moment the best checkpoint was reported
 
-`.venv/bin/python -m bench.quality [--quick]`   (--quick: 60 steps, to check the path, not the figure)
+`.venv/bin/python -m bench.quality [--quick]`   (--quick: 128 steps, to check the path, not the figure)
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def quality_config(quick: bool = False) -> tuple[Any, list[str]]:
     """The preset, its relative sources resolved against the repository root (it names ../shared/...)."""
     from raylstm.config import load_config
 
-    overrides = ["train.max_steps=64", "train.eval_every=32", "train.warmup_steps=10"] if quick else []
+    overrides = ["train.max_steps=128", "train.eval_every=64", "train.warmup_steps=10"] if quick else []
     cfg = load_config(CONFIG, overrides)
     cfg.data.sources = [s if "://" in s or Path(s).is_absolute() else str(ROOT / s) for s in cfg.data.sources]
     return cfg, overrides
@@ -231,7 +231,7 @@ def run(out_dir: Path, quick: bool = False) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="64 steps: checks the path, not the figure")
+    ap.add_argument("--quick", action="store_true", help="128 steps: checks the path, not the figure")
     ap.add_argument("--out", default=str(ROOT / "bench" / "out"))
     args = ap.parse_args()
     md = run(Path(args.out), args.quick)
