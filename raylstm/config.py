@@ -17,6 +17,10 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
+# The review formats `data.format` names (sources.py reads each; formats.py has the field table of each
+# layout). A Literal, so a wrong value fails where the config is loaded, naming the field.
+DataFormat = Literal["auto", "tsv", "json", "json2014", "json2023", "csv", "parquet", "text", "blitzer"]
+
 
 @dataclass
 class DataConfig:
@@ -25,7 +29,7 @@ class DataConfig:
     sources: list[str] = field(default_factory=list)
     # "auto" detects from file name and columns; or one of: tsv, json, json2014, json2023, csv, parquet,
     # text, blitzer (formats.py has the field table of each layout).
-    format: str = "auto"
+    format: DataFormat = "auto"
     # The text column of files whose columns match no published layout (other Parquet, CSV or JSON).
     text_column: str = "text"
     # File glob -> category, for files whose records name none (2014/2018/2023 review files do not; TSV
