@@ -23,6 +23,15 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_verbose_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show Ray's own log lines (workers, Train controller, Ray Data progress) and the full "
+        "config; by default a progress line (steps, chars/s, ETA, val bpc) and raylstm's own lines",
+    )
+
+
 def _config(args: argparse.Namespace):
     from raylstm.config import load_config
 
@@ -31,6 +40,10 @@ def _config(args: argparse.Namespace):
 
 # --- prepare -------------------------------------------------------------------------------------------
 def _prepare_parser(p: argparse.ArgumentParser) -> Command:
+    from typing import get_args
+
+    from raylstm.config import DataFormat
+
     p.add_argument(
         "sources", nargs="*", help="review files, dirs, globs or s3:// URIs (default: demo corpus)"
     )
@@ -38,7 +51,10 @@ def _prepare_parser(p: argparse.ArgumentParser) -> Command:
         "--out", required=True, help="output directory (Parquet shards, vocab.json, manifest.json)"
     )
     p.add_argument(
-        "--format", help="force a format: tsv, json, json2014, json2023, csv, parquet, text, blitzer"
+        "--format",
+        choices=get_args(DataFormat),
+        metavar="FORMAT",
+        help="force a format: %(choices)s (default: data.format, auto: from file names and columns)",
     )
     p.add_argument(
         "--strict", action="store_true", help="fail on the first malformed row, naming file and line"
@@ -124,6 +140,7 @@ def _train_parser(p: argparse.ArgumentParser) -> Command:
     p.add_argument(
         "--address", default=None, help="Ray address to join (default: RAY_ADDRESS or a local Ray)"
     )
+    _add_verbose_arg(p)
 
     def run(args: argparse.Namespace) -> int:
         from raylstm.train import train
@@ -137,7 +154,9 @@ def _train_parser(p: argparse.ArgumentParser) -> Command:
         if args.gpu:
             cfg.train.use_gpu = True
         try:
-            result = train(cfg, storage=args.storage, name=args.name, address=args.address)
+            result = train(
+                cfg, storage=args.storage, name=args.name, address=args.address, verbose=args.verbose
+            )
         except TrainingDiverged as e:
             # Not a crash: the message says which setting to change, and the checkpoints before it stand.
             print(f"raylstm train: {e}", file=sys.stderr)
@@ -405,11 +424,20 @@ def _classify_parser(p: argparse.ArgumentParser) -> Command:
 # --- demo ----------------------------------------------------------------------------------------------
 def _demo_parser(p: argparse.ArgumentParser) -> Command:
     p.add_argument("--workdir", default="runs/demo", help="where the demo writes its prepared data and run")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="override one field of configs/demo.toml, e.g. --set train.max_steps=100 (repeatable)",
+    )
+    _add_verbose_arg(p)
 
     def run(args: argparse.Namespace) -> int:
         from raylstm.demo import run_demo
 
-        return run_demo(args.workdir)
+        return run_demo(args.workdir, args.overrides, verbose=args.verbose)
 
     return run
 

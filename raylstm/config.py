@@ -17,6 +17,10 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
+# The review formats `data.format` names (sources.py reads each; formats.py has the field table of each
+# layout). A Literal, so a wrong value fails where the config is loaded, naming the field.
+DataFormat = Literal["auto", "tsv", "json", "json2014", "json2023", "csv", "parquet", "text", "blitzer"]
+
 
 @dataclass
 class DataConfig:
@@ -25,7 +29,7 @@ class DataConfig:
     sources: list[str] = field(default_factory=list)
     # "auto" detects from file name and columns; or one of: tsv, json, json2014, json2023, csv, parquet,
     # text, blitzer (formats.py has the field table of each layout).
-    format: str = "auto"
+    format: DataFormat = "auto"
     # The text column of files whose columns match no published layout (other Parquet, CSV or JSON).
     text_column: str = "text"
     # File glob -> category, for files whose records name none (2014/2018/2023 review files do not; TSV
@@ -135,7 +139,8 @@ class TrainConfig:
     log_every: int = 50
     # Validation + checkpoint cadence in steps; a killed worker loses at most this much work.
     eval_every: int = 250
-    # Cap on validation batches per eval (per worker) so evals stay cheap on big corpora; 0 = all.
+    # Cap on validation batches per eval (of 512 reviews; seed mode: of batch_size windows) so evals stay
+    # cheap on big corpora; 0 = all.
     max_val_batches: int = 0
     keep_checkpoints: int = 3
     max_failures: int = 1
