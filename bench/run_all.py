@@ -5,6 +5,7 @@ weights (seed_peer) and (opt-in) the quality run, each in its own process, then 
     .venv/bin/python -m bench.run_all --quick    # each piece in its quick mode (~1 min each)
     .venv/bin/python -m bench.run_all --with-quality   # + the 20-minute cpu-quality training run
     .venv/bin/python -m bench.run_all --with-conditioning   # + two 20-minute conditioning runs and figures
+    .venv/bin/python -m bench.run_all --with-plan200m   # + the seed's 200M-prediction plan (~35 minutes)
 
 Each piece runs in a fresh Python process (`python -m bench.run_all --one NAME`): a piece that starts Ray
 with its own resources, or crashes, or hangs past --timeout, cannot disturb the others. A missing or
@@ -298,6 +299,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also bench.conditioning: conditioned and unconditioned 20-minute runs and their figures",
     )
+    ap.add_argument(
+        "--with-plan200m",
+        action="store_true",
+        help="also bench.plan200m: the ceiling grid, then 200M predictions through raylstm train (~35 min)",
+    )
     ap.add_argument("--only", nargs="*", help="run only these pieces (e.g. bench_eval peer_keras)")
     ap.add_argument(
         "--timeout", type=float, default=900.0, help="seconds before a piece is killed (quality: 1800)"
@@ -320,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
 
     pieces = discover() + ["peer_keras", "seed_peer"] + (["quality"] if args.with_quality else [])
     pieces += ["conditioning"] if args.with_conditioning else []
+    pieces += ["plan200m"] if args.with_plan200m else []
     if args.only:
         pieces = [p for p in pieces if p in args.only] + [p for p in args.only if p not in pieces]
     info = machine()
@@ -327,7 +334,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in pieces:
         # quality trains for ~20 min, conditioning one and two 20-minute runs plus figures; bench_scale
         # prepares 5 GB of corpora twice (~25 min; 10 MB and 100 MB only in --quick)
+        # plan200m: ~3 min of ceiling grid, ~30 min of training, ~5 min of held-out scoring
         long = {"quality": 1800.0, "conditioning": 4200.0, "bench_scale": 600.0 if args.quick else 3600.0}
+        long["plan200m"] = 900.0 if args.quick else 3600.0
         r = run_piece(name, out_dir, args.quick, long.get(name, args.timeout))
         r["command"] = command_for(name, args.quick)
         results.append(r)

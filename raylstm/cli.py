@@ -264,13 +264,23 @@ def _sample_parser(p: argparse.ArgumentParser) -> Command:
 # --- serve ---------------------------------------------------------------------------------------------
 def _serve_parser(p: argparse.ArgumentParser) -> Command:
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--run", help="run dir: serve its best checkpoint and follow best.json")
-    src.add_argument("--checkpoint", help="serve this checkpoint dir")
+    src.add_argument("--run", help="run dir: serve its best checkpoint and follow best.json (hot reload)")
+    src.add_argument("--checkpoint", help="serve this checkpoint dir (or s3:// URI)")
     _add_config_args(p)
-    p.add_argument("--host", help="bind address (default 127.0.0.1)")
-    p.add_argument("--port", type=int)
-    p.add_argument("--replicas", type=int)
+    p.add_argument("--host", help="bind address (default 127.0.0.1; 0.0.0.0 exposes it: put TLS in front)")
+    p.add_argument("--port", type=int, help="HTTP port (default 8000)")
+    p.add_argument("--replicas", type=int, help="replicas (each its own engine and batch; default 1)")
     p.add_argument("--gpu", action="store_true", help="one GPU per replica")
+    p.add_argument(
+        "--max-batch-size",
+        type=int,
+        help="rows per model step per replica (serve.max_batch_size, default 32)",
+    )
+    p.add_argument(
+        "--max-queued",
+        type=int,
+        help="requests waiting per replica before 429 + Retry-After (serve.max_queued, default 64)",
+    )
     p.add_argument(
         "--address", default=None, help="Ray address to join (default: RAY_ADDRESS or a local Ray)"
     )
@@ -278,7 +288,21 @@ def _serve_parser(p: argparse.ArgumentParser) -> Command:
     def run(args: argparse.Namespace) -> int:
         from raylstm.serve import run_server
 
-        return run_server(args, _config(args))
+        cfg = _config(args).serve
+        if args.host:
+            cfg.host = args.host
+        if args.port is not None:
+            cfg.port = args.port
+        if args.replicas:
+            cfg.num_replicas = args.replicas
+            cfg.max_replicas = max(cfg.max_replicas, args.replicas)
+        if args.gpu:
+            cfg.num_gpus = 1.0
+        if args.max_batch_size:
+            cfg.max_batch_size = args.max_batch_size
+        if args.max_queued is not None:
+            cfg.max_queued = args.max_queued
+        return run_server(args.run or args.checkpoint, cfg, follow=bool(args.run), address=args.address)
 
     return run
 
