@@ -95,6 +95,40 @@ def train_one(name: str, out_dir: Path, quick: bool, steps: int | None = None) -
     return out
 
 
+def register_run(out_dir: Path, run_dir: Path, started: float | None) -> dict[str, Any]:
+    """run-conditioned.json for a run stopped at its deadline (the lock's end) before max_steps: its best
+    checkpoint so far (best.json is written at every evaluation) is the model; wall time from `started`
+    (the epoch second the run process started) to that checkpoint's report."""
+    from raylstm.train import read_metrics
+
+    base, _ = out_paths(out_dir)
+    metrics = read_metrics(run_dir)
+    best = json.loads((Path(run_dir) / "best.json").read_text())
+    cfg = (
+        json.loads((Path(run_dir) / "config.json").read_text())
+        if (Path(run_dir) / "config.json").exists()
+        else {}
+    )
+    out = {
+        "name": "conditioned",
+        "config": str(CONFIG.relative_to(ROOT)),
+        "overrides": [],
+        "sources": (cfg.get("data") or {}).get("sources") or conditioned_config([]).data.sources,
+        "run_dir": str(run_dir),
+        "best_checkpoint": str(Path(run_dir) / best["checkpoint"]),
+        "wall_s": (float(best["metrics"]["time"]) - started)
+        if started and "time" in best["metrics"]
+        else None,
+        "steps": max((int(m.get("step", 0)) for m in metrics), default=0),
+        "best_step": int(best["metrics"]["step"]),
+        "best_val_bpc": best["metrics"].get("val_bpc"),
+        "stopped_at_deadline": True,
+    }
+    base.mkdir(parents=True, exist_ok=True)
+    (base / "run-conditioned.json").write_text(json.dumps(out, indent=2))
+    return out
+
+
 def shared_run(run_dir: Path) -> dict[str, Any]:
     """The unconditioned model from a run trained elsewhere (the team's cpu-quality run)."""
     from raylstm.checkpoint import load_checkpoint
@@ -177,8 +211,13 @@ def main() -> None:
         "'train' trains one here)",
     )
     ap.add_argument("--one-run", choices=list(RUNS), help=argparse.SUPPRESS)
+    ap.add_argument("--register-run", help="a conditioned run dir stopped at its deadline: its best so far")
+    ap.add_argument("--started", type=float, help="with --register-run: the epoch second the run started")
     args = ap.parse_args()
     out = Path(args.out)
+    if args.register_run:
+        print(json.dumps(register_run(out, Path(args.register_run), args.started), indent=2))
+        return
     if args.one_run:
         print(json.dumps(train_one(args.one_run, out, args.quick, args.steps), indent=2))
         return

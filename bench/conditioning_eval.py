@@ -172,29 +172,21 @@ def eval_stage(out_dir: Path, quick: bool = False, unconditioned: Path | None = 
         test_src = test_src[::10]
     test = [r[:3] for r in test_src]
     figures: dict[str, Any] = {"runs": runs}
+
+    def save() -> None:  # after every part: a run cut short by its deadline still reports what it has
+        figures["eval_s"] = time.perf_counter() - t0
+        (base / "figures.json").write_text(json.dumps(figures, indent=2))
+
     figures["heldout"] = heldout_bpc(cond_ckpt, plain_ckpt, test_src)
+    figures["matched_val"] = matched_val(runs)
     figures["heldout_s"] = time.perf_counter() - t0
+    save()
 
     rated_train = [r for r in train if r[1]]
     rated_test = [r for r in test if r[1]]
-    figures["rating"] = heldout_rating_report(cond_ckpt, rated_train, rated_test)
-    categories = cond_ckpt.conditions.values.get("category", [])
-    if len(categories) > 1:  # one category (a single-source run) has nothing to read back
-        known = [r for r in test if r[2] in cond_ckpt.conditions.ids["category"]]
-        every = max(1, -(-len(known) // MAX_CATEGORY_REVIEWS))  # every k-th test review, k = ceil(n / max)
-        figures["category"] = heldout_category_report(cond_ckpt, train, known[::every])
-    else:
-        figures["category"] = {"single_category": categories[0] if categories else None}
-    figures["classify_s"] = time.perf_counter() - t0
-
     # The independent judge: TF-IDF + LR, positive (4-5) vs negative (1-2), fit on real training reviews.
     judged = [(t, binary_of(r)) for t, r, _ in rated_train if binary_of(r)]
     judge = tfidf_classifier([t for t, _ in judged], [b for _, b in judged], balanced=True)
-    probe_figures(figures, plain_ckpt, cond_ckpt, base, quick)
-    if not sampler_takes_conditions():
-        figures["eval_s"] = time.perf_counter() - t0
-        (base / "figures.json").write_text(json.dumps(figures, indent=2))
-        return figures
     sampler = Sampler.load(cond_ckpt)
     categories = list(cond_ckpt.conditions.values["category"])
     n = 20 if quick else SAMPLES_PER_RATING
@@ -228,32 +220,80 @@ def eval_stage(out_dir: Path, quick: bool = False, unconditioned: Path | None = 
         "judge_train_reviews": len(judged),
         "judge_recall_on_real_test": judge_acc,
         "by_rating": judged_at(SAMPLE_TEMPERATURE),
-        "also": {"temperature": ALSO_TEMPERATURE, "by_rating": judged_at(ALSO_TEMPERATURE)},
     }
     figures["shown_samples"] = {
         str(r): conditioned_samples(sampler, r, [SHOW_CATEGORY], 3, seed=77) for r in (1, 3, 5)
     }
+    save()
+    figures["samples_judged"]["also"] = {
+        "temperature": ALSO_TEMPERATURE,
+        "by_rating": judged_at(ALSO_TEMPERATURE),
+    }
+    save()
+
+    t1 = time.perf_counter()
+    figures["rating"] = heldout_rating_report(cond_ckpt, rated_train, rated_test)
+    categories = cond_ckpt.conditions.values.get("category", [])
+    if len(categories) > 1:  # one category (a single-source run) has nothing to read back
+        known = [r for r in test if r[2] in cond_ckpt.conditions.ids["category"]]
+        every = max(1, -(-len(known) // MAX_CATEGORY_REVIEWS))  # every k-th test review, k = ceil(n / max)
+        figures["category"] = heldout_category_report(cond_ckpt, train, known[::every])
+    else:
+        figures["category"] = {"single_category": categories[0] if categories else None}
+    figures["classify_s"] = time.perf_counter() - t1
+    save()
+
+    probe_figures(figures, plain_ckpt, cond_ckpt, base, quick)
+    save()
 
     steer_name = "unconditioned" if plain_ckpt is not None else "conditioned"
     steer = Sampler.load(plain_ckpt or cond_ckpt, sentiment_unit=base / f"sentiment-unit-{steer_name}.json")
-    figures["steering"] = {"model": steer_name}
+    steering: dict[str, Any] = {"model": steer_name}
     for strength, want in ((1.0, "positive"), (-1.0, "negative")):
         texts = steered_samples(steer, strength, 10 if quick else 100, seed=5000)
         verdict = judge.predict(texts).tolist()
-        figures["steering"][f"{strength:+g}"] = {
+        steering[f"{strength:+g}"] = {
             "n": len(texts),
             "share": sum(v == want for v in verdict) / len(texts),
             "want": want,
             "first": texts[:2],
         }
     unsteered = steered_samples(steer, None, 10 if quick else 100, seed=5000)
-    figures["steering"]["none"] = {
+    steering["none"] = {
         "n": len(unsteered),
         "share_positive": sum(v == "positive" for v in judge.predict(unsteered).tolist()) / len(unsteered),
     }
-    figures["eval_s"] = time.perf_counter() - t0
-    (base / "figures.json").write_text(json.dumps(figures, indent=2))
+    figures["steering"] = steering
+    save()
     return figures
+
+
+def matched_val(runs: dict[str, Any]) -> dict[str, Any] | None:
+    """The in-loop validation bpc (the whole MI val split, the conditioned model with each review's
+    conditions) of both runs at the conditioned run's best step: with the same preset and schedule
+    (max_steps), the two are the same model at the same point, conditions or not."""
+    from raylstm.train import read_metrics
+
+    if "unconditioned" not in runs:
+        return None
+    val = {}
+    for name in ("conditioned", "unconditioned"):
+        d = Path(runs[name]["run_dir"])
+        val[name] = {
+            int(m["step"]): float(m["val_bpc"]) for m in read_metrics(d) if m.get("val_bpc") is not None
+        }
+    both = sorted(set(val["conditioned"]) & set(val["unconditioned"]))
+    if not both:
+        return None
+    best = json.loads((Path(runs["conditioned"]["run_dir"]) / "best.json").read_text())
+    step = int(best["metrics"]["step"]) if int(best["metrics"]["step"]) in both else both[-1]
+    return {
+        "step": step,
+        "conditioned_val_bpc": val["conditioned"][step],
+        "unconditioned_val_bpc": val["unconditioned"][step],
+        "difference": val["conditioned"][step] - val["unconditioned"][step],
+        "curve": {k: [val["conditioned"][k], val["unconditioned"][k]] for k in both},
+    }
 
 
 def _pct(x: float) -> str:
@@ -315,6 +355,14 @@ def to_markdown(f: dict[str, Any], command: str) -> str:
             f"| {name} | `{r['config']}` {' '.join('--set ' + o for o in r['overrides'])} | {r['steps']:,} | "
             f"{wall} | {r['best_val_bpc']:.4f} |"
         )
+    if c.get("stopped_at_deadline"):
+        lines += [
+            "",
+            f"The conditioned run was stopped at the CPU lock's deadline at step {c['steps']:,} of the preset's "
+            f"12,800 (the same LR schedule as cpu-quality's, so the two are comparable step for step); its model "
+            f"is the best checkpoint so far, step {c['best_step']:,}"
+            + (f", {c['wall_s'] / 60:.1f} min after the run started." if c.get("wall_s") else "."),
+        ]
     h = f["heldout"]
     lines += [
         "",
@@ -336,6 +384,14 @@ def to_markdown(f: dict[str, Any], command: str) -> str:
         lines.append(
             f"| {title} | {x['reviews']:,} | {x['chars']:,} | {x['conditioned_bpc']:.4f} | {un} | {diff} |"
         )
+    mv = f.get("matched_val")
+    if mv:
+        lines += [
+            "",
+            f"At the same step of the same schedule ({mv['step']:,}; in-loop validation on every MI val review): "
+            f"conditioned {mv['conditioned_val_bpc']:.4f}, unconditioned {mv['unconditioned_val_bpc']:.4f}, "
+            f"difference **{mv['difference']:+.4f}** bpc.",
+        ]
     lines += ["", "Target: the conditioned model no worse than +0.02 bpc above the unconditioned one."]
     if sj:
         lines += [
@@ -346,14 +402,14 @@ def to_markdown(f: dict[str, Any], command: str) -> str:
             f"Judge: TF-IDF (word 1-2-grams) + logistic regression, class-balanced, fit on the "
             f"{sj['judge_train_reviews']:,} real training reviews rated 1-2 or 4-5 (none generated).",
             "",
-            f"| condition | judged as conditioned | mean length | at T = {sj['also']['temperature']} |",
+            f"| condition | judged as conditioned | mean length | at T = {ALSO_TEMPERATURE} |",
             "|---|---:|---:|---:|",
         ]
         for r, s in sj["by_rating"].items():
-            also = sj["also"]["by_rating"][r]
+            also = sj.get("also", {}).get("by_rating", {}).get(r)
             lines.append(
                 f"| {r} star(s) -> {s['want']} | **{_pct(s['share_as_conditioned'])}** | "
-                f"{s['mean_chars']:.0f} chars | {_pct(also['share_as_conditioned'])} |"
+                f"{s['mean_chars']:.0f} chars | {_pct(also['share_as_conditioned']) if also else 'not run'} |"
             )
         jr = sj["judge_recall_on_real_test"]
         lines += [
@@ -363,6 +419,9 @@ def to_markdown(f: dict[str, Any], command: str) -> str:
         ]
     else:
         lines += ["", "Conditioned samples: not measured (this tree's sampler takes no conditions yet)."]
+    if "rating" not in f:
+        lines += ["", "(The eval stage ended here: its deadline.)"]
+        return _finish(lines, f, command)
     lines += ["", "### Held-out rating by Bayes' rule (the review's category known)", ""]
     for key, title in (("five_way", "5-way (1-5 stars)"), ("binary", "positive (4-5) vs negative (1-2)")):
         rr = f["rating"][key]
@@ -388,8 +447,11 @@ def to_markdown(f: dict[str, Any], command: str) -> str:
             f'Category: every training review is "{cat["single_category"]}" (one source), so there is no '
             "category to read back."
         )
+    lines.append(f"Classification time: {f['classify_s']:.0f} s.")
+    if "probe" not in f:
+        lines += ["", "(The eval stage ended here: its deadline.)"]
+        return _finish(lines, f, command)
     lines += [
-        f"Classification time: {f['classify_s']:.0f} s.",
         "",
         "### Sentiment probe and unit (Radford et al.), on held-out labels",
         "",
@@ -421,6 +483,10 @@ def to_markdown(f: dict[str, Any], command: str) -> str:
             f"judge: +1 -> positive {_pct(st['+1']['share'])}, -1 -> negative {_pct(st['-1']['share'])}; "
             f"unsteered: {_pct(st['none']['share_positive'])} positive."
         )
+    return _finish(lines, f, command)
+
+
+def _finish(lines: list[str], f: dict[str, Any], command: str) -> str:
     if f.get("shown_samples"):
         lines += ["", f"### Samples ({SHOW_CATEGORY}, T = {SAMPLE_TEMPERATURE})", ""]
     for r, texts in f.get("shown_samples", {}).items():
