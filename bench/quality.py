@@ -11,7 +11,7 @@ the same training text, and the original project's published weights (bench.seed
                     published reference figures, given MI's training split alone
     wall time       from before Ray starts to the moment the best checkpoint was reported
 
-`.venv/bin/python -m bench.quality [--quick]`   (--quick: 60 steps, to check the path, not the figure)
+`.venv/bin/python -m bench.quality [--quick]`   (--quick: 128 steps, to check the path, not the figure)
 """
 
 from __future__ import annotations
@@ -35,11 +35,12 @@ def supervised_predictions(cfg: Any, steps: int) -> int:
     return steps * cfg.train.batch_size * cfg.train.num_workers * per_window
 
 
-def quality_config(quick: bool = False) -> tuple[Any, list[str]]:
+def quality_config(quick: bool = False, sets: list[str] | None = None) -> tuple[Any, list[str]]:
     """The preset, its relative sources resolved against the repository root (it names ../shared/...)."""
     from raylstm.config import load_config
 
-    overrides = ["train.max_steps=64", "train.eval_every=32", "train.warmup_steps=10"] if quick else []
+    overrides = ["train.max_steps=128", "train.eval_every=64", "train.warmup_steps=10"] if quick else []
+    overrides += list(sets or [])
     cfg = load_config(CONFIG, overrides)
     cfg.data.sources = [s if "://" in s or Path(s).is_absolute() else str(ROOT / s) for s in cfg.data.sources]
     return cfg, overrides
@@ -101,13 +102,13 @@ def plot_curve(metrics: list[dict], t0: float, png: Path) -> Path:
     return png
 
 
-def run_quality(out_dir: Path, quick: bool = False) -> dict[str, Any]:
+def run_quality(out_dir: Path, quick: bool = False, sets: list[str] | None = None) -> dict[str, Any]:
     from raylstm.ray_env import ensure_ray
     from raylstm.train import read_metrics, train
 
     if not AMAZON_CSV.exists():
         raise FileNotFoundError(f"quality run needs the real reviews at {AMAZON_CSV} (../shared/data/amazon)")
-    cfg, overrides = quality_config(quick)
+    cfg, overrides = quality_config(quick, sets)
     name = f"quality-{time.strftime('%Y%m%d-%H%M%S')}" + ("-quick" if quick else "")
     t0 = time.time()
     # Logical CPUs above the 2 physical ones: the workers' CPUs plus room for Ray Data's tasks (the
@@ -222,19 +223,21 @@ def to_markdown(q: dict[str, Any], command: str, png: str = "quality_curve.png")
     return "\n".join(lines)
 
 
-def run(out_dir: Path, quick: bool = False) -> str:
+def run(out_dir: Path, quick: bool = False, sets: list[str] | None = None) -> str:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    q = run_quality(out_dir, quick)
-    return to_markdown(q, ".venv/bin/python -m bench.quality" + (" --quick" if quick else ""))
+    q = run_quality(out_dir, quick, sets)
+    flags = (" --quick" if quick else "") + "".join(f" --set {o}" for o in sets or [])
+    return to_markdown(q, ".venv/bin/python -m bench.quality" + flags)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="64 steps: checks the path, not the figure")
+    ap.add_argument("--quick", action="store_true", help="128 steps: checks the path, not the figure")
     ap.add_argument("--out", default=str(ROOT / "bench" / "out"))
+    ap.add_argument("--set", action="append", default=[], help="a config override (section.field=value)")
     args = ap.parse_args()
-    md = run(Path(args.out), args.quick)
+    md = run(Path(args.out), args.quick, args.set)
     (Path(args.out) / "quality.md").write_text(md)
     print(md)
 
