@@ -171,6 +171,46 @@ def supervision(text_ids, vocab_size: int, seconds: float) -> dict:
     return out
 
 
+def _allreduce_worker(rank: int, store_path: str, n: int, out: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=2)
+    t = torch.zeros(2)
+    for _ in range(20):  # warm-up
+        dist.all_reduce(t)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        loss = torch.tensor(1.0)
+        t = torch.stack([loss, torch.tensor(0.0)])
+        dist.all_reduce(t)
+        t.tolist()
+    if rank == 0:
+        Path(out).write_text(str((time.perf_counter() - t0) / n))
+    dist.destroy_process_group()
+
+
+def step_overheads(n: int = 2000) -> dict:
+    """What the loop adds to every step beyond the step itself: the per-step dropout seed
+    (`step_seed` + torch.manual_seed) and `agree_on_step`'s all-reduce of [loss, report flag] between 2
+    gloo processes on this machine (the workers' case). Seconds per step, each."""
+    import torch
+    import torch.multiprocessing as mp
+
+    from raylstm.train_loop import step_seed
+
+    t0 = time.perf_counter()
+    for i in range(n):
+        torch.manual_seed(step_seed(1337, i, 0))
+    seed_s = (time.perf_counter() - t0) / n
+    tmp = Path(tempfile.mkdtemp(prefix="bench-ar-"))
+    mp.start_processes(
+        _allreduce_worker, args=(str(tmp / "store"), n, str(tmp / "out")), nprocs=2, start_method="spawn"
+    )
+    return {"seed_s": seed_s, "allreduce_s": float((tmp / "out").read_text())}
+
+
 def run(out_dir: Path, quick: bool = False) -> str:
     import ray
 
@@ -211,6 +251,7 @@ def run(out_dir: Path, quick: bool = False) -> str:
         bare = (bare_before + bare_after) / 2
         two = ray_pipeline((train_ds, val_ds), vocab, 2, steps_two, str(tmp / "runs"))
         sup = supervision(ids[:, :-1].reshape(-1), len(vocab), seconds=3.0 if quick else 6.0)
+        over = step_overheads(500 if quick else 2000)
     finally:
         if own_ray:
             ray.shutdown()
@@ -241,6 +282,12 @@ def run(out_dir: Path, quick: bool = False) -> str:
         f"| seed: 40-char windows every 3 chars, one prediction each (batch 128) | {sup['seed']:,.0f} | 1.0 |",
         f"| full: 128-char windows, a prediction at every position (batch 32) | {sup['full']:,.0f} "
         f"| **{sup['full'] / sup['seed']:.1f}x** |",
+        "",
+        f"Per-step additions of the loop (measured here, one thread each): the dropout seed of the step "
+        f"(`step_seed` + `torch.manual_seed`) {over['seed_s'] * 1e6:.0f} us; `agree_on_step`'s all-reduce of "
+        f"[loss, report flag] between 2 gloo processes {over['allreduce_s'] * 1e6:.0f} us (2 workers only), "
+        f"against a step of the model above at batch 32 of {32 * 128 / one['per_worker'] * 1e3:.0f} ms: "
+        f"{(over['seed_s'] + over['allreduce_s']) / (32 * 128 / one['per_worker']) * 100:.2f}% of it.",
         "",
         "The workers' chars/s covers training steps, data loading and metrics reports; evaluation and "
         "checkpoint pauses are excluded (the run's only evaluation is its last step) and show in the wall "

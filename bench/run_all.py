@@ -5,6 +5,7 @@ weights (seed_peer) and (opt-in) the quality run, each in its own process, then 
     .venv/bin/python -m bench.run_all --quick    # each piece in its quick mode (~1 min each)
     .venv/bin/python -m bench.run_all --with-quality   # + the 20-minute cpu-quality training run
     .venv/bin/python -m bench.run_all --with-conditioning   # + two 20-minute conditioning runs and figures
+    .venv/bin/python -m bench.run_all --with-plan200m   # + the seed's 200M-prediction plan (~35 minutes)
 
 Each piece runs in a fresh Python process (`python -m bench.run_all --one NAME`): a piece that starts Ray
 with its own resources, or crashes, or hangs past --timeout, cannot disturb the others. A missing or
@@ -167,10 +168,12 @@ def plot_learning_curves(out_dir: Path, png: Path) -> Path | None:
                 series.append((f"{name} (train)", t, bpc, "-"))
     quality = out_dir / "quality.json"
     if quality.exists():
-        curve = [c for c in json.loads(quality.read_text())["curve"] if c[0] is not None and c[2] is not None]
+        # bench.quality's curve: the val points, minutes since Ray start
+        curve = json.loads(quality.read_text())["curve"]
         if curve:
-            t0 = json.loads(quality.read_text())["curve"][0][0]
-            series.append(("cpu-quality (val)", [c[0] - t0 for c in curve], [c[2] for c in curve], "o-"))
+            series.append(
+                ("cpu-quality (val)", [c["minutes"] * 60 for c in curve], [c["val_bpc"] for c in curve], "o-")
+            )
     if not series:
         return None
     fig, ax = plt.subplots(figsize=(8, 4.5))
@@ -296,6 +299,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also bench.conditioning: conditioned and unconditioned 20-minute runs and their figures",
     )
+    ap.add_argument(
+        "--with-plan200m",
+        action="store_true",
+        help="also bench.plan200m: the ceiling grid, then 200M predictions through raylstm train (~35 min)",
+    )
     ap.add_argument("--only", nargs="*", help="run only these pieces (e.g. bench_eval peer_keras)")
     ap.add_argument(
         "--timeout", type=float, default=900.0, help="seconds before a piece is killed (quality: 1800)"
@@ -318,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
 
     pieces = discover() + ["peer_keras", "seed_peer"] + (["quality"] if args.with_quality else [])
     pieces += ["conditioning"] if args.with_conditioning else []
+    pieces += ["plan200m"] if args.with_plan200m else []
     if args.only:
         pieces = [p for p in pieces if p in args.only] + [p for p in args.only if p not in pieces]
     info = machine()
@@ -325,7 +334,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in pieces:
         # quality trains for ~20 min, conditioning one and two 20-minute runs plus figures; bench_scale
         # prepares 5 GB of corpora twice (~25 min; 10 MB and 100 MB only in --quick)
+        # plan200m: ~3 min of ceiling grid, ~30 min of training, ~5 min of held-out scoring
         long = {"quality": 1800.0, "conditioning": 4200.0, "bench_scale": 600.0 if args.quick else 3600.0}
+        long["plan200m"] = 900.0 if args.quick else 3600.0
         r = run_piece(name, out_dir, args.quick, long.get(name, args.timeout))
         r["command"] = command_for(name, args.quick)
         results.append(r)

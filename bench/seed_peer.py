@@ -211,24 +211,19 @@ def seed_bpc(texts: list[str], path: str | Path = SEED_H5, layout: str = "cudnn"
     }
 
 
-@torch.inference_mode()
+# How the original was trained (and sampled): 40-char windows from a zero state, lowercase ASCII text.
+SEED_DATA = DataConfig(lowercase=True, ascii_only=True, window_mode="seed", seed_context=CONTEXT)
+
+
 def generate(
     model: SeedLSTM, vocab: CharVocab, prime: str, n_chars: int, temperature: float, seed: int = 0
 ) -> str:
-    """Sample as the original did: each new char from the last 40 chars, re-read from a zero state.
-    Temperature 0 is argmax; the unknown id (chr(0), never in the training text) is never produced."""
-    gen = torch.Generator().manual_seed(seed)
-    ids = list(vocab.encode(prime.rjust(CONTEXT)))  # the model always read 40 chars: pad with spaces
-    for _ in range(n_chars):
-        logits, _ = model(torch.tensor([ids[-CONTEXT:]], dtype=torch.long))
-        last = logits[0, -1].float()
-        last[vocab.unk_id] = -math.inf
-        if temperature <= 0:
-            nxt = int(last.argmax())
-        else:
-            nxt = int(torch.multinomial(torch.softmax(last / temperature, -1), 1, generator=gen))
-        ids.append(nxt)
-    return vocab.decode(ids[-n_chars:]) if n_chars else ""
+    """raylstm's own sampler in seed mode: each new char from the last 40 chars, read from a zero state,
+    as the original sampled (temperature 0 is argmax; the unknown id, chr(0), is never produced)."""
+    from raylstm.sample import SampleParams, Sampler
+
+    params = SampleParams(temperature=temperature, max_chars=n_chars, seed=seed)
+    return Sampler(model, vocab, SEED_DATA).complete(prime, params).text
 
 
 def seed_peer_figure(
@@ -263,7 +258,7 @@ def markdown(fig: dict[str, Any], command: str) -> str:
         f"| seed model.h5 (cuDNN layout converted) | {fig['reviews']:,} | {fig['predictions']:,} "
         f"| {fig['bpc']:.3f} | {fig['seconds']:.0f} |",
         "",
-        f"Samples from `{fig['prime']}` (each char from the last 40, as the original sampled):",
+        f"Samples from `{fig['prime']}` (raylstm's sampler in seed mode: each char from the last 40):",
         "",
     ]
     for t, text in fig["samples"].items():

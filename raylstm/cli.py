@@ -23,6 +23,15 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_verbose_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show Ray's own log lines (workers, Train controller, Ray Data progress) and the full "
+        "config; by default a progress line (steps, chars/s, ETA, val bpc) and raylstm's own lines",
+    )
+
+
 def _config(args: argparse.Namespace):
     from raylstm.config import load_config
 
@@ -31,6 +40,10 @@ def _config(args: argparse.Namespace):
 
 # --- prepare -------------------------------------------------------------------------------------------
 def _prepare_parser(p: argparse.ArgumentParser) -> Command:
+    from typing import get_args
+
+    from raylstm.config import DataFormat
+
     p.add_argument(
         "sources", nargs="*", help="review files, dirs, globs or s3:// URIs (default: demo corpus)"
     )
@@ -38,7 +51,10 @@ def _prepare_parser(p: argparse.ArgumentParser) -> Command:
         "--out", required=True, help="output directory (Parquet shards, vocab.json, manifest.json)"
     )
     p.add_argument(
-        "--format", help="force a format: tsv, json, json2014, json2023, csv, parquet, text, blitzer"
+        "--format",
+        choices=get_args(DataFormat),
+        metavar="FORMAT",
+        help="force a format: %(choices)s (default: data.format, auto: from file names and columns)",
     )
     p.add_argument(
         "--strict", action="store_true", help="fail on the first malformed row, naming file and line"
@@ -124,6 +140,7 @@ def _train_parser(p: argparse.ArgumentParser) -> Command:
     p.add_argument(
         "--address", default=None, help="Ray address to join (default: RAY_ADDRESS or a local Ray)"
     )
+    _add_verbose_arg(p)
 
     def run(args: argparse.Namespace) -> int:
         from raylstm.train import train
@@ -137,7 +154,9 @@ def _train_parser(p: argparse.ArgumentParser) -> Command:
         if args.gpu:
             cfg.train.use_gpu = True
         try:
-            result = train(cfg, storage=args.storage, name=args.name, address=args.address)
+            result = train(
+                cfg, storage=args.storage, name=args.name, address=args.address, verbose=args.verbose
+            )
         except TrainingDiverged as e:
             # Not a crash: the message says which setting to change, and the checkpoints before it stand.
             print(f"raylstm train: {e}", file=sys.stderr)
@@ -245,13 +264,23 @@ def _sample_parser(p: argparse.ArgumentParser) -> Command:
 # --- serve ---------------------------------------------------------------------------------------------
 def _serve_parser(p: argparse.ArgumentParser) -> Command:
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--run", help="run dir: serve its best checkpoint and follow best.json")
-    src.add_argument("--checkpoint", help="serve this checkpoint dir")
+    src.add_argument("--run", help="run dir: serve its best checkpoint and follow best.json (hot reload)")
+    src.add_argument("--checkpoint", help="serve this checkpoint dir (or s3:// URI)")
     _add_config_args(p)
-    p.add_argument("--host", help="bind address (default 127.0.0.1)")
-    p.add_argument("--port", type=int)
-    p.add_argument("--replicas", type=int)
+    p.add_argument("--host", help="bind address (default 127.0.0.1; 0.0.0.0 exposes it: put TLS in front)")
+    p.add_argument("--port", type=int, help="HTTP port (default 8000)")
+    p.add_argument("--replicas", type=int, help="replicas (each its own engine and batch; default 1)")
     p.add_argument("--gpu", action="store_true", help="one GPU per replica")
+    p.add_argument(
+        "--max-batch-size",
+        type=int,
+        help="rows per model step per replica (serve.max_batch_size, default 32)",
+    )
+    p.add_argument(
+        "--max-queued",
+        type=int,
+        help="requests waiting per replica before 429 + Retry-After (serve.max_queued, default 64)",
+    )
     p.add_argument(
         "--address", default=None, help="Ray address to join (default: RAY_ADDRESS or a local Ray)"
     )
@@ -259,7 +288,21 @@ def _serve_parser(p: argparse.ArgumentParser) -> Command:
     def run(args: argparse.Namespace) -> int:
         from raylstm.serve import run_server
 
-        return run_server(args, _config(args))
+        cfg = _config(args).serve
+        if args.host:
+            cfg.host = args.host
+        if args.port is not None:
+            cfg.port = args.port
+        if args.replicas:
+            cfg.num_replicas = args.replicas
+            cfg.max_replicas = max(cfg.max_replicas, args.replicas)
+        if args.gpu:
+            cfg.num_gpus = 1.0
+        if args.max_batch_size:
+            cfg.max_batch_size = args.max_batch_size
+        if args.max_queued is not None:
+            cfg.max_queued = args.max_queued
+        return run_server(args.run or args.checkpoint, cfg, follow=bool(args.run), address=args.address)
 
     return run
 
@@ -381,11 +424,20 @@ def _classify_parser(p: argparse.ArgumentParser) -> Command:
 # --- demo ----------------------------------------------------------------------------------------------
 def _demo_parser(p: argparse.ArgumentParser) -> Command:
     p.add_argument("--workdir", default="runs/demo", help="where the demo writes its prepared data and run")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="override one field of configs/demo.toml, e.g. --set train.max_steps=100 (repeatable)",
+    )
+    _add_verbose_arg(p)
 
     def run(args: argparse.Namespace) -> int:
         from raylstm.demo import run_demo
 
-        return run_demo(args.workdir)
+        return run_demo(args.workdir, args.overrides, verbose=args.verbose)
 
     return run
 

@@ -17,6 +17,10 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
+# The review formats `data.format` names (sources.py reads each; formats.py has the field table of each
+# layout). A Literal, so a wrong value fails where the config is loaded, naming the field.
+DataFormat = Literal["auto", "tsv", "json", "json2014", "json2023", "csv", "parquet", "text", "blitzer"]
+
 
 @dataclass
 class DataConfig:
@@ -25,7 +29,7 @@ class DataConfig:
     sources: list[str] = field(default_factory=list)
     # "auto" detects from file name and columns; or one of: tsv, json, json2014, json2023, csv, parquet,
     # text, blitzer (formats.py has the field table of each layout).
-    format: str = "auto"
+    format: DataFormat = "auto"
     # The text column of files whose columns match no published layout (other Parquet, CSV or JSON).
     text_column: str = "text"
     # File glob -> category, for files whose records name none (2014/2018/2023 review files do not; TSV
@@ -135,7 +139,8 @@ class TrainConfig:
     log_every: int = 50
     # Validation + checkpoint cadence in steps; a killed worker loses at most this much work.
     eval_every: int = 250
-    # Cap on validation batches per eval (per worker) so evals stay cheap on big corpora; 0 = all.
+    # Cap on validation batches per eval (of 512 reviews; seed mode: of batch_size windows) so evals stay
+    # cheap on big corpora; 0 = all.
     max_val_batches: int = 0
     keep_checkpoints: int = 3
     max_failures: int = 1
@@ -160,8 +165,17 @@ class ServeConfig:
     max_replicas: int = 1
     num_cpus: float = 0.5
     num_gpus: float = 0.0
+    # Rows (samples) in one model step per replica: the continuous batch. Requests join between steps.
     max_batch_size: int = 32
-    batch_wait_timeout_s: float = 0.01
+    # Requests waiting for a batch slot per replica; past it a request gets 429 + Retry-After at once
+    # (also Serve's own bound on what its proxy queues when every replica is full).
+    max_queued: int = 64
+    # Retry-After (seconds) sent with 429/503.
+    retry_after_s: float = 1.0
+    # A request still queued or generating after this many seconds is cancelled: 503 (0 = no limit).
+    request_timeout_s: float = 300.0
+    # A replica being stopped (redeploy, downscale, shutdown) finishes in-flight requests for this long.
+    drain_timeout_s: float = 60.0
     # Caps that keep one request from holding a replica: past them, a 4xx, never a hang.
     max_prompt_chars: int = 4096
     max_new_chars: int = 2000

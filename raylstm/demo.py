@@ -41,15 +41,20 @@ def _post_json(url: str, body: dict) -> dict:
         return json.loads(r.read())
 
 
-def run_demo(workdir: str | Path = "runs/demo", overrides: list[str] | None = None) -> int:
+def run_demo(
+    workdir: str | Path = "runs/demo", overrides: list[str] | None = None, verbose: bool = False
+) -> int:
+    """The demo; `overrides` are `--set` strings for configs/demo.toml, `verbose` shows Ray's own lines."""
     from raylstm.prepare import prepare
-    from raylstm.ray_env import ensure_ray
+    from raylstm.ray_env import ensure_ray, quiet_ray_console
     from raylstm.serve import start_server
     from raylstm.train import train
 
     workdir = Path(workdir).resolve()
     cfg = demo_config(overrides)
-    ensure_ray()
+    ensure_ray(log_to_driver=verbose)
+    if not verbose:
+        quiet_ray_console()
 
     t0 = time.perf_counter()
     print("== 1/3 prepare: demo corpus -> cleaned, split Parquet shards + vocab.json", flush=True)
@@ -59,7 +64,7 @@ def run_demo(workdir: str | Path = "runs/demo", overrides: list[str] | None = No
     print(f"== 2/3 train: {cfg.train.num_workers} Ray Train workers, {cfg.train.max_steps} steps", flush=True)
     cfg.data.sources = [str(workdir / "prepared")]
     run_name = f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
-    result = train(cfg, storage=str(workdir / "runs"), name=run_name)
+    result = train(cfg, storage=str(workdir / "runs"), name=run_name, verbose=verbose)
     print(f"best val bpc {result.best_metrics['val_bpc']:.3f} at {result.best_checkpoint}", flush=True)
 
     print("== 3/3 serve: the best checkpoint over HTTP, sampled at the original temperatures", flush=True)

@@ -20,6 +20,11 @@ Workarounds (measured on Ray 2.60.0, 2 cores; recheck them when the Ray pin in p
                             shows twice on the driver.
   serve_http_address()      Serve's actual HTTP host/port (an earlier serve.start wins) are only on the
                             private global client.
+  ray_logs_dir()            the session's log directory (where a quiet run's Ray lines go) is only on
+                            the private global node.
+  quiet_ray_console()       Ray Data logs every execution's plan and progress to the driver's console
+                            at INFO (100+ lines before a demo run trains), and warns once, from an
+                            internal module, that the progress bars are off when they are turned off.
 """
 
 from __future__ import annotations
@@ -104,3 +109,31 @@ def serve_http_address(default_host: str, default_port: int) -> tuple[str, int]:
         return http.host, http.port
     except (ImportError, AttributeError):
         return default_host, default_port
+
+
+def ray_logs_dir() -> str | None:
+    """This Ray session's log directory on the driver's node, or None when Ray cannot say."""
+    try:
+        return ray._private.worker._global_node.get_logs_dir_path()
+    except AttributeError:
+        return None
+
+
+def quiet_ray_console() -> None:
+    """Keep Ray Data's per-execution output off this process's console: no execution-plan lines, no
+    progress bars, and its INFO log lines only in its log file (ray-data.log in the Ray session's logs).
+    Warnings and errors still reach the console. For the driver of a run that shows its own progress
+    (raylstm.progress; see the module docstring)."""
+    import logging
+
+    from ray.data.context import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler):  # the console; its file handler keeps everything
+            handler.setLevel(logging.WARNING)
+    # The module that picks a progress UI warns once that the bars are off, which is the point here; it
+    # logs nothing else (Ray 2.60).
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)

@@ -11,14 +11,18 @@
         scores --/ temperature, min_p, top-k, top-p (each row its own)--> probs --u ~ rng_row--> ids [B]
         ids [B, 1] --model (state [L, B, H], or the window [B, W])--> logits [B, V]
 
-Every row owns its parameters and its own random generator (seeded by the request's seed plus the
-sample index) and draws exactly one uniform number per character, so a row's text depends only on its
-prompt, parameters, seed and the checkpoint: never on what else is in the batch. That is why the
+Every row owns its parameters and its own random stream (SplitMix64 keyed by the request's seed plus
+the sample index: the k-th character uses the stream's k-th number, drawn for the whole batch in one
+vectorized call), so a row's text depends only on its prompt, parameters, seed and the checkpoint:
+never on what else is in the batch. That is why the
 trainer's printed samples, `raylstm sample --seed S`, `/v1/generate` and `/v1/completions` agree.
 
 `Sampler.generate` runs a set of rows to completion (the trainer, the CLI, benchmarks, tests); the
-engine (`raylstm.engine`) calls `start`/`step` to batch requests continuously. `Sampler._forward` is the
-one place the model is called, so a per-row conditioning input (rating, category) has one place to go.
+engine (`raylstm.engine`) calls `start_many`/`step` to batch requests continuously.
+
+Extending it with a per-row conditioning input (a rating, a category): add the field to SampleParams
+(validated there), stack it in `_build` like the other per-row parameters (`_Batch.p`), and pass it to
+`_forward`, the one place the model is called (prefill in `start_many`, each step in `step`).
 """
 
 from __future__ import annotations
@@ -207,8 +211,6 @@ class Row:
         self.seed = seed
         self.index = index
         self.prompt = prompt
-        # PCG64 per row: ~0.3 us a draw, independent of every other row.
-        self.rng = np.random.Generator(np.random.PCG64(seed))
         # Model state between steps. Stale while the row sits in its sampler's cached batch (see _Batch).
         self.state: tuple[torch.Tensor, torch.Tensor] | None = None  # (h, c) [L, 1, H], full mode
         self.window: list[int] = []  # the last seed_context ids, seed mode
@@ -283,6 +285,20 @@ class Row:
         )
 
 
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def uniforms(seeds: np.ndarray, draws: np.ndarray) -> np.ndarray:
+    """The next uniform in [0, 1) of each row's SplitMix64 stream (Vigna's): for seed s, the k-th number
+    (k = draws, 0-based) mixes s + (k + 1) * golden. Vectorized over rows; float64 with 53 random bits."""
+    with np.errstate(over="ignore"):  # uint64 arithmetic wraps, as SplitMix64 wants
+        z = seeds + (draws + np.uint64(1)) * _GOLDEN
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z ^= z >> np.uint64(31)
+    return (z >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
 def choose_next(
     scores: torch.Tensor,
     temperature: torch.Tensor,
@@ -301,7 +317,8 @@ def choose_next(
     when no row in the batch uses top-k/top-p (the result is the same)."""
     B, V = scores.shape
     greedy = temperature <= 0
-    t = torch.where(greedy, torch.ones_like(temperature), temperature)
+    any_greedy = bool(greedy.any())
+    t = torch.where(greedy, torch.ones_like(temperature), temperature) if any_greedy else temperature
     probs = torch.softmax(scores / t[:, None], dim=-1)
     if bool((min_p > 0).any()):
         probs = probs.masked_fill(probs < min_p[:, None] * probs.amax(-1, keepdim=True), 0.0)
@@ -318,8 +335,8 @@ def choose_next(
         probs = probs * torch.zeros_like(probs, dtype=torch.bool).scatter(1, order, keep)
     cdf = probs.cumsum(-1)
     # The first id whose cdf exceeds u * total: it has probability > 0 (the unknown id never comes out).
-    pick = (cdf <= (u * cdf[:, -1])[:, None]).sum(-1).clamp(max=V - 1)
-    return torch.where(greedy, scores.argmax(-1), pick)
+    pick = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(1).clamp(max=V - 1)
+    return torch.where(greedy, scores.argmax(-1), pick) if any_greedy else pick
 
 
 @dataclass
@@ -335,6 +352,8 @@ class _Batch:
     counts: torch.Tensor | None  # [B, V] float64 (only when some row has penalties)
     seen: torch.Tensor | None  # [B, V] bool
     p: dict[str, torch.Tensor]  # per-row parameters [B] (and "bias" [B, V])
+    seeds: np.ndarray  # [B] uint64: each row's random stream
+    draws: np.ndarray  # [B] uint64: numbers drawn so far (one per character generated)
 
     @property
     def key(self) -> tuple[int, ...]:
@@ -351,6 +370,8 @@ class _Batch:
             None if self.counts is None else self.counts.index_select(0, i),
             None if self.seen is None else self.seen.index_select(0, i),
             {k: v.index_select(0, i) for k, v in self.p.items()},
+            self.seeds[idx],
+            self.draws[idx],
         )
 
 
@@ -449,6 +470,17 @@ class Sampler:
         ids = [self.vocab.stoi.get(c, self.vocab.unk_id) for c in text]
         return Prompt(text, prompt, changes, self.vocab.unknown_chars(text), ids)
 
+    def prompt_from_ids(self, ids: Sequence[int]) -> Prompt:
+        """A prompt given as character ids (OpenAI's token-id prompts): read exactly, never cleaned."""
+        V = len(self.vocab)
+        bad = [i for i in ids if not 0 <= i < V]
+        if bad or not ids:
+            raise SampleParamError(
+                "prompt", f"prompt ids must be 0..{V - 1} (GET /v1/model lists them), got {bad[:5] or ids}"
+            )
+        text = "".join(self.itos[i] for i in ids)
+        return Prompt(text, text, [], ["\ufffd"] if self.vocab.unk_id in ids else [], list(ids))
+
     def check_params(self, params: SampleParams) -> None:
         """The vocabulary-dependent checks: logit_bias ids must be characters (not the unknown id)."""
         V = len(self.vocab)
@@ -477,38 +509,58 @@ class Sampler:
             out.top_logprobs = [None] * len(ids)
         return out
 
-    @torch.inference_mode()
     def start(
         self, prompt: str | Prompt, params: SampleParams, n: int = 1, first_index: int = 0
     ) -> list[Row]:
         """Read the prompt once; n rows share that state, with seeds seed+0 .. seed+n-1."""
-        self.check_params(params)
-        p = prompt if isinstance(prompt, Prompt) else self.prepare_prompt(prompt, params.clean_prompt)
-        ids = torch.tensor([p.ids], dtype=torch.long)
-        state = None
-        if self.window:
-            window = p.ids[-self.window :]
-            last = self._window_logits([window])[0]
-            if params.prompt_logprobs is not None:  # each char from the window before it, zero state
+        return self.start_many([(prompt, params, n)], first_index)[0]
+
+    @torch.inference_mode()
+    def start_many(
+        self, requests: Sequence[tuple[str | Prompt, SampleParams, int]], first_index: int = 0
+    ) -> list[list[Row]]:
+        """Start several prompts at once: prompts of one length are read in one batched model call
+        (prefill costs as much as generating that many characters, so this matters under load).
+        Raises SampleParamError for the first bad one (the engine starts requests one by one then)."""
+        prepared = []
+        for prompt, params, n in requests:
+            self.check_params(params)
+            p = prompt if isinstance(prompt, Prompt) else self.prepare_prompt(prompt, params.clean_prompt)
+            prepared.append((p, params, n))
+        by_len: dict[int, list[int]] = {}
+        for i, (p, _, _) in enumerate(prepared):
+            by_len.setdefault(len(p.ids), []).append(i)
+        starts: list[tuple[Any, list[int], torch.Tensor] | None] = [None] * len(prepared)
+        for idx in by_len.values():
+            if self.window:
+                windows = [prepared[i][0].ids[-self.window :] for i in idx]
+                lasts = self._window_logits(windows)
+                for j, i in enumerate(idx):
+                    starts[i] = (None, windows[j], lasts[j])
+            else:
+                logits, (h, c) = self._forward(torch.tensor([prepared[i][0].ids for i in idx]), None)
+                for j, i in enumerate(idx):
+                    starts[i] = ((h[:, j : j + 1], c[:, j : j + 1]), [], logits[j, -1])
+                    if prepared[i][1].prompt_logprobs is not None:
+                        p = prepared[i][0]
+                        p.logprobs = self._prompt_logprobs(logits[j], p.ids, prepared[i][1].prompt_logprobs)
+        out = []
+        for (p, params, n), (state, window, last) in zip(prepared, starts):
+            if self.window and params.prompt_logprobs is not None:  # each char from its window, zero state
                 ctx = [p.ids[max(0, i - self.window + 1) : i + 1] for i in range(len(p.ids))]
                 p.logprobs = self._prompt_logprobs(self._window_logits(ctx), p.ids, params.prompt_logprobs)
-        else:
-            window = []
-            logits, state = self._forward(ids, None)
-            last = logits[0, -1]
-            if params.prompt_logprobs is not None:
-                p.logprobs = self._prompt_logprobs(logits[0], p.ids, params.prompt_logprobs)
-        base = params.seed if params.seed is not None else secrets.randbits(62)
-        rows = []
-        for i in range(n):
-            r = Row(self, params, base + i, first_index + i, p)
-            r.state, r.window, r.logits = state, list(window), last
-            if params.penalized:
-                r.counts = torch.zeros(len(self.vocab), dtype=torch.float64)
-                r.seen = torch.zeros(len(self.vocab), dtype=torch.bool)
-                r.seen[ids[0]] = True
-            rows.append(r)
-        return rows
+            base = params.seed if params.seed is not None else secrets.randbits(62)
+            rows = []
+            for i in range(n):
+                r = Row(self, params, base + i, first_index + i, p)
+                r.state, r.window, r.logits = state, list(window), last
+                if params.penalized:
+                    r.counts = torch.zeros(len(self.vocab), dtype=torch.float64)
+                    r.seen = torch.zeros(len(self.vocab), dtype=torch.bool)
+                    r.seen[torch.tensor(p.ids, dtype=torch.long)] = True
+                rows.append(r)
+            out.append(rows)
+        return out
 
     # --- one step ---------------------------------------------------------------------------------------
     def _build(self, rows: list[Row]) -> _Batch:
@@ -544,6 +596,8 @@ class Sampler:
             torch.stack([zeros if r.counts is None else r.counts for r in rows]) if penal else None,
             torch.stack([nothing if r.seen is None else r.seen for r in rows]) if penal else None,
             p,
+            np.array([r.seed for r in rows], dtype=np.uint64),
+            np.array([r.n_chars for r in rows], dtype=np.uint64),
         )
 
     def _spill(self) -> None:
@@ -589,7 +643,8 @@ class Sampler:
         b = self._batch
         z = self.scores(b)
         logprobs = torch.log_softmax(z, dim=-1)
-        u = torch.tensor([r.rng.random() for r in rows], dtype=torch.float64)
+        u = torch.from_numpy(uniforms(b.seeds, b.draws))
+        b.draws += np.uint64(1)
         truncate = any(r.params.truncated for r in rows)
         nxt_t = choose_next(z, b.p["temperature"], b.p["top_k"], b.p["top_p"], b.p["min_p"], u, truncate)
         chosen = logprobs.gather(1, nxt_t[:, None]).squeeze(1).tolist()
@@ -602,7 +657,7 @@ class Sampler:
             top = None
             if r.params.logprobs:  # top-k alternatives, and the chosen char even when outside them
                 kk = r.params.logprobs
-                top = {self.itos[j]: v for j, v in zip(top_i[i][:kk], top_v[i][:kk])}
+                top = {self.itos[j]: v for j, v in zip(top_i[i][:kk], top_v[i][:kk]) if v > -math.inf}
                 top.setdefault(self.itos[t], chosen[i])
             r.push(self.itos[t], chosen[i], top)
             if not r.finished:
@@ -644,7 +699,7 @@ class Sampler:
             raise ValueError(f"{len(prompts)} prompts but {len(params)} parameter sets")
         width = max(n, best_of or n)
         with _eval_mode(self.model):
-            groups = [self.start(p, sp, width) for p, sp in zip(prompts, params)]
+            groups = self.start_many([(p, sp, width) for p, sp in zip(prompts, params)])
             rows = [r for g in groups for r in g]
             while any(not r.finished for r in rows):
                 self.step(rows)

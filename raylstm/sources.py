@@ -32,7 +32,7 @@ import re
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, get_args
 
 import orjson
 import pyarrow as pa
@@ -41,6 +41,7 @@ import pyarrow.parquet as pq
 from ray.data.datasource import FileBasedDatasource
 
 from raylstm import storage
+from raylstm.config import DataFormat
 from raylstm.formats import (
     LAYOUTS,
     ColumnMap,
@@ -53,7 +54,7 @@ from raylstm.formats import (
     text_reason,
 )
 
-FORMATS = ("auto", "tsv", "json", "json2014", "json2023", "csv", "parquet", "text", "blitzer")
+FORMATS: tuple[str, ...] = get_args(DataFormat)
 _EXT_FORMAT = {
     ".tsv": "tsv",
     ".json": "json",
@@ -113,8 +114,7 @@ class ReadOptions:
 
     @classmethod
     def from_config(cls, cfg) -> ReadOptions:
-        if cfg.format not in FORMATS:
-            raise DataError(f"data.format must be one of {FORMATS}, got {cfg.format!r}")
+        # cfg.format is a config.DataFormat, checked where the config is loaded (and by prepare --format).
         return cls(
             format=cfg.format,
             text_column=cfg.text_column,

@@ -28,7 +28,6 @@ from typing import Any
 
 import ray
 import ray.train
-from ray.data import ExecutionOptions
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
 from ray.train.torch import TorchTrainer
 
@@ -36,7 +35,8 @@ from raylstm import storage as store
 from raylstm.checkpoint import BEST, load_checkpoint, write_best
 from raylstm.conditions import ConditionVocab
 from raylstm.config import Config
-from raylstm.ray_env import quiet_dataset
+from raylstm.progress import MetricsFollower
+from raylstm.ray_env import quiet_dataset, quiet_ray_console, ray_logs_dir
 from raylstm.sample import training_samples
 from raylstm.train_loop import SAMPLES_FILE, TrainingDiverged, train_loop_per_worker
 from raylstm.vocab import CharVocab
@@ -105,6 +105,8 @@ class RunLog(UserCallback):
     def _tensorboard(self, line: dict[str, Any]) -> None:
         """The report's scalars, at its step, in the run dir's TensorBoard event file (flushed now, so
         TensorBoard shows a run while it trains; a continued run adds a new event file beside the old)."""
+        if not isinstance(line.get("step"), int):
+            return  # nothing to place on TensorBoard's step axis
         if self._writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -114,7 +116,7 @@ class RunLog(UserCallback):
             scalars["train/bpc"] = line["train_loss"] / math.log(2)
         for tag, value in scalars.items():
             if isinstance(value, (int, float)) and math.isfinite(value):
-                self._writer.add_scalar(tag, value, int(line["step"]), walltime=line["time"])
+                self._writer.add_scalar(tag, value, line["step"], walltime=line["time"])
         self._writer.flush()
 
     def _best_so_far(self) -> float:
@@ -171,13 +173,19 @@ def train(
     name: str | None = None,
     address: str | None = None,
     ray_init_kwargs: dict | None = None,
+    verbose: bool = False,
 ) -> TrainResult:
-    """Train `cfg` on its data sources with Ray Train; returns where the run and its best checkpoint are."""
+    """Train `cfg` on its data sources with Ray Train; returns where the run and its best checkpoint are.
+
+    The console shows raylstm's own lines and a progress line (`raylstm.progress`); `verbose` shows
+    Ray's log lines instead (workers, the Train controller, Ray Data's per-execution progress)."""
     from raylstm.data import condition_vocab, load_splits, window_dataset
     from raylstm.ray_env import ensure_ray
 
     if not ray.is_initialized():
-        ensure_ray(address, **(ray_init_kwargs or {}))
+        ensure_ray(address, **{"log_to_driver": verbose, **(ray_init_kwargs or {})})
+    if not verbose:
+        quiet_ray_console()
     name = name or default_run_name(cfg)
     storage_path, run_dir = resolve_storage(storage, name)
     # Raw sources are prepared once into the run's own data/ (streamed, never held in the object store),
@@ -202,6 +210,7 @@ def train(
         name=name,
         manifest=getattr(splits, "manifest", None),
         conditions=conditions,
+        verbose=verbose,
     )
 
 
@@ -214,13 +223,16 @@ def fit_windows(
     name: str | None = None,
     manifest: dict | None = None,
     conditions: ConditionVocab | None = None,
+    verbose: bool = False,
 ) -> TrainResult:
     """Run TorchTrainer on ready datasets and write the run's outputs.
 
     `train_ds` rows are {"ids": int32[width]} from `data.window_dataset`; `val_ds` rows are either reviews
     {"text": str} (each scored whole, from a zero state, every character with the review before it) or
     windows {"ids"} (what seed mode validates on). A conditioned model (model.conditions) needs its
-    `conditions` vocabulary, and rows that carry them ("cond"; the val reviews' rating/category)."""
+    `conditions` vocabulary, and rows that carry them ("cond"; the val reviews' rating/category). While
+    it runs, the driver follows metrics.jsonl and shows the progress (`raylstm.progress`): one live line
+    on a terminal, plain lines elsewhere (always plain with `verbose`, where Ray's own lines interleave)."""
     cfg.model.vocab_size = len(vocab)
     if list(cfg.model.conditions) != (list(conditions.fields) if conditions else []):
         raise ValueError(
@@ -261,15 +273,24 @@ def fit_windows(
             min(tcfg.max_steps, tcfg.epochs * steps_per_epoch) if steps_per_epoch else tcfg.max_steps
         )
 
-    print(f"[raylstm] run dir {run_dir}\n[raylstm] resolved config:\n{cfg.to_json()}", flush=True)
     (run_dir / CONFIG_FILE).write_text(cfg.to_json())
+    if verbose:
+        print(f"[raylstm] run dir {run_dir}\n[raylstm] resolved config:\n{cfg.to_json()}", flush=True)
+    else:
+        print(f"[raylstm] run dir {run_dir} (resolved config: {CONFIG_FILE} there)", flush=True)
+        print(
+            f"[raylstm] {tcfg.num_workers} worker(s), {total_steps} steps; Ray's own log lines are in "
+            f"{ray_logs_dir() or 'the Ray session logs'} (--verbose shows them here)",
+            flush=True,
+        )
     if manifest:
         (run_dir / "data_manifest.json").write_text(
             json.dumps(manifest, indent=2, sort_keys=True, default=str)
         )
 
     reports_before = len(read_metrics(run_dir)) if (run_dir / METRICS_FILE).exists() else 0
-    train_options = ExecutionOptions(preserve_order=cfg.data.preserve_order)
+    train_options = ray.train.DataConfig.default_ingest_options()  # the DataContext's limits, kept
+    train_options.preserve_order = cfg.data.preserve_order
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -305,7 +326,8 @@ def fit_windows(
             datasets_to_split=["train"], execution_options={"train": train_options}
         ),
     )
-    result = trainer.fit()
+    with MetricsFollower(run_dir / METRICS_FILE, total_steps, live=False if verbose else None):
+        result = trainer.fit()
     raise_if_diverged(run_dir, reports_before)
     return finish_run(cfg, run_dir, result, run_uri(storage_path, name))
 

@@ -46,6 +46,7 @@ def test_string_override_without_quotes():
         ("train.num_workers=1.5", "train.num_workers"),
         ("model.kind=gru", "model.kind"),
         ("data.dedupe=3", "data.dedupe"),
+        ("data.format=jsonl", "data.format"),  # a Literal: the reader never sees an unknown format
     ],
 )
 def test_bad_override_names_the_field(override, field):

@@ -59,8 +59,13 @@ def test_the_cudnn_conversion_is_keras_own_formula() -> None:
         assert np.array_equal(recurrent[:, g * units : (g + 1) * units], u[g].T)
 
 
+def _words(text: str) -> list[str]:
+    """Runs of 3+ letters: single letters and pairs ("a", "i", "ar") occur in any letter soup."""
+    return [w for w in re.findall(r"[a-z]+", text) if len(w) >= 3]
+
+
 def _word_fraction(text: str, known: set[str]) -> float:
-    words = re.findall(r"[a-z]+", text)
+    words = _words(text)
     return sum(w in known for w in words) / max(1, len(words))
 
 
@@ -88,6 +93,6 @@ def test_converted_weights_are_a_language_model_and_the_stored_layout_is_not(
     text = generate(model, vocab, PRIME, 300, temperature=0.2, seed=0)
     bad_model, _ = load_seed_model(SEED_H5, "stored")
     bad = generate(bad_model, vocab, PRIME, 300, temperature=0.2, seed=0)
-    assert len(re.findall(r"[a-z]+", text)) >= 30  # words, not one long run of letters
-    assert _word_fraction(text, known) >= 0.9, text
-    assert _word_fraction(bad, known) < 0.5, bad
+    assert len(_words(text)) >= 25  # words, not one long run of letters
+    assert _word_fraction(text, known) >= 0.9, text  # 0.975 measured
+    assert _word_fraction(bad, known) < 0.3, bad  # 0.0 measured

@@ -6,6 +6,7 @@ import gzip
 import json
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -401,6 +402,24 @@ def _as_string(v) -> str:
     return ("True" if v else "False") if isinstance(v, bool) else str(v)
 
 
+def _narrow(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    """The types a Parquet writer may choose for the same values: int32 ratings and time stamps, float32
+    ratings, dictionary-encoded strings (as Spark, pandas and Amazon's own Parquet exports write them)."""
+    t = column.type
+    if pa.types.is_int64(t):
+        return column.cast(pa.int32()) if pc.max(column).as_py() < 2**31 else column
+    if pa.types.is_float64(t):
+        return column.cast(pa.float32())
+    if pa.types.is_string(t):
+        return column.dictionary_encode()
+    return column
+
+
+# Each layout's records in every container: (file name, writer). The Parquet files hold the values typed
+# as the JSON has them, narrowed (int32/float32/dictionary), and all as strings (a TSV converted as is).
+CONTAINERS = ("r.jsonl", "r.tsv", "r.csv", "r.parquet", "r-narrow.parquet", "r-strings.parquet")
+
+
 def write_all_containers(root, layout: str) -> None:
     import csv
 
@@ -416,36 +435,50 @@ def write_all_containers(root, layout: str) -> None:
         w = csv.writer(f)
         w.writerow(cols)
         w.writerows([[_as_string(r[c]) for c in cols] for r in recs])
-    pq.write_table(pa.Table.from_pylist(recs), d / "r.parquet")
+    typed = pa.Table.from_pylist(recs)
+    pq.write_table(typed, d / "r.parquet")
+    narrow = pa.table({c: _narrow(typed.column(c)) for c in cols})
+    assert narrow.schema != typed.schema
+    pq.write_table(narrow, d / "r-narrow.parquet")
+    pq.write_table(
+        pa.Table.from_pylist([{c: _as_string(r[c]) for c in cols} for r in recs]), d / "r-strings.parquet"
+    )
 
 
 def test_same_reviews_from_every_container_and_layout_agree(ray_session, tmp_path):
+    """The same four reviews in each layout (TSV, 2014, 2023 columns), each written as JSON lines, TSV,
+    CSV and three Parquet files: every copy has the layout's key, the split that key gives, and the
+    review's own rating, verified flag and category."""
+    from raylstm.data import split_of
+
     for layout in LAYOUT_RECORDS:
         write_all_containers(tmp_path, layout)
-    s = load_splits(cfg([tmp_path]))
-    assert s.manifest["rows"]["records"] == 4 * 4 * 3 and s.manifest["skipped"] == {}
+    fractions = {"val_fraction": 0.3, "test_fraction": 0.3}  # all three splits occur among four keys
+    s = load_splits(cfg([tmp_path], **fractions))
+    n = len(REVIEWS) * len(CONTAINERS) * len(LAYOUT_RECORDS)
+    assert s.manifest["rows"]["records"] == n and s.manifest["skipped"] == {}
     got: dict[tuple[str, str], list] = {}
     for split in ("train", "val", "test"):
         for r in getattr(s, split).take_all():
-            layout, container = r["source"].rsplit("/", 2)[-2], r["source"].rsplit(".", 1)[-1]
-            got.setdefault((layout, container), []).append(
+            layout, name = r["source"].rsplit("/", 2)[-2:]
+            got.setdefault((layout, name), []).append(
                 (r["text"], r["key"], split, r["rating"], r["verified"], r["category"])
             )
-    assert len(got) == 12
-    for layout in LAYOUT_RECORDS:
-        want = sorted(got[(layout, "jsonl")])
-        for container in ("tsv", "csv", "parquet"):
-            assert sorted(got[(layout, container)]) == want, (layout, container)
+    assert sorted(got) == sorted((layout, name) for layout in LAYOUT_RECORDS for name in CONTAINERS)
     # the keys each layout names (so the split follows the review, not the file it came in)
-    keys = {layout: sorted(x[1] for x in got[(layout, "parquet")]) for layout in LAYOUT_RECORDS}
-    assert keys == {
-        "tsv": ["R1", "R2", "R3", "R4"],
-        "json2014": [f"R{i}|B001" for i in range(1, 5)],
-        "json2023": [f"R{i}|B001|1588687728923" for i in range(1, 5)],
+    key_of = {
+        "tsv": lambda rid: rid,
+        "json2014": lambda rid: f"{rid}|B001",
+        "json2023": lambda rid: f"{rid}|B001|1588687728923",
     }
-    by_text = {x[0]: x for x in got[("json2023", "csv")]}
-    for _, text, rating, verified, category in REVIEWS:
-        assert by_text[text][3:] == (float(rating), verified, category)
+    for layout in LAYOUT_RECORDS:
+        want = sorted(
+            (text, key_of[layout](rid), split_of(key_of[layout](rid), **fractions), float(r), v, c)
+            for rid, text, r, v, c in REVIEWS
+        )
+        assert len({w[2] for w in want}) > 1, "the split check needs more than one split"
+        for name in CONTAINERS:
+            assert sorted(got[(layout, name)]) == want, (layout, name)
 
 
 # --- every kind of bad record, end to end through Ray: the manifest's accounting -----------------------

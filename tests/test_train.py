@@ -124,3 +124,39 @@ def test_a_diverged_loss_stops_the_run_at_once_naming_the_setting_to_change(ray_
     assert len(stop) == 1 and stop[0]["step"] < 100 and rows[-1] == stop[0]
     assert {r["pid"] for r in rows} == {stop[0]["pid"]} and {r["restored_from_step"] for r in rows} == {-1}
     assert not (tmp_path / "boom" / "best.json").exists()  # no checkpoint was written after it
+
+
+def test_in_loop_validation_shares_every_review_once_between_workers(tmp_path: Path):
+    """train_loop.evaluate with 2 ranks (each its reviews of every batch; a 1-process group stands in for
+    the all-reduce so each rank's share is seen alone): the shares add up to scoring every val review
+    whole once (evaluate.score_reviews, the `raylstm evaluate` path), none twice, none skipped."""
+    import math
+
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+
+    from raylstm.config import ModelConfig
+    from raylstm.evaluate import score_reviews
+    from raylstm.model import build_model
+    from raylstm.train_loop import evaluate
+    from raylstm.vocab import CharVocab
+
+    rng = np.random.default_rng(0)
+    words = ["strings", "tuner", "sound", "great", "pedal", "cable", "the", "it", "works"]
+    texts = [" ".join(rng.choice(words, size=int(rng.integers(2, 30)))) for _ in range(23)]
+    vocab = CharVocab(sorted(set("\n".join(texts) + "\n")))
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(vocab_size=len(vocab), embed_dim=8, hidden_size=16, num_layers=1))
+    batches = [{"text": np.array(texts[i : i + 5], dtype=object)} for i in range(0, len(texts), 5)]
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        shares = [
+            evaluate(model, batches, "full", torch.device("cpu"), rank=r, world_size=2, vocab=vocab)
+            for r in (0, 1)
+        ]
+    finally:
+        dist.destroy_process_group()
+    bits, chars, _ = score_reviews(model, vocab, texts)
+    assert sum(n for _, n in shares) == chars and all(n > 0 for _, n in shares)
+    assert sum(loss * n for loss, n in shares) / math.log(2) == pytest.approx(bits, rel=1e-5)
