@@ -95,9 +95,9 @@ def step_costs(ckpt: Path, reps: int) -> dict[str, tuple[float, float]]:
     timing = {"model": 0.0}
     real_forward = sampler._forward
 
-    def timed_forward(ids, state):
+    def timed_forward(ids, state, *rows):  # rows: condition ids, steering values
         t0 = time.perf_counter()
-        out = real_forward(ids, state)
+        out = real_forward(ids, state, *rows)
         timing["model"] += time.perf_counter() - t0
         return out
 

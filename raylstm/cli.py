@@ -212,6 +212,15 @@ def _sample_parser(p: argparse.ArgumentParser) -> Command:
         help="makes output reproducible; training prints the seed of each of its samples",
     )
     p.add_argument("--raw-prompt", action="store_true", help="do not clean the prime")
+    p.add_argument("--rating", help="a conditioned model: write a review of this many stars (1-5)")
+    p.add_argument("--category", help='a conditioned model: of this category, e.g. "Musical Instruments"')
+    p.add_argument(
+        "--steer-sentiment",
+        type=float,
+        help="fix the sentiment unit: +1 positive, -1 negative (Radford et al.; needs --sentiment-unit "
+        "or RUN_DIR/sentiment.json from `raylstm classify --probe --unit-out`)",
+    )
+    p.add_argument("--sentiment-unit", help="the sentiment unit file (default: sentiment.json of the run)")
 
     def run(args: argparse.Namespace) -> int:
         from raylstm.sample import SampleParams, Sampler
@@ -220,7 +229,10 @@ def _sample_parser(p: argparse.ArgumentParser) -> Command:
             raise ValueError("--length must be >= 0")
         if args.n < 1:
             raise ValueError("--n must be >= 1")
-        sampler = Sampler.load(args.checkpoint)
+        sampler = Sampler.load(args.checkpoint, sentiment_unit=args.sentiment_unit)
+        conditions = {
+            k: v for k, v in (("rating", args.rating), ("category", args.category)) if v is not None
+        }
         print(
             f"# checkpoint {sampler.path}  step {sampler.step_number}  val_bpc {sampler.info()['val_bpc']}",
             file=sys.stderr,
@@ -238,6 +250,8 @@ def _sample_parser(p: argparse.ArgumentParser) -> Command:
                 stop=tuple(args.stop),
                 seed=args.seed,
                 clean_prompt=not args.raw_prompt,
+                conditions=conditions,
+                steer_sentiment=args.steer_sentiment,
             )
             for t in args.temperature
         ]

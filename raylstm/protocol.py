@@ -8,8 +8,8 @@ Two APIs over the same sampler:
 Each request model turns itself into `sample.SampleParams` with `to_sample_params()`; range checks that
 need no vocabulary happen here (a 422 naming the field), the rest in the sampler (also a 422).
 
-To add a request field (e.g. a rating to condition on): declare it on the request model with its range
-and description, carry it in `to_sample_params()`; /docs and the 422s follow.
+To add a request field: declare it on the request model with its range and description, carry it in
+`to_sample_params()`; /docs and the 422s follow (as `rating`, `category` and `steer_sentiment` do).
 """
 
 # No `from __future__ import annotations`: FastAPI resolves these models in Serve's replica, and string
@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationInfo, field_validator
 
-from raylstm.sample import MAX_LOGPROBS, MAX_SEED, SampleParams
+from raylstm.sample import MAX_LOGPROBS, MAX_SEED, MAX_STEER, SampleParams
 
 # Static bounds in the schema; the configurable caps (ServeConfig.max_*) are checked per request.
 HARD_MAX_CHARS = 1_000_000
@@ -77,6 +77,24 @@ class _Sampling(BaseModel):
     clean_prompt: bool = Field(
         True, description="clean the prompt as the training text was (HTML, NFKC, case)"
     )
+    # Conditioning (docs/conditioning.md): checked against the served model's condition vocabulary,
+    # a 422 naming the field and listing the valid values otherwise. An extension on /v1/completions.
+    rating: int | str | None = Field(
+        None,
+        description="a conditioned model: write a review of this star rating (1-5; GET /v1/model lists "
+        "the model's `conditions`); null = missing",
+    )
+    category: str | None = Field(
+        None, max_length=200, description="a conditioned model: of this category (GET /v1/model lists them)"
+    )
+    steer_sentiment: float | None = Field(
+        None,
+        ge=-MAX_STEER,
+        le=MAX_STEER,
+        allow_inf_nan=False,
+        description="fix the model's sentiment unit while sampling: +1 positive, -1 negative (needs a "
+        "sentiment unit with the checkpoint)",
+    )
 
     @field_validator("logit_bias")
     @classmethod
@@ -93,6 +111,11 @@ class _Sampling(BaseModel):
     def _stop(cls, v: Any) -> Any:
         return _no_surrogates(v, "stop")
 
+    @field_validator("rating", "category")
+    @classmethod
+    def _condition(cls, v: Any, info: ValidationInfo) -> Any:
+        return _no_surrogates(v, info.field_name)
+
     def _common(self) -> dict[str, Any]:
         return dict(
             top_k=self.top_k or 0,
@@ -103,6 +126,8 @@ class _Sampling(BaseModel):
             logit_bias=_bias(self.logit_bias),
             seed=self.seed,
             clean_prompt=self.clean_prompt,
+            conditions={"rating": self.rating, "category": self.category},
+            steer_sentiment=self.steer_sentiment,
         )
 
 
@@ -361,6 +386,48 @@ class CompletionStreamError(BaseModel):
     error: dict[str, Any]
 
 
+# --- reading a review's rating back (raylstm.classify) ---------------------------------------------------
+ReviewStr = Annotated[str, StringConstraints(min_length=1)]
+
+
+class ClassifyRequest(BaseModel):
+    """Reviews to read the rating (and category) of, by Bayes' rule on a conditioned model."""
+
+    model_config = ConfigDict(extra="forbid")
+    text: ReviewStr | Annotated[list[ReviewStr], Field(min_length=1, max_length=64)] = Field(
+        description="a review, or a list of up to 64"
+    )
+    category: str | None = Field(
+        None,
+        max_length=200,
+        description="the category the reviews were filed under: the rating is read given it (else summed "
+        "over every category)",
+    )
+
+    @field_validator("text", "category")
+    @classmethod
+    def _text(cls, v: Any, info: ValidationInfo) -> Any:
+        return _no_surrogates(v, info.field_name)
+
+    def texts(self) -> list[str]:
+        return [self.text] if isinstance(self.text, str) else list(self.text)
+
+
+class ClassifyResult(BaseModel):
+    text: str = Field(description="the review as the model read it (cleaned as its training text was)")
+    posterior: dict[str, dict[str, float]] = Field(
+        description="per condition field, P(value | review) by Bayes' rule with the training prior"
+    )
+    predicted: dict[str, str] = Field(description="per field, the most probable value")
+
+
+class ClassifyResponse(BaseModel):
+    model: str
+    checkpoint: str
+    step: int | None
+    results: list[ClassifyResult]
+
+
 # --- the rest --------------------------------------------------------------------------------------------
 class ModelCard(BaseModel):
     id: str
@@ -385,6 +452,10 @@ class ModelInfo(BaseModel):
     vocab_size: int
     vocab: dict[str, int] = Field(description="every character's id (the keys logit_bias takes); 0 = unknown")
     window_mode: str
+    conditions: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="a conditioned model's fields and their valid values (what rating/category take); {} if none",
+    )
     replica: str
     pid: int
     reloads: int

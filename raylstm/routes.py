@@ -2,6 +2,7 @@
 
     POST /v1/generate      GenerateRequest   -> GenerateResponse, or SSE: start, delta..., finish, [DONE]
     POST /v1/completions   CompletionRequest -> CompletionResponse, or SSE CompletionStreamResponse chunks
+    POST /v1/classify      ClassifyRequest   -> ClassifyResponse (a conditioned model's rating read back)
     GET  /v1/models, /v1/model, /healthz, /metrics, /
 
 `build_api(server, token_sha256)` returns a FastAPI app whose routes close over `server` (the replica:
@@ -15,6 +16,7 @@ exception handlers, never by reading message text:
 """
 
 # No `from __future__ import annotations`: FastAPI resolves the route signatures at app build time.
+import asyncio
 import hashlib
 import hmac
 import json
@@ -37,6 +39,9 @@ from raylstm.engine import Engine, EngineError, EngineStopped, Job, QueueFull, R
 from raylstm.metrics import CONTENT_TYPE, ServeMetrics
 from raylstm.protocol import (
     CharLogprobs,
+    ClassifyRequest,
+    ClassifyResponse,
+    ClassifyResult,
     CompletionChoice,
     CompletionRequest,
     CompletionResponse,
@@ -399,6 +404,48 @@ def build_api(server: Server, token_sha256_hex: str | None) -> FastAPI:
             prompts=[PromptReport(**_report(j.prompt_info)) for j in jobs],
             checkpoint=str(jobs[0].sampler.path),
             step=jobs[0].sampler.step_number,
+        )
+
+    @app.post(
+        "/v1/classify",
+        dependencies=auth,
+        response_model=ClassifyResponse,
+        summary="a conditioned model read in reverse: P(rating | review) (and category) by Bayes' rule",
+    )
+    async def classify(req: ClassifyRequest) -> ClassifyResponse:
+        from raylstm.classify import classify_reviews, clean_review
+
+        sampler = server.engine.sampler
+        ckpt = sampler.ckpt
+        if sampler.conditions is None or ckpt is None:
+            raise HTTPException(
+                400,
+                "this model is not conditioned (trained with model.conditions = []): there is no rating "
+                'to read back; serve a model trained with model.conditions = ["rating", "category"]',
+            )
+        texts = req.texts()
+        for t in texts:
+            if len(t) > cfg.max_prompt_chars:
+                raise _field_error(
+                    "text", f"a review has {len(t)} characters; the cap is {cfg.max_prompt_chars}"
+                )
+        known = None
+        if req.category is not None:
+            # An unknown category is a 422 naming it with the valid ones (as rating/category on /v1/generate).
+            sampler.condition_ids(SampleParams(conditions={"category": req.category}))
+            known = {"category": [req.category] * len(texts)}
+        # The model is read-only here: its forward runs beside the engine's step thread.
+        post = await asyncio.to_thread(classify_reviews, ckpt, texts, known, None, str(sampler.device))
+        results = [
+            ClassifyResult(
+                text=clean_review(t, ckpt),
+                posterior=d,
+                predicted={f: max(p, key=p.get) for f, p in d.items()},
+            )
+            for t, d in zip(texts, post)
+        ]
+        return ClassifyResponse(
+            model=cfg.model_id, checkpoint=str(sampler.path), step=sampler.step_number, results=results
         )
 
     def usage_of(jobs: list[Job]) -> CompletionUsage:

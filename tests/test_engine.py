@@ -114,11 +114,11 @@ def test_a_failing_model_fails_what_is_in_flight_and_keeps_serving(run):
         real_forward = broken._forward
         calls = {"n": 0}
 
-        def forward(ids, state):
+        def forward(ids, state, *rows):  # rows: the batch's condition ids and steering values
             calls["n"] += 1
             if calls["n"] == 3:
                 raise RuntimeError("device lost")
-            return real_forward(ids, state)
+            return real_forward(ids, state, *rows)
 
         broken._forward = forward
         try:

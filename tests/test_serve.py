@@ -349,6 +349,11 @@ def test_metrics_parse_and_move_with_traffic(srv):
         ("/v1/completions", {"prompt": "a", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
         ("/v1/completions", {"prompt": []}, "prompt"),
         ("/v1/completions", {"prompt": [100000]}, "prompt"),  # no such character id
+        # This model is not conditioned: asking for a rating or category, or steering, names the field.
+        ("/v1/generate", {"prompt": "a", "rating": 5}, "rating"),
+        ("/v1/completions", {"prompt": "a", "category": "Books"}, "category"),
+        ("/v1/generate", {"prompt": "a", "steer_sentiment": 1}, "steer_sentiment"),
+        ("/v1/generate", {"prompt": "a", "steer_sentiment": 9}, "steer_sentiment"),
     ],
 )
 def test_422_names_the_field(srv, path, body, field):
@@ -356,6 +361,12 @@ def test_422_names_the_field(srv, path, body, field):
     assert r.status_code == 422, r.text
     locs = [e["loc"] for e in r.json()["detail"]]
     assert any(field in loc or any(field in str(p) for p in loc) for loc in locs), locs
+
+
+def test_an_unconditioned_model_lists_no_conditions_and_has_no_rating_to_classify(srv):
+    assert srv.http.get("/v1/model").json()["conditions"] == {}
+    r = srv.http.post("/v1/classify", json={"text": "Great strings."})
+    assert r.status_code == 400 and "not conditioned" in r.json()["detail"]
 
 
 def test_malformed_json_is_422_naming_body(srv):
