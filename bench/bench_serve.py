@@ -1,24 +1,27 @@
-"""Serving benchmark: Ray Serve with @serve.batch continuous batching on vs off, against the library.
+"""Serving benchmark, one run on one local Ray, every row side by side:
 
-One run, side by side, on one local Ray:
-  * Serve, batching on  (max_batch_size=32: one model step serves up to 32 requests' rows)
-  * Serve, batching off (max_batch_size=1: one model step per request per character)
-  * the sampling library called directly, 32 prompts per generate() call and one at a time
-  * sequential single requests over HTTP vs the same call in-process: Serve's per-request overhead
-32 concurrent HTTP clients (asyncio + httpx) send fixed-size requests (prompt ~20 chars, REQ_CHARS new
-characters, temperature 1, a distinct seed each). Model: the demo run's best checkpoint when present,
-otherwise the default 2x512 CharLSTM with untrained weights (serving cost does not depend on the weights).
+  1. the step, in process (batch 32): the model call vs the sampling around it (temperature only;
+     + top-k/top-p; + penalties and logit_bias; + logprobs=5; all of them)
+  2. the sampling library called directly: Sampler.generate with 32 prompts per call (the batch Serve
+     should reach), and the engine (EngineCore) kept full by 32 jobs, no HTTP
+  3. Serve over HTTP at 1, 8 and 32 concurrent clients: requests/s, chars/s, p50/p99 latency
+  4. Serve with @serve.batch in front of the engine (a bench-only subclass), 32 clients: does it add?
+  5. overload: 64 clients against a replica of max_batch_size=8, max_queued=8: status counts
 
-Rerun: .venv/bin/python -m bench.bench_serve
+Requests: REQ_CHARS new characters after a 22-character prompt, temperature 1, a distinct seed each.
+Model: the demo run's best checkpoint when present, otherwise the default 2x512 CharLSTM with untrained
+weights (the cost of serving does not depend on the weights). One replica, 1 torch thread, as deployed.
+
+Rerun: .venv/bin/python -m bench.bench_serve   (quick: --quick; writes bench/out/serve.md)
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-import statistics
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -64,50 +67,60 @@ def free_port() -> int:
 
 def _pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))] if xs else float("nan")
 
 
-async def _load(url: str, total: int, clients: int) -> dict:
-    import httpx
+# --- 1. the step ------------------------------------------------------------------------------------------
+def step_costs(ckpt: Path, reps: int) -> dict[str, tuple[float, float]]:
+    """{variant: (model ms/step, sampling ms/step)} at batch CLIENTS, timed on the real Sampler.step.
 
-    lat: list[float] = []
-    errors = 0
-    chars = 0
-    counter = iter(range(total))
+    The model part is Sampler._forward (timed inside the step); sampling is the rest of the step:
+    scores (mask, bias, penalties), log_softmax, the draw, top-k/top-p, logprobs, bookkeeping."""
+    from raylstm.sample import SampleParams, Sampler
 
-    async def client(c: httpx.AsyncClient) -> None:
-        nonlocal errors, chars
-        for i in counter:
-            body = {"prompt": PROMPT, "max_chars": REQ_CHARS, "temperature": 1.0, "seed": i}
-            t0 = time.perf_counter()
-            try:
-                r = await c.post(f"{url}/v1/generate", json=body)
-                if r.status_code != 200:
-                    errors += 1
-                    continue
-                chars += len(r.json()["samples"][0]["text"])
-            except httpx.HTTPError:
-                errors += 1
-                continue
-            lat.append(time.perf_counter() - t0)
+    sampler = Sampler.load(ckpt)
+    V = len(sampler.vocab)
+    variants = {
+        "temperature only": SampleParams(temperature=1.0),
+        "+ top-k 40, top-p 0.9, min_p 0.05": SampleParams(top_k=40, top_p=0.9, min_p=0.05),
+        "+ penalties, logit_bias": SampleParams(
+            presence_penalty=0.5, frequency_penalty=0.5, repetition_penalty=1.2, logit_bias={1: 1.0, V - 1: -2.0}
+        ),
+        "+ logprobs 5": SampleParams(logprobs=5),
+        "all of them": SampleParams(
+            top_k=40, top_p=0.9, min_p=0.05, presence_penalty=0.5, frequency_penalty=0.5,
+            repetition_penalty=1.2, logit_bias={1: 1.0}, logprobs=5,
+        ),
+    }  # fmt: skip
+    timing = {"model": 0.0}
+    real_forward = sampler._forward
 
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(timeout=300, limits=limits) as c:
+    def timed_forward(ids, state, *rows):  # rows: condition ids, steering values
         t0 = time.perf_counter()
-        await asyncio.gather(*(client(c) for _ in range(clients)))
-        wall = time.perf_counter() - t0
-    return {
-        "requests": total,
-        "errors": errors,
-        "wall_s": wall,
-        "rps": (total - errors) / wall,
-        "cps": chars / wall,
-        "p50_ms": 1e3 * _pct(lat, 0.5),
-        "p99_ms": 1e3 * _pct(lat, 0.99),
-    }
+        out = real_forward(ids, state, *rows)
+        timing["model"] += time.perf_counter() - t0
+        return out
+
+    out = {}
+    for name, base in variants.items():
+        params = SampleParams(**{**base.__dict__, "max_chars": reps + 10, "seed": 1})
+        rows = [r for g in sampler.start_many([(PROMPT, params, 1)] * CLIENTS) for r in g]
+        sampler._forward = timed_forward
+        for _ in range(5):
+            sampler.step(rows)  # warm-up; the batch is built on the first step
+        timing["model"] = 0.0
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            sampler.step(rows)
+        total = time.perf_counter() - t0
+        sampler._forward = real_forward
+        model = timing["model"] / reps
+        out[name] = (1e3 * model, 1e3 * (total / reps - model))
+    return out
 
 
-def _direct(ckpt: Path, total: int, batch: int) -> dict:
+# --- 2. the library ---------------------------------------------------------------------------------------
+def library(ckpt: Path, total: int, batch: int) -> dict:
     from raylstm.sample import SampleParams, Sampler
 
     sampler = Sampler.load(ckpt)
@@ -122,34 +135,107 @@ def _direct(ckpt: Path, total: int, batch: int) -> dict:
         lat += [time.perf_counter() - t1] * k
         chars += sum(len(g[0].text) for g in out)
     wall = time.perf_counter() - t0
+    return _row(total, 0, wall, chars, lat)
+
+
+def engine_direct(ckpt: Path, total: int, width: int) -> dict:
+    """EngineCore kept full: a new job joins as soon as one finishes (continuous batching, no HTTP)."""
+    from raylstm.engine import EngineCore, Job
+    from raylstm.sample import SampleParams, Sampler
+
+    core = EngineCore(Sampler.load(ckpt), max_rows=width)
+    sent, lat, chars, t_sub = 0, [], 0, {}
+
+    def send() -> None:
+        nonlocal sent
+        job = Job(PROMPT, SampleParams(temperature=1.0, max_chars=REQ_CHARS, seed=sent))
+        t_sub[job.id] = time.perf_counter()
+        core.submit([job])
+        sent += 1
+
+    t0 = time.perf_counter()
+    for _ in range(min(width, total)):
+        send()
+    done = 0
+    while done < total:
+        for ev in core.step():
+            if ev.done:
+                done += 1
+                lat.append(time.perf_counter() - t_sub[ev.job.id])
+                chars += len(ev.job.rows[0].text)
+                if sent < total:
+                    send()
+    return _row(total, 0, time.perf_counter() - t0, chars, lat)
+
+
+def _row(
+    total: int, errors: int, wall: float, chars: int, lat: list[float], statuses: Counter | None = None
+) -> dict:
     return {
         "requests": total,
-        "errors": 0,
+        "errors": errors,
         "wall_s": wall,
-        "rps": total / wall,
+        "rps": (total - errors) / wall,
         "cps": chars / wall,
         "p50_ms": 1e3 * _pct(lat, 0.5),
         "p99_ms": 1e3 * _pct(lat, 0.99),
+        "statuses": statuses or Counter({200: total - errors}),
     }
 
 
-def _sequential_overhead(url: str, ckpt: Path, n: int) -> tuple[float, float]:
+# --- 3-5. Serve over HTTP ---------------------------------------------------------------------------------
+async def http_load(url: str, total: int, clients: int) -> dict:
     import httpx
 
-    from raylstm.sample import SampleParams, Sampler
+    lat: list[float] = []
+    statuses: Counter = Counter()
+    chars = 0
+    counter = iter(range(total))
 
-    sampler = Sampler.load(ckpt)
-    http, direct = [], []
-    with httpx.Client(timeout=60) as c:
-        for i in range(n):
+    async def client(c: httpx.AsyncClient) -> None:
+        nonlocal chars
+        for i in counter:
             body = {"prompt": PROMPT, "max_chars": REQ_CHARS, "temperature": 1.0, "seed": i}
             t0 = time.perf_counter()
-            c.post(f"{url}/v1/generate", json=body).raise_for_status()
-            http.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            sampler.complete(PROMPT, SampleParams(temperature=1.0, max_chars=REQ_CHARS, seed=i))
-            direct.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(http), 1e3 * statistics.median(direct)
+            try:
+                r = await c.post(f"{url}/v1/generate", json=body)
+                statuses[r.status_code] += 1
+                if r.status_code != 200:
+                    continue
+                chars += len(r.json()["samples"][0]["text"])
+            except httpx.HTTPError as e:
+                statuses[type(e).__name__] += 1
+                continue
+            lat.append(time.perf_counter() - t0)
+
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(timeout=300, limits=limits) as c:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client(c) for _ in range(clients)))
+        wall = time.perf_counter() - t0
+    return _row(total, total - statuses[200], wall, chars, lat, statuses)
+
+
+def batched_deployment():
+    """LSTMServer with @serve.batch in front of the engine's submit (bench only: measured, not shipped)."""
+    from ray import serve
+
+    from raylstm.serve import LSTMServer
+
+    base = LSTMServer.func_or_class
+
+    class SubmitBatched(base):
+        async def __init__(self, *args, **kwargs) -> None:
+            await super().__init__(*args, **kwargs)
+
+        @serve.batch(max_batch_size=CLIENTS, batch_wait_timeout_s=0.01)
+        async def _batched(self, requests: list[tuple]) -> list:
+            return [self.engine.submit(*r) for r in requests]
+
+        async def submit(self, prompts, params, n, best_of, stream):
+            return await self._batched((prompts, params, n, best_of, stream))
+
+    return serve.deployment(SubmitBatched, name="LSTMServerSubmitBatched")
 
 
 def run(out_dir: Path, quick: bool = False) -> str:
@@ -162,68 +248,107 @@ def run(out_dir: Path, quick: bool = False) -> str:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()[0]
-    torch.set_num_threads(1)  # as in the replicas; the driver's threads would fight Serve for 2 cores
+    torch.set_num_threads(1)  # as in the replicas; more threads would fight Serve for 2 cores
     ckpt, what = _checkpoint(out_dir)
-    # Batching off is ~10x slower per request, so it gets fewer requests (same 32 clients).
-    n_on, n_off, n_direct, n_seq = (256, 64, 256, 8) if quick else (2048, 256, 1024, 20)
+    n_req, n_lib, reps = (128, 128, 40) if quick else (1024, 1024, 200)
+
+    steps = step_costs(ckpt, reps)
+    lib = library(ckpt, n_lib, CLIENTS)
+    eng = engine_direct(ckpt, n_lib, CLIENTS)
+
     started_ray = not ray.is_initialized()
     if started_ray:
         ray.init(
             address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING", log_to_driver=False
         )
-    on_cfg = ServeConfig(max_batch_size=CLIENTS, batch_wait_timeout_s=0.01, reload_poll_s=0)
-    off_cfg = ServeConfig(max_batch_size=1, batch_wait_timeout_s=0.0, reload_poll_s=0)
-    handle = start_server(ckpt, on_cfg, port=free_port(), name="bench-on")
+    cfg = ServeConfig(max_batch_size=CLIENTS, reload_poll_s=0, max_queued=4 * CLIENTS)
+    tight = ServeConfig(max_batch_size=8, max_queued=8, reload_poll_s=0, retry_after_s=1)
+    handle = start_server(ckpt, cfg, port=free_port(), name="bench")
+    http: dict[int, dict] = {}
     try:
-        serve.run(build_app(ckpt, off_cfg, token=""), name="bench-off", route_prefix="/off", blocking=False)
-        url_on, url_off = handle.url, f"{handle.url}/off"
-        asyncio.run(_load(url_on, 64, CLIENTS))  # warm-up: connections, first steps
-        asyncio.run(_load(url_off, 8, 8))
-        rows = {
-            "Serve, batching on (max_batch_size=32)": asyncio.run(_load(url_on, n_on, CLIENTS)),
-            "Serve, batching off (max_batch_size=1)": asyncio.run(_load(url_off, n_off, CLIENTS)),
-        }
-        seq_http, seq_direct = _sequential_overhead(url_on, ckpt, n_seq)
+        url = handle.url
+        asyncio.run(http_load(url, 64, CLIENTS))  # warm-up: connections, first steps
+        for clients in (1, 8, CLIENTS):
+            http[clients] = asyncio.run(http_load(url, max(16, n_req * clients // CLIENTS), clients))
+        batched = _serve_batched(ckpt, cfg, url, n_req)
+        serve.run(build_app(ckpt, tight), name="tight", route_prefix="/tight", blocking=False)
+        overload = asyncio.run(http_load(f"{url}/tight", max(64, n_req // 2), 2 * CLIENTS))
     finally:
         handle.shutdown()
         if started_ray:
             ray.shutdown()
-    rows["library direct, 32 prompts per call"] = _direct(ckpt, n_direct, CLIENTS)
-    rows["library direct, 1 prompt per call"] = _direct(ckpt, max(16, n_off // 4), 1)
+    return report(what, load_before, steps, lib, eng, http, batched, overload, quick)
 
-    on, off = rows["Serve, batching on (max_batch_size=32)"], rows["Serve, batching off (max_batch_size=1)"]
-    lib32, lib1 = rows["library direct, 32 prompts per call"], rows["library direct, 1 prompt per call"]
+
+def _serve_batched(ckpt: Path, cfg, url: str, n_req: int) -> dict:
+    import dataclasses
+
+    from ray import serve
+
+    from raylstm.serve import deployment_options
+
+    dep = batched_deployment().options(**deployment_options(cfg))
+    app = dep.bind(str(ckpt.resolve()), dataclasses.asdict(cfg), None, False)
+    serve.run(app, name="batched", route_prefix="/batched", blocking=False)
+    asyncio.run(http_load(f"{url}/batched", 64, CLIENTS))
+    out = asyncio.run(http_load(f"{url}/batched", n_req, CLIENTS))
+    serve.delete("batched")
+    return out
+
+
+def report(what, load_before, steps, lib, eng, http, batched, overload, quick) -> str:
+    s32 = http[CLIENTS]
     lines = [
-        "## Serving (Ray Serve, `@serve.batch` + continuous batching)",
+        "## Serving (Ray Serve: engine with continuous batching, OpenAI-compatible routes)",
         "",
         f"Model: {what}. Requests: {REQ_CHARS} new characters after a {len(PROMPT)}-character prompt, "
-        f"temperature 1, distinct seeds; {CLIENTS} concurrent HTTP clients; one replica (0.5 CPU, 1 torch "
-        f"thread); {os.cpu_count()} cores. Total HTTP requests: {on['requests'] + off['requests']}.",
-        f"Host load average (1 min) {load_before:.1f} at start, {os.getloadavg()[0]:.1f} at end: other work "
-        "on a shared host slows every row, so compare rows of the same run, not runs.",
+        f"temperature 1, distinct seeds. One replica (0.5 CPU, 1 torch thread, max_batch_size {CLIENTS}); "
+        f"{os.cpu_count()} cores shared by the HTTP clients, Serve's proxy and the replica.",
+        f"Host load average (1 min) {load_before:.1f} at start, {os.getloadavg()[0]:.1f} at end: compare rows "
+        "of the same run, not runs.",
         "",
-        "| mode | requests | errors | requests/s | chars/s | p50 ms | p99 ms |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "### Where a step's time goes (batch 32, in process)",
+        "",
+        "| sampling parameters | model ms/step | sampling ms/step | sampling / model |",
+        "|---|---:|---:|---:|",
     ]
-    for name, r in rows.items():
-        lines.append(
-            f"| {name} | {r['requests']} | {r['errors']} | {r['rps']:.1f} | {r['cps']:.0f} | "
-            f"{r['p50_ms']:.0f} | {r['p99_ms']:.0f} |"
-        )
+    for name, (m, smp) in steps.items():
+        lines.append(f"| {name} | {m:.2f} | {smp:.3f} | {smp / m:.1%} |")
+    lines += [
+        "",
+        "### Throughput and latency",
+        "",
+        "| mode | clients | requests | non-200 | requests/s | chars/s | p50 ms | p99 ms |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        _line("library: Sampler.generate, 32 prompts per call", CLIENTS, lib),
+        _line("library: EngineCore kept full (no HTTP)", CLIENTS, eng),
+    ]
+    for clients, r in http.items():
+        lines.append(_line("Serve over HTTP", clients, r))
+    lines.append(_line("Serve, @serve.batch in front of the engine", CLIENTS, batched))
     lines += [
         "",
         "| ratio | value |",
         "|---|---:|",
-        f"| Serve throughput, batching on / off (goal >= 10x) | {on['rps'] / off['rps']:.1f}x |",
-        f"| Serve batched / library batched throughput | {on['rps'] / lib32['rps']:.2f} |",
-        f"| Serve unbatched / library one-at-a-time throughput | {off['rps'] / lib1['rps']:.2f} |",
-        f"| one request alone: HTTP p50 / in-process p50 | {seq_http:.0f} ms / {seq_direct:.0f} ms "
-        f"(difference {seq_http - seq_direct:+.0f} ms) |",
+        f"| Serve / library throughput at 32 clients (goal >= 0.9) | {s32['rps'] / lib['rps']:.2f} |",
+        f"| engine alone / library | {eng['rps'] / lib['rps']:.2f} |",
+        f"| Serve with @serve.batch / Serve without | {batched['rps'] / s32['rps']:.2f} |",
         "",
-        "Rerun: `.venv/bin/python -m bench.bench_serve` (quick: `run(out, quick=True)`).",
+        f"Overload: {2 * CLIENTS} clients against a replica with max_batch_size=8, max_queued=8: "
+        + ", ".join(f"{k}: {v}" for k, v in sorted(overload["statuses"].items(), key=str))
+        + f" (of {overload['requests']}; p99 of the 200s {overload['p99_ms']:.0f} ms).",
+        "",
+        "Rerun: `.venv/bin/python -m bench.bench_serve`" + (" (this run: `--quick`)" if quick else "") + ".",
         "",
     ]
     return "\n".join(lines)
+
+
+def _line(name: str, clients: int, r: dict) -> str:
+    return (
+        f"| {name} | {clients} | {r['requests']} | {r['errors']} | {r['rps']:.1f} | {r['cps']:.0f} | "
+        f"{r['p50_ms']:.0f} | {r['p99_ms']:.0f} |"
+    )
 
 
 if __name__ == "__main__":

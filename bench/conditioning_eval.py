@@ -9,12 +9,54 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.conditioning import AMAZON, CONFIG, ROOT, RUNS, out_paths
+from bench.conditioning import AMAZON, CONFIG, MI_CSV, ROOT, RUNS, out_paths
 
 SAMPLES_PER_RATING = 200
 SAMPLE_TEMPERATURE = 0.8  # documented beside the figure: lower is more on-message, higher more varied
+ALSO_TEMPERATURE = 0.5  # the same count again at a lower temperature, reported beside it
 SAMPLE_CHARS = 400
 SHOW_CATEGORY = "Musical Instruments"
+MAX_CATEGORY_REVIEWS = (
+    1500  # category by Bayes' rule costs 5 x categories passes: a fixed sample of the test split
+)
+
+
+def split_rows_with_source(ds: Any) -> list[tuple[str, str | None, str | None, str]]:
+    """(text, rating "1".."5" or None, category, source file) of a split, in key order."""
+    from raylstm.conditions import rating_value
+    from raylstm.evaluate import split_rows
+
+    return [(r[1], rating_value(r[3]), r[4], r[2]) for r in split_rows(ds, ("rating", "category"))]
+
+
+def heldout_bpc(cond_ckpt: Any, plain_ckpt: Any, test: list[tuple]) -> dict[str, Any]:
+    """Both models on the same held-out reviews: the conditioned one reads each with its own rating and
+    category (-log2 P(text | rating, category)), the unconditioned one -log2 P(text). On the Musical
+    Instruments test reviews (cpu-quality's held-out text) and on the whole test split."""
+    from raylstm.evaluate import score_reviews
+
+    conds = cond_ckpt.conditions
+    out: dict[str, Any] = {}
+    mi = [r for r in test if Path(r[3]).name == MI_CSV.name]
+    sets = [("mi_test", mi)] + ([("all_test", list(test))] if len(mi) < len(test) else [])
+    for name, rows in sets:
+        texts = [r[0] for r in rows]
+        cond = conds.encode_rows({"rating": [r[1] for r in rows], "category": [r[2] for r in rows]})
+        c_bits, chars, c_unk = score_reviews(cond_ckpt.model, cond_ckpt.vocab, texts, conditions=cond)
+        out[name] = {
+            "reviews": len(rows),
+            "chars": chars,
+            "conditioned_bpc": c_bits / chars,
+            "unconditioned_bpc": None,
+            "difference": None,
+            "unknown_chars": {"conditioned": c_unk},
+            "rated": sum(r[1] is not None for r in rows),
+        }
+        if plain_ckpt is not None:
+            p_bits, p_chars, p_unk = score_reviews(plain_ckpt.model, plain_ckpt.vocab, texts)
+            out[name].update(unconditioned_bpc=p_bits / p_chars, difference=c_bits / chars - p_bits / p_chars)
+            out[name]["unknown_chars"]["unconditioned"] = p_unk
+    return out
 
 
 def split_rows_with_conditions(ds: Any) -> list[tuple[str, str | None, str | None]]:
@@ -25,7 +67,14 @@ def split_rows_with_conditions(ds: Any) -> list[tuple[str, str | None, str | Non
     return [(r[1], rating_value(r[3]), r[4]) for r in split_rows(ds, ("rating", "category"))]
 
 
-def conditioned_samples(sampler: Any, rating: int, categories: list[str], n: int, seed: int) -> list[str]:
+def conditioned_samples(
+    sampler: Any,
+    rating: int,
+    categories: list[str],
+    n: int,
+    seed: int,
+    temperature: float = SAMPLE_TEMPERATURE,
+) -> list[str]:
     """n reviews at `rating`, the categories taken in turn; each from "\\n" (a review's start) to its "\\n"."""
     from raylstm.sample import SampleParams
 
@@ -34,7 +83,7 @@ def conditioned_samples(sampler: Any, rating: int, categories: list[str], n: int
         cond = {"rating": rating, "category": categories[i % len(categories)]}
         params.append(
             SampleParams(
-                temperature=SAMPLE_TEMPERATURE, max_chars=SAMPLE_CHARS, stop=("\n",), seed=seed + i,
+                temperature=temperature, max_chars=SAMPLE_CHARS, stop=("\n",), seed=seed + i,
                 conditions=cond,
             )
         )  # fmt: skip
@@ -42,7 +91,7 @@ def conditioned_samples(sampler: Any, rating: int, categories: list[str], n: int
     return [g[0].text for g in sampler.generate(prompts, params)]
 
 
-def steered_samples(sampler: Any, strength: float, n: int, seed: int) -> list[str]:
+def steered_samples(sampler: Any, strength: float | None, n: int, seed: int) -> list[str]:
     from raylstm.sample import SampleParams
 
     params = [
@@ -66,18 +115,23 @@ def probe_figures(figures: dict[str, Any], plain_ckpt: Any, cond_ckpt: Any, base
     """The probe and the sentiment unit, on both models (each read without conditions)."""
     from raylstm.classify import labelled_sets, sentiment_report
 
-    sets = labelled_sets(AMAZON, plain_ckpt.config.data)
+    sets = labelled_sets(AMAZON, cond_ckpt.config.data)
     if quick:
         for s in sets:
             s.train_texts, s.train_labels = s.train_texts[::8], s.train_labels[::8]
     figures["probe"] = {}
     for name, ckpt in (("unconditioned", plain_ckpt), ("conditioned", cond_ckpt)):
+        if ckpt is None:
+            continue
         report, unit = sentiment_report(ckpt, sets)
         figures["probe"][name] = report
         report["unit_file"] = str(unit.save(base / f"sentiment-unit-{name}.json"))
 
 
-def eval_stage(out_dir: Path, quick: bool = False) -> dict[str, Any]:
+def eval_stage(out_dir: Path, quick: bool = False, unconditioned: Path | None = None) -> dict[str, Any]:
+    """The figures from run-conditioned.json and run-unconditioned.json in `out_dir`; a missing
+    unconditioned one is the run dir `unconditioned` (default: the shared quality run)."""
+    import numpy as np
     import torch
 
     from raylstm.checkpoint import load_checkpoint
@@ -93,109 +147,252 @@ def eval_stage(out_dir: Path, quick: bool = False) -> dict[str, Any]:
 
     torch.set_num_threads(2)
     base, _ = out_paths(out_dir)
-    runs = {name: json.loads((base / f"run-{name}.json").read_text()) for name in RUNS}
+    plain_json = base / "run-unconditioned.json"
+    if not plain_json.exists():
+        from bench.conditioning import default_unconditioned, shared_run
+
+        plain_dir = unconditioned or default_unconditioned()
+        if plain_dir is not None:
+            plain_json.write_text(json.dumps(shared_run(Path(plain_dir)), indent=2))
+    runs = {
+        name: json.loads((base / f"run-{name}.json").read_text())
+        for name in RUNS
+        if (base / f"run-{name}.json").exists()
+    }
     t0 = time.perf_counter()
     ensure_ray(num_cpus=4, include_dashboard=False)
     cond_ckpt = load_checkpoint(runs["conditioned"]["run_dir"])
-    plain_ckpt = load_checkpoint(runs["unconditioned"]["run_dir"])
+    # Without the unconditioned run here (not finished yet), its held-out figure comes from its own
+    # quality.json at the report stage (the same MI test reviews), and the probe/steering use this model.
+    plain_ckpt = load_checkpoint(runs["unconditioned"]["run_dir"]) if "unconditioned" in runs else None
     splits = load_splits(cond_ckpt.config.data)
     train = split_rows_with_conditions(splits.train)
-    test = split_rows_with_conditions(splits.test)
+    test_src = split_rows_with_source(splits.test)
     if quick:
-        test = test[::10]
+        test_src = test_src[::10]
+    test = [r[:3] for r in test_src]
     figures: dict[str, Any] = {"runs": runs}
+
+    def save() -> None:  # after every part: a run cut short by its deadline still reports what it has
+        figures["eval_s"] = time.perf_counter() - t0
+        (base / "figures.json").write_text(json.dumps(figures, indent=2))
+
+    figures["heldout"] = heldout_bpc(cond_ckpt, plain_ckpt, test_src)
+    figures["matched_val"] = matched_val(runs)
+    figures["heldout_s"] = time.perf_counter() - t0
+    save()
 
     rated_train = [r for r in train if r[1]]
     rated_test = [r for r in test if r[1]]
-    figures["rating"] = heldout_rating_report(cond_ckpt, rated_train, rated_test)
-    figures["category"] = heldout_category_report(cond_ckpt, train, test)
-    figures["classify_s"] = time.perf_counter() - t0
-
     # The independent judge: TF-IDF + LR, positive (4-5) vs negative (1-2), fit on real training reviews.
     judged = [(t, binary_of(r)) for t, r, _ in rated_train if binary_of(r)]
     judge = tfidf_classifier([t for t, _ in judged], [b for _, b in judged], balanced=True)
-    probe_figures(figures, plain_ckpt, cond_ckpt, base, quick)
-    if not sampler_takes_conditions():
-        figures["eval_s"] = time.perf_counter() - t0
-        (base / "figures.json").write_text(json.dumps(figures, indent=2))
-        return figures
     sampler = Sampler.load(cond_ckpt)
     categories = list(cond_ckpt.conditions.values["category"])
     n = 20 if quick else SAMPLES_PER_RATING
-    judged_samples = {}
-    for rating, want in ((1, "negative"), (5, "positive")):
-        texts = conditioned_samples(sampler, rating, categories, n, seed=1000 * rating)
-        verdict = judge.predict(texts).tolist()
-        judged_samples[str(rating)] = {
-            "n": n,
-            "share_as_conditioned": sum(v == want for v in verdict) / n,
-            "want": want,
-            "mean_chars": sum(map(len, texts)) / n,
-            "first": texts[:3],
-        }
+
+    def judged_at(temperature: float) -> dict[str, Any]:
+        out = {}
+        for rating, want in ((1, "negative"), (5, "positive")):
+            texts = conditioned_samples(sampler, rating, categories, n, 1000 * rating, temperature)
+            verdict = judge.predict(texts).tolist()
+            out[str(rating)] = {
+                "n": n,
+                "share_as_conditioned": sum(v == want for v in verdict) / n,
+                "want": want,
+                "mean_chars": sum(map(len, texts)) / n,
+                "first": texts[:3],
+            }
+        return out
+
+    # How far the judge itself can be trusted: its accuracy on the real held-out reviews (1-2 vs 4-5).
+    real = [(t, binary_of(r)) for t, r, _ in rated_test if binary_of(r)]
+    judge_acc = {
+        b: float(
+            np.mean([p == b for p, (_, bb) in zip(judge.predict([t for t, _ in real]), real) if bb == b])
+        )
+        for b in ("negative", "positive")
+    }
     figures["samples_judged"] = {
         "temperature": SAMPLE_TEMPERATURE,
         "max_chars": SAMPLE_CHARS,
         "categories": categories,
         "judge_train_reviews": len(judged),
-        "by_rating": judged_samples,
+        "judge_recall_on_real_test": judge_acc,
+        "by_rating": judged_at(SAMPLE_TEMPERATURE),
     }
     figures["shown_samples"] = {
         str(r): conditioned_samples(sampler, r, [SHOW_CATEGORY], 3, seed=77) for r in (1, 3, 5)
     }
+    save()
+    figures["samples_judged"]["also"] = {
+        "temperature": ALSO_TEMPERATURE,
+        "by_rating": judged_at(ALSO_TEMPERATURE),
+    }
+    save()
 
-    steer = Sampler.load(plain_ckpt, sentiment_unit=base / "sentiment-unit-unconditioned.json")
-    figures["steering"] = {}
+    t1 = time.perf_counter()
+    figures["rating"] = heldout_rating_report(cond_ckpt, rated_train, rated_test)
+    categories = cond_ckpt.conditions.values.get("category", [])
+    if len(categories) > 1:  # one category (a single-source run) has nothing to read back
+        known = [r for r in test if r[2] in cond_ckpt.conditions.ids["category"]]
+        every = max(1, -(-len(known) // MAX_CATEGORY_REVIEWS))  # every k-th test review, k = ceil(n / max)
+        figures["category"] = heldout_category_report(cond_ckpt, train, known[::every])
+    else:
+        figures["category"] = {"single_category": categories[0] if categories else None}
+    figures["classify_s"] = time.perf_counter() - t1
+    save()
+
+    probe_figures(figures, plain_ckpt, cond_ckpt, base, quick)
+    save()
+
+    steer_name = "unconditioned" if plain_ckpt is not None else "conditioned"
+    steer = Sampler.load(plain_ckpt or cond_ckpt, sentiment_unit=base / f"sentiment-unit-{steer_name}.json")
+    steering: dict[str, Any] = {"model": steer_name}
     for strength, want in ((1.0, "positive"), (-1.0, "negative")):
         texts = steered_samples(steer, strength, 10 if quick else 100, seed=5000)
         verdict = judge.predict(texts).tolist()
-        figures["steering"][f"{strength:+g}"] = {
+        steering[f"{strength:+g}"] = {
             "n": len(texts),
             "share": sum(v == want for v in verdict) / len(texts),
             "want": want,
             "first": texts[:2],
         }
-    unsteered = steered_samples(steer, 0.0, 10 if quick else 100, seed=5000)
-    figures["steering"]["none"] = {
+    unsteered = steered_samples(steer, None, 10 if quick else 100, seed=5000)
+    steering["none"] = {
         "n": len(unsteered),
         "share_positive": sum(v == "positive" for v in judge.predict(unsteered).tolist()) / len(unsteered),
     }
-    figures["eval_s"] = time.perf_counter() - t0
-    (base / "figures.json").write_text(json.dumps(figures, indent=2))
+    figures["steering"] = steering
+    save()
     return figures
+
+
+def matched_val(runs: dict[str, Any]) -> dict[str, Any] | None:
+    """The in-loop validation bpc (the whole MI val split, the conditioned model with each review's
+    conditions) of both runs at the conditioned run's best step: with the same preset and schedule
+    (max_steps), the two are the same model at the same point, conditions or not."""
+    from raylstm.train import read_metrics
+
+    if "unconditioned" not in runs:
+        return None
+    val = {}
+    for name in ("conditioned", "unconditioned"):
+        d = Path(runs[name]["run_dir"])
+        val[name] = {
+            int(m["step"]): float(m["val_bpc"]) for m in read_metrics(d) if m.get("val_bpc") is not None
+        }
+    both = sorted(set(val["conditioned"]) & set(val["unconditioned"]))
+    if not both:
+        return None
+    best = json.loads((Path(runs["conditioned"]["run_dir"]) / "best.json").read_text())
+    step = int(best["metrics"]["step"]) if int(best["metrics"]["step"]) in both else both[-1]
+    return {
+        "step": step,
+        "conditioned_val_bpc": val["conditioned"][step],
+        "unconditioned_val_bpc": val["unconditioned"][step],
+        "difference": val["conditioned"][step] - val["unconditioned"][step],
+        "curve": {k: [val["conditioned"][k], val["unconditioned"][k]] for k in both},
+    }
 
 
 def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
+def fill_from_quality(f: dict[str, Any], quality_json: Path) -> bool:
+    """An unconditioned held-out figure the eval stage could not measure (the quality run was not done
+    yet), from bench.quality's own quality.json: its model's bpc on the same MI test reviews (checked
+    by their count and chars). No Ray, no model: the report stage's fill-in."""
+    h = f["heldout"]["mi_test"]
+    if h.get("unconditioned_bpc") is not None or not quality_json.exists():
+        return False
+    q = json.loads(quality_json.read_text())
+    mi = q["mi_test"]
+    if (mi["reviews"], mi["chars"]) != (h["reviews"], h["chars"]):
+        raise ValueError(
+            f"{quality_json}: MI test {mi['reviews']} reviews / {mi['chars']} chars, but the conditioned "
+            f"model was scored on {h['reviews']} / {h['chars']}: not the same held-out text"
+        )
+    h["unconditioned_bpc"] = mi["model"]["bpc"]
+    h["difference"] = h["conditioned_bpc"] - h["unconditioned_bpc"]
+    h["unconditioned_from"] = str(quality_json)
+    f["runs"].setdefault(
+        "unconditioned",
+        {
+            "config": q["config"],
+            "overrides": q.get("overrides", []),
+            "steps": q["steps"],
+            "wall_s": None,
+            "best_val_bpc": q["best_val_bpc"],
+            "run_dir": q["run_dir"],
+        },
+    )
+    return True
+
+
 def to_markdown(f: dict[str, Any], command: str) -> str:
     runs = f["runs"]
-    c, u = runs["conditioned"], runs["unconditioned"]
+    c = runs["conditioned"]
+    u = runs.get("unconditioned") or {"config": "configs/cpu-quality.toml (not run yet)", "overrides": []}
     sj = f.get("samples_judged")
     lines = [
         "## Conditioning: a review of a given rating and category, and the rating read back",
         "",
-        f"`{Path(CONFIG).relative_to(ROOT)}` on the Musical Instruments reviews + the 8 Blitzer files "
-        f'(their ratings; the Blitzer domains and "Musical Instruments" as categories); the same preset '
-        f"with `--set model.conditions=[]` for the unconditioned model. Wall time per run: process start "
-        f"(Ray, prepare) to the end of `train()`, 2 cores.",
+        f"`{Path(CONFIG).relative_to(ROOT)}` (cpu-quality plus rating and category conditions) on "
+        f"{', '.join(Path(s).name for s in c['sources'])}; the unconditioned model is the same preset "
+        f"without conditions (`{u['config']}`). Wall time: process start (Ray, prepare) to the end of "
+        f"`train()`, 2 cores.",
         "",
-        "| model | steps | wall | best val bpc | held-out (test) bpc |",
-        "|---|---:|---:|---:|---:|",
+        "| model | run | steps | wall | best val bpc |",
+        "|---|---|---:|---:|---:|",
     ]
     for name, r in (("conditioned (rating, category)", c), ("unconditioned", u)):
+        if "steps" not in r:
+            continue
+        wall = f"{r['wall_s'] / 60:.1f} min" if r.get("wall_s") else "(bench.quality)"
         lines.append(
-            f"| {name} | {r['steps']:,} | {r['wall_s'] / 60:.1f} min | {r['best_val_bpc']:.4f} | "
-            f"{r['test_bpc']:.4f} |"
+            f"| {name} | `{r['config']}` {' '.join('--set ' + o for o in r['overrides'])} | {r['steps']:,} | "
+            f"{wall} | {r['best_val_bpc']:.4f} |"
         )
-    d = c["test_bpc"] - u["test_bpc"]
+    if c.get("stopped_at_deadline"):
+        lines += [
+            "",
+            f"The conditioned run was stopped at the CPU lock's deadline at step {c['steps']:,} of the preset's "
+            f"12,800 (the same LR schedule as cpu-quality's, so the two are comparable step for step); its model "
+            f"is the best checkpoint so far, step {c['best_step']:,}"
+            + (f", {c['wall_s'] / 60:.1f} min after the run started." if c.get("wall_s") else "."),
+        ]
+    h = f["heldout"]
     lines += [
         "",
-        f"Held-out bpc difference (conditioned - unconditioned): **{d:+.4f}** on {c['test_chars']:,} "
-        f"chars of {c['test_reviews']:,} test reviews (the conditioned model reads each with its own rating "
-        f"and category; target: no worse than +0.02).",
+        "Held-out bpc, both models on the same reviews (the conditioned model reads each with its own "
+        "rating and category: -log2 P(text | rating, category) per char):",
+        "",
+        "| held-out text | reviews | chars | conditioned | unconditioned | difference |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
+    for key, title in (
+        ("mi_test", "Musical Instruments test (cpu-quality's)"),
+        ("all_test", "whole test split"),
+    ):
+        if key not in h:
+            continue
+        x = h[key]
+        un = "not measured" if x["unconditioned_bpc"] is None else f"{x['unconditioned_bpc']:.4f}"
+        diff = "" if x["difference"] is None else f"**{x['difference']:+.4f}**"
+        lines.append(
+            f"| {title} | {x['reviews']:,} | {x['chars']:,} | {x['conditioned_bpc']:.4f} | {un} | {diff} |"
+        )
+    mv = f.get("matched_val")
+    if mv:
+        lines += [
+            "",
+            f"At the same step of the same schedule ({mv['step']:,}; in-loop validation on every MI val review): "
+            f"conditioned {mv['conditioned_val_bpc']:.4f}, unconditioned {mv['unconditioned_val_bpc']:.4f}, "
+            f"difference **{mv['difference']:+.4f}** bpc.",
+        ]
+    lines += ["", "Target: the conditioned model no worse than +0.02 bpc above the unconditioned one."]
     if sj:
         lines += [
             "",
@@ -205,16 +402,26 @@ def to_markdown(f: dict[str, Any], command: str) -> str:
             f"Judge: TF-IDF (word 1-2-grams) + logistic regression, class-balanced, fit on the "
             f"{sj['judge_train_reviews']:,} real training reviews rated 1-2 or 4-5 (none generated).",
             "",
-            "| condition | judged as conditioned | mean length |",
-            "|---|---:|---:|",
+            f"| condition | judged as conditioned | mean length | at T = {ALSO_TEMPERATURE} |",
+            "|---|---:|---:|---:|",
         ]
         for r, s in sj["by_rating"].items():
+            also = sj.get("also", {}).get("by_rating", {}).get(r)
             lines.append(
                 f"| {r} star(s) -> {s['want']} | **{_pct(s['share_as_conditioned'])}** | "
-                f"{s['mean_chars']:.0f} chars |"
+                f"{s['mean_chars']:.0f} chars | {_pct(also['share_as_conditioned']) if also else 'not run'} |"
             )
+        jr = sj["judge_recall_on_real_test"]
+        lines += [
+            "",
+            f"The judge on the real held-out reviews: {_pct(jr['negative'])} of the 1-2 star ones called "
+            f"negative, {_pct(jr['positive'])} of the 4-5 star ones positive.",
+        ]
     else:
         lines += ["", "Conditioned samples: not measured (this tree's sampler takes no conditions yet)."]
+    if "rating" not in f:
+        lines += ["", "(The eval stage ended here: its deadline.)"]
+        return _finish(lines, f, command)
     lines += ["", "### Held-out rating by Bayes' rule (the review's category known)", ""]
     for key, title in (("five_way", "5-way (1-5 stars)"), ("binary", "positive (4-5) vs negative (1-2)")):
         rr = f["rating"][key]
@@ -229,11 +436,22 @@ def to_markdown(f: dict[str, Any], command: str) -> str:
             "",
         ]
     cat = f["category"]
+    if "bayes" in cat:
+        lines.append(
+            f"Category by Bayes' rule (summed over ratings), {cat['bayes']['n']:,} test reviews: accuracy "
+            f"**{_pct(cat['bayes']['accuracy'])}**, macro-F1 {cat['bayes']['macro_f1']:.3f} (majority "
+            f'"{cat["majority"]["class"]}": {_pct(cat["majority"]["accuracy"])}).'
+        )
+    else:
+        lines.append(
+            f'Category: every training review is "{cat["single_category"]}" (one source), so there is no '
+            "category to read back."
+        )
+    lines.append(f"Classification time: {f['classify_s']:.0f} s.")
+    if "probe" not in f:
+        lines += ["", "(The eval stage ended here: its deadline.)"]
+        return _finish(lines, f, command)
     lines += [
-        f"Category by Bayes' rule (summed over ratings), {cat['bayes']['n']:,} test reviews: accuracy "
-        f"**{_pct(cat['bayes']['accuracy'])}**, macro-F1 {cat['bayes']['macro_f1']:.3f} (majority "
-        f'"{cat["majority"]["class"]}": {_pct(cat["majority"]["accuracy"])}). Classification time '
-        f"(rating + category): {f['classify_s']:.0f} s.",
         "",
         "### Sentiment probe and unit (Radford et al.), on held-out labels",
         "",
@@ -250,12 +468,14 @@ def to_markdown(f: dict[str, Any], command: str) -> str:
                 f"| {model} | {name} | {s['train']:,} / {s['test']:,} | **{_pct(s['probe_accuracy'])}** | "
                 f"{_pct(s['unit_accuracy'])} | {_pct(s['tfidf_accuracy'])} |"
             )
-    unit = f["probe"]["unconditioned"]["unit"]
-    st = f.get("steering")
+    st = f.get("steering") or {}
+    which = st.get("model", "unconditioned")
+    unit = f["probe"][which]["unit"]
     lines += [
         "",
-        f"The unconditioned model's sentiment unit: {unit['state']}[{unit['unit']}] of layer {unit['layer']} "
-        f"(positive mean {unit['positive_mean']:.3f}, negative {unit['negative_mean']:.3f}).",
+        f"The {which} model's sentiment unit (read without conditions): {unit['state']}[{unit['unit']}] of "
+        f"layer {unit['layer']} (positive mean {unit['positive_mean']:.3f}, negative "
+        f"{unit['negative_mean']:.3f}).",
     ]
     if st:
         lines[-1] += (
@@ -263,6 +483,10 @@ def to_markdown(f: dict[str, Any], command: str) -> str:
             f"judge: +1 -> positive {_pct(st['+1']['share'])}, -1 -> negative {_pct(st['-1']['share'])}; "
             f"unsteered: {_pct(st['none']['share_positive'])} positive."
         )
+    return _finish(lines, f, command)
+
+
+def _finish(lines: list[str], f: dict[str, Any], command: str) -> str:
     if f.get("shown_samples"):
         lines += ["", f"### Samples ({SHOW_CATEGORY}, T = {SAMPLE_TEMPERATURE})", ""]
     for r, texts in f.get("shown_samples", {}).items():

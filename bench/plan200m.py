@@ -249,8 +249,7 @@ def finish(out_dir: Path) -> dict[str, Any]:
 
 
 def markdown(f: dict[str, Any], command: str) -> str:
-    p, bc, ev = f["plan"], f["best_ceiling"], f["evaluate"]["model"]
-    seed, ours40 = f["seed_weights"], f["ours_40_context"]
+    p, bc = f["plan"], f["best_ceiling"]
     lines = [
         f"## The seed's plan: {f['predictions']:,} predictions end to end",
         "",
@@ -303,18 +302,23 @@ def markdown(f: dict[str, Any], command: str) -> str:
             f"| {(startup + PREDICTIONS * per_pred) / 60:.0f} min (at the ceiling: "
             f"{PREDICTIONS / bc['chars_per_s'] / 60:.0f} min) |"
         )
+    lines += ["", "### Held-out test split (the same reviews for every row)", ""]
+    if "evaluate" in f:
+        ev, ours40, seed = f["evaluate"]["model"], f["ours_40_context"], f["seed_weights"]
+        lines += [
+            "| model | scoring | predictions | bits/char |",
+            "|---|---|---:|---:|",
+            f"| this run, {f['best_checkpoint']} | each review whole from a zero state (`raylstm evaluate`) "
+            f"| {ev['chars']:,} | **{ev['bpc']:.3f}** |",
+            f"| this run, {f['best_checkpoint']} | the original's: each char from position 40 from the 40 "
+            f"before | {ours40['predictions']:,} | **{ours40['bpc']:.3f}** |",
+            f"| the original's published weights (model.h5, LSTM 256) | the original's | "
+            f"{seed['predictions']:,} | {seed['bpc']:.3f} |",
+        ]
+    else:
+        seed = None
+        lines.append(f"Not scored yet: `{f.get('bench_command', '')} --finish` scores the best checkpoint.")
     lines += [
-        "",
-        "### Held-out test split (the same reviews for every row)",
-        "",
-        "| model | scoring | predictions | bits/char |",
-        "|---|---|---:|---:|",
-        f"| this run, {f['best_checkpoint']} | each review whole from a zero state (`raylstm evaluate`) "
-        f"| {ev['chars']:,} | **{ev['bpc']:.3f}** |",
-        f"| this run, {f['best_checkpoint']} | the original's: each char from position 40 from the 40 before "
-        f"| {ours40['predictions']:,} | **{ours40['bpc']:.3f}** |",
-        f"| the original's published weights (model.h5, LSTM 256) | the original's | "
-        f"{seed['predictions']:,} | {seed['bpc']:.3f} |",
         "",
         "Samples from the best checkpoint (`raylstm train`'s samples.txt, prime then 500 chars):",
         "",
@@ -322,11 +326,15 @@ def markdown(f: dict[str, Any], command: str) -> str:
         f["samples_txt"].strip(),
         "```",
         "",
-        "The published weights' samples from the same prime (each char from the last 40, as it sampled):",
-        "",
     ]
-    for t, text in seed["samples"].items():
-        lines.append(f"- T={t}: `{(seed['prime'] + text).replace(chr(10), ' / ').replace('`', chr(39))}`")
+    if seed:
+        lines += [
+            "The published weights' samples from the same prime (each char from the last 40, as it sampled):"
+        ]
+        lines.append("")
+        for t, text in seed["samples"].items():
+            shown = (seed["prime"] + text).replace("\n", " / ").replace("`", "'")
+            lines.append(f"- T={t}: `{shown}`")
     lines += ["", f"`raylstm train` as run: `{f['train_command']}`", ""]
     return "\n".join(lines)
 
@@ -357,8 +365,9 @@ def main(argv: list[str] | None = None) -> int:
     command = shlex.join(
         [".venv/bin/python", "-m", "bench.plan200m", *(argv if argv is not None else sys.argv[1:])]
     )
-    if args.markdown:
-        fig = json.loads((Path(args.out) / "plan200m.json").read_text())
+    if args.markdown:  # the scored figures, or the training ones where the scoring has not run
+        done = Path(args.out) / "plan200m.json"
+        fig = json.loads((done if done.exists() else Path(args.out) / TRAIN_JSON).read_text())
     elif args.finish:
         fig = finish(Path(args.out))
     else:

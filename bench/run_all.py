@@ -4,7 +4,7 @@ weights (seed_peer) and (opt-in) the quality run, each in its own process, then 
     make bench                                   # = .venv/bin/python -m bench.run_all
     .venv/bin/python -m bench.run_all --quick    # each piece in its quick mode (~1 min each)
     .venv/bin/python -m bench.run_all --with-quality   # + the 20-minute cpu-quality training run
-    .venv/bin/python -m bench.run_all --with-conditioning   # + two 20-minute conditioning runs and figures
+    .venv/bin/python -m bench.run_all --with-conditioning   # + the 20-minute conditioned run and its figures
     .venv/bin/python -m bench.run_all --with-plan200m   # + the seed's 200M-prediction plan (~35 minutes)
 
 Each piece runs in a fresh Python process (`python -m bench.run_all --one NAME`): a piece that starts Ray
@@ -297,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--with-conditioning",
         action="store_true",
-        help="also bench.conditioning: conditioned and unconditioned 20-minute runs and their figures",
+        help="also bench.conditioning: the conditioned 20-minute run and its figures (beside the quality run)",
     )
     ap.add_argument(
         "--with-plan200m",
@@ -332,10 +332,10 @@ def main(argv: list[str] | None = None) -> int:
     info = machine()
     results = []
     for name in pieces:
-        # quality trains for ~20 min, conditioning one and two 20-minute runs plus figures; bench_scale
+        # quality trains for ~20 min, conditioning ~20 min (two runs without a quality run) + figures; bench_scale
         # prepares 5 GB of corpora twice (~25 min; 10 MB and 100 MB only in --quick)
         # plan200m: ~3 min of ceiling grid, ~30 min of training, ~5 min of held-out scoring
-        long = {"quality": 1800.0, "conditioning": 4200.0, "bench_scale": 600.0 if args.quick else 3600.0}
+        long = {"quality": 1800.0, "conditioning": 3600.0, "bench_scale": 600.0 if args.quick else 3600.0}
         long["plan200m"] = 900.0 if args.quick else 3600.0
         r = run_piece(name, out_dir, args.quick, long.get(name, args.timeout))
         r["command"] = command_for(name, args.quick)

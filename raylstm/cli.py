@@ -212,6 +212,15 @@ def _sample_parser(p: argparse.ArgumentParser) -> Command:
         help="makes output reproducible; training prints the seed of each of its samples",
     )
     p.add_argument("--raw-prompt", action="store_true", help="do not clean the prime")
+    p.add_argument("--rating", help="a conditioned model: write a review of this many stars (1-5)")
+    p.add_argument("--category", help='a conditioned model: of this category, e.g. "Musical Instruments"')
+    p.add_argument(
+        "--steer-sentiment",
+        type=float,
+        help="fix the sentiment unit: +1 positive, -1 negative (Radford et al.; needs --sentiment-unit "
+        "or RUN_DIR/sentiment.json from `raylstm classify --probe --unit-out`)",
+    )
+    p.add_argument("--sentiment-unit", help="the sentiment unit file (default: sentiment.json of the run)")
 
     def run(args: argparse.Namespace) -> int:
         from raylstm.sample import SampleParams, Sampler
@@ -220,7 +229,10 @@ def _sample_parser(p: argparse.ArgumentParser) -> Command:
             raise ValueError("--length must be >= 0")
         if args.n < 1:
             raise ValueError("--n must be >= 1")
-        sampler = Sampler.load(args.checkpoint)
+        sampler = Sampler.load(args.checkpoint, sentiment_unit=args.sentiment_unit)
+        conditions = {
+            k: v for k, v in (("rating", args.rating), ("category", args.category)) if v is not None
+        }
         print(
             f"# checkpoint {sampler.path}  step {sampler.step_number}  val_bpc {sampler.info()['val_bpc']}",
             file=sys.stderr,
@@ -238,6 +250,8 @@ def _sample_parser(p: argparse.ArgumentParser) -> Command:
                 stop=tuple(args.stop),
                 seed=args.seed,
                 clean_prompt=not args.raw_prompt,
+                conditions=conditions,
+                steer_sentiment=args.steer_sentiment,
             )
             for t in args.temperature
         ]
@@ -264,13 +278,23 @@ def _sample_parser(p: argparse.ArgumentParser) -> Command:
 # --- serve ---------------------------------------------------------------------------------------------
 def _serve_parser(p: argparse.ArgumentParser) -> Command:
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--run", help="run dir: serve its best checkpoint and follow best.json")
-    src.add_argument("--checkpoint", help="serve this checkpoint dir")
+    src.add_argument("--run", help="run dir: serve its best checkpoint and follow best.json (hot reload)")
+    src.add_argument("--checkpoint", help="serve this checkpoint dir (or s3:// URI)")
     _add_config_args(p)
-    p.add_argument("--host", help="bind address (default 127.0.0.1)")
-    p.add_argument("--port", type=int)
-    p.add_argument("--replicas", type=int)
+    p.add_argument("--host", help="bind address (default 127.0.0.1; 0.0.0.0 exposes it: put TLS in front)")
+    p.add_argument("--port", type=int, help="HTTP port (default 8000)")
+    p.add_argument("--replicas", type=int, help="replicas (each its own engine and batch; default 1)")
     p.add_argument("--gpu", action="store_true", help="one GPU per replica")
+    p.add_argument(
+        "--max-batch-size",
+        type=int,
+        help="rows per model step per replica (serve.max_batch_size, default 32)",
+    )
+    p.add_argument(
+        "--max-queued",
+        type=int,
+        help="requests waiting per replica before 429 + Retry-After (serve.max_queued, default 64)",
+    )
     p.add_argument(
         "--address", default=None, help="Ray address to join (default: RAY_ADDRESS or a local Ray)"
     )
@@ -278,7 +302,21 @@ def _serve_parser(p: argparse.ArgumentParser) -> Command:
     def run(args: argparse.Namespace) -> int:
         from raylstm.serve import run_server
 
-        return run_server(args, _config(args))
+        cfg = _config(args).serve
+        if args.host:
+            cfg.host = args.host
+        if args.port is not None:
+            cfg.port = args.port
+        if args.replicas:
+            cfg.num_replicas = args.replicas
+            cfg.max_replicas = max(cfg.max_replicas, args.replicas)
+        if args.gpu:
+            cfg.num_gpus = 1.0
+        if args.max_batch_size:
+            cfg.max_batch_size = args.max_batch_size
+        if args.max_queued is not None:
+            cfg.max_queued = args.max_queued
+        return run_server(args.run or args.checkpoint, cfg, follow=bool(args.run), address=args.address)
 
     return run
 

@@ -165,8 +165,17 @@ class ServeConfig:
     max_replicas: int = 1
     num_cpus: float = 0.5
     num_gpus: float = 0.0
+    # Rows (samples) in one model step per replica: the continuous batch. Requests join between steps.
     max_batch_size: int = 32
-    batch_wait_timeout_s: float = 0.01
+    # Requests waiting for a batch slot per replica; past it a request gets 429 + Retry-After at once
+    # (also Serve's own bound on what its proxy queues when every replica is full).
+    max_queued: int = 64
+    # Retry-After (seconds) sent with 429/503.
+    retry_after_s: float = 1.0
+    # A request still queued or generating after this many seconds is cancelled: 503 (0 = no limit).
+    request_timeout_s: float = 300.0
+    # A replica being stopped (redeploy, downscale, shutdown) finishes in-flight requests for this long.
+    drain_timeout_s: float = 60.0
     # Caps that keep one request from holding a replica: past them, a 4xx, never a hang.
     max_prompt_chars: int = 4096
     max_new_chars: int = 2000

@@ -1,32 +1,88 @@
-"""Continuous batching over `sample.Sampler`: jobs join and leave between model steps. No Ray, no HTTP.
+"""The serving engine: continuous batching over `sample.Sampler` in a step thread, with admission, a bounded
+queue, deadlines, cancellation and typed errors. No Ray, no HTTP (serve.py maps the errors to statuses).
 
-submit(jobs) (any thread) --> waiting --admit what fits max_rows--> active --step()--> Events
-                                                                      (one model call per sampler)
+    request handler (asyncio)                      step thread (one per engine)
+    -------------------------                      ----------------------------------------------------
+    stream = engine.submit(prompts, params, n)     EngineCore.step():
+      QueueFull / EngineStopped raised here,         deadlines -> RequestTimeout; cancelled jobs dropped
+      before any response goes out                   admit waiting jobs while their rows fit max_rows
+    async for event in stream:  <-- events --        one model call per sampler for every active row
+      (closing the stream cancels its jobs)          events: started / text deltas / finished / done
+                                                     (handed to each job's event loop, thread-safely)
+
+`EngineCore` is the synchronous part (tests and benchmarks step it directly); `Engine` adds the thread
+and the asyncio side. New jobs start on the current sampler; after `set_sampler` (hot reload) jobs
+already running finish on the sampler they started with, so a reload fails no request.
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import itertools
+import logging
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from raylstm.sample import Completion, Prompt, Row, SampleParams, Sampler, TokenLogprobs, best_completions
+
+log = logging.getLogger("ray.serve")
+
+
+# --- errors -----------------------------------------------------------------------------------------------
+class EngineError(Exception):
+    """Why a request was not (fully) served. serve.py maps each kind to an HTTP status."""
+
+
+class QueueFull(EngineError):
+    """More requests are waiting than the engine may queue: retry after `retry_after_s`."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class RequestTimeout(EngineError):
+    """The request's deadline passed (while queued or generating); its rows were freed."""
+
+
+class EngineStopped(EngineError):
+    """The engine is shutting down and takes no new requests."""
+
+
+class GenerationFailed(EngineError):
+    """The model step raised (a device or model error); every request in flight fails with it."""
+
+
+# --- jobs and events --------------------------------------------------------------------------------------
+_job_ids = itertools.count()
 
 
 @dataclass(eq=False)
 class Job:
-    """One request: n samples of one prompt (best_of > n: that many run, the best n are kept)."""
+    """One prompt of a request: n samples (best_of > n: that many run, the best n are kept)."""
 
-    prompt: str
+    prompt: str | list[int]  # text, or character ids (OpenAI's token-id prompts)
     params: SampleParams
     n: int = 1
     best_of: int | None = None
+    index: int = 0  # which prompt of its request
+    stream: bool = True  # per-step deltas; False: only the final event (a non-streamed response)
+    id: int = field(default_factory=lambda: next(_job_ids))
     rows: list[Row] = field(default_factory=list)
     prompt_info: Prompt | None = None
     sampler: Sampler | None = None
-    error: str | None = None
+    error: BaseException | None = None
     cancelled: bool = False
+    submitted: float = 0.0  # time.monotonic() at submit
+    deadline: float | None = None
+    first_char_at: float | None = None
+    # Where events go: the request handler's queue, on its event loop (set by Engine.submit).
+    loop: asyncio.AbstractEventLoop | None = None
+    queue: asyncio.Queue | None = None
 
     @property
     def width(self) -> int:
@@ -64,62 +120,147 @@ class Event:
     done: bool = False
 
 
-class Engine:
+class StepObserver(Protocol):
+    """What the engine reports as it goes (serve.py's Prometheus metrics implement it)."""
+
+    def on_step(self, seconds: float, rows: int, active_rows: int, waiting: int) -> None:
+        """One step took `seconds` and generated one character for each of `rows` rows."""
+
+    def on_first_char(self, seconds: float) -> None:
+        """A request's first character came `seconds` after it was submitted."""
+
+
+# --- the synchronous core ---------------------------------------------------------------------------------
+class EngineCore:
     """Steps every active row together, admitting waiting jobs between steps (continuous batching).
 
     `max_rows` caps the rows in one model step (the batch size): waiting jobs are admitted in order when
-    their rows fit (a job larger than the cap runs alone). `submit` may be called from any thread;
-    `step` runs in one thread. New jobs use the current sampler; after `set_sampler` (hot reload),
-    rows already running finish on the sampler they started with.
+    their rows fit (a job wider than the cap runs alone). `max_queued` caps what waits for a slot, in
+    rows beyond the free ones (0 = no cap): past it `submit` raises QueueFull at once. `timeout_s` is
+    each job's deadline from submit (0 = none). `submit` and `cancel` may be called from any thread; `step` runs in one thread.
     """
 
-    def __init__(self, sampler: Sampler, max_rows: int = 32) -> None:
+    def __init__(
+        self,
+        sampler: Sampler,
+        max_rows: int = 32,
+        max_queued: int = 0,
+        timeout_s: float = 0.0,
+        retry_after_s: float = 1.0,
+    ) -> None:
         self.sampler = sampler
         self.max_rows = max(1, int(max_rows))
+        self.max_queued = max(0, int(max_queued))
+        self.timeout_s = float(timeout_s)
+        self.retry_after_s = float(retry_after_s)
         self.waiting: collections.deque[Job] = collections.deque()
         self.active: list[Job] = []
         self._lock = threading.Lock()
+        self.closed = False
         self.steps = 0
         self.rows_stepped = 0
 
     def set_sampler(self, sampler: Sampler) -> None:
         self.sampler = sampler
 
+    @property
+    def active_rows(self) -> int:
+        return sum(len(j.rows) for j in self.active)
+
     def submit(self, jobs: Sequence[Job]) -> None:
+        """Queue the jobs of one request, all or none."""
+        now = time.monotonic()
         with self._lock:
+            if self.closed:
+                raise EngineStopped("the server is shutting down: no new requests")
+            # Rows the next step admits (free ones) are not queued: only what waits beyond them counts.
+            free = max(0, self.max_rows - self.active_rows)
+            rows = sum(j.width for j in self.waiting) + sum(j.width for j in jobs)
+            if self.max_queued and rows - free > self.max_queued:
+                raise QueueFull(
+                    f"{len(self.waiting)} requests are already waiting (the cap is {self.max_queued}): "
+                    f"retry in {self.retry_after_s:g} s",
+                    self.retry_after_s,
+                )
+            for j in jobs:
+                j.submitted = now
+                j.deadline = now + self.timeout_s if self.timeout_s > 0 else None
             self.waiting.extend(jobs)
+
+    def cancel(self, jobs: Sequence[Job]) -> None:
+        """The client went away: its rows are dropped at the next step (waiting ones at once)."""
+        with self._lock:
+            for j in jobs:
+                j.cancelled = True
+            if any(j in self.waiting for j in jobs):
+                self.waiting = collections.deque(j for j in self.waiting if not j.cancelled)
 
     def has_work(self) -> bool:
         return bool(self.waiting) or bool(self.active)
 
-    def _admit(self) -> list[Event]:
+    def _expire(self, now: float) -> list[Event]:
         events = []
-        rows = sum(len(j.rows) for j in self.active)
+        with self._lock:
+            for queue in (self.waiting, self.active):
+                for job in queue:
+                    if job.deadline is not None and now > job.deadline and job.error is None:
+                        where = "generating" if job.rows else "waiting for a batch slot"
+                        job.error = RequestTimeout(
+                            f"request timed out after {now - job.submitted:.1f} s ({where}); "
+                            f"the limit is {self.timeout_s:g} s"
+                        )
+                        events.append(Event(job, done=True))
+            if events:
+                self.waiting = collections.deque(j for j in self.waiting if j.error is None)
+        self.active = [j for j in self.active if j.error is None]
+        return events
+
+    def _admit(self) -> list[Event]:
+        """Take waiting jobs in order while their rows fit; start them together (one batched prefill
+        per prompt length), or one by one when one of them is bad for this model."""
+        events: list[Event] = []
+        rows = self.active_rows
+        admitted: list[Job] = []
         with self._lock:
             while self.waiting:
                 job = self.waiting[0]
                 if rows and rows + job.width > self.max_rows:
                     break
                 self.waiting.popleft()
-                if job.cancelled:
-                    continue
-                sampler = self.sampler
+                if not job.cancelled:
+                    admitted.append(job)
+                    rows += job.width
+        if not admitted:
+            return events
+        sampler = self.sampler
+        try:
+            started = sampler.start_many([(self._prompt(sampler, j), j.params, j.width) for j in admitted])
+        except ValueError:  # SampleParamError: find it, start the others
+            started = []
+            for job in admitted:
                 try:
-                    job.rows = sampler.start(job.prompt, job.params, job.width)
-                    job.prompt_info = job.rows[0].prompt
-                    job.sampler = sampler
-                except (ValueError, RuntimeError) as e:
-                    job.error = str(e)
-                    events.append(Event(job, done=True))
-                    continue
-                rows += job.width
-                self.active.append(job)
-                events.append(Event(job, started=True))
+                    started.append(sampler.start(self._prompt(sampler, job), job.params, job.width))
+                except ValueError as e:
+                    job.error = e
+                    started.append([])
+        for job, job_rows in zip(admitted, started):
+            if job.error is not None:
+                events.append(Event(job, done=True))
+                continue
+            job.rows, job.prompt_info, job.sampler = job_rows, job_rows[0].prompt, sampler
+            self.active.append(job)
+            events.append(Event(job, started=True))
         return events
 
+    @staticmethod
+    def _prompt(sampler: Sampler, job: Job) -> str | Prompt:
+        return sampler.prompt_from_ids(job.prompt) if isinstance(job.prompt, list) else job.prompt
+
     def step(self) -> list[Event]:
-        """Admit what fits, advance every active row by one character, report what changed."""
-        events = {id(e.job): e for e in self._admit()}
+        """Expire, admit what fits, advance every active row by one character, report what changed."""
+        now = time.monotonic()
+        events = {e.job.id: e for e in self._expire(now)}
+        events.update({e.job.id: e for e in self._admit()})
         self.active = [j for j in self.active if not j.cancelled]
         by_sampler: dict[int, tuple[Sampler, list[Row]]] = {}
         for job in self.active:
@@ -132,8 +273,8 @@ class Engine:
             self.rows_stepped += len(rows)
         still = []
         for job in self.active:
-            ev = events.get(id(job)) or Event(job)
-            if job.streams:
+            ev = events.get(job.id) or Event(job)
+            if job.streams and job.stream:
                 for r in job.rows:
                     offset, text = r.take_delta()
                     if text:
@@ -145,8 +286,155 @@ class Engine:
                         ev.finished.append((r.index, r.finish_reason or "length"))
             ev.done = job.finished
             if ev.started or ev.deltas or ev.finished or ev.done:
-                events[id(job)] = ev
+                events[job.id] = ev
             if not job.finished:
                 still.append(job)
         self.active = still
         return list(events.values())
+
+    def fail_all(self, error: BaseException) -> list[Event]:
+        """Every job in flight fails with `error` (the step raised): report them done, keep serving."""
+        with self._lock:
+            jobs = list(self.active) + list(self.waiting)
+            self.active, self.waiting = [], collections.deque()
+        for job in jobs:
+            job.error = error
+        return [Event(job, done=True) for job in jobs]
+
+
+# --- the asyncio side -------------------------------------------------------------------------------------
+class Stream:
+    """The events of one request's jobs; iterate with `async for`. Leaving early (the client went away)
+    cancels the jobs. A failed job raises its typed error from the iteration."""
+
+    def __init__(self, engine: Engine, jobs: list[Job], queue: asyncio.Queue) -> None:
+        self.engine, self.jobs, self._queue = engine, jobs, queue
+
+    async def __aiter__(self) -> AsyncIterator[Event]:
+        pending = len(self.jobs)
+        try:
+            while pending:
+                ev: Event = await self._queue.get()
+                if ev.job.error is not None:
+                    raise ev.job.error
+                if ev.done:
+                    pending -= 1
+                yield ev
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        unfinished = [j for j in self.jobs if not j.finished]
+        if unfinished:
+            self.engine.core.cancel(unfinished)
+
+    async def collect(self) -> list[Job]:
+        """Run to the end (non-streamed responses)."""
+        async for _ in self:
+            pass
+        return self.jobs
+
+
+class Engine:
+    """An EngineCore stepped by its own thread, fed from asyncio request handlers."""
+
+    def __init__(
+        self,
+        sampler: Sampler,
+        max_rows: int = 32,
+        max_queued: int = 0,
+        timeout_s: float = 0.0,
+        retry_after_s: float = 1.0,
+        observer: StepObserver | None = None,
+    ) -> None:
+        self.core = EngineCore(sampler, max_rows, max_queued, timeout_s, retry_after_s)
+        self.observer = observer
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    @property
+    def sampler(self) -> Sampler:
+        return self.core.sampler
+
+    def set_sampler(self, sampler: Sampler) -> None:
+        self.core.set_sampler(sampler)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="raylstm-step", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """No new requests; the thread finishes what is in flight (up to timeout_s), then exits."""
+        self.core.closed = True
+        with self._wake:
+            self._stopping = True
+            self._wake.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    def submit(
+        self,
+        prompts: Sequence[str | list[int]],
+        params: SampleParams,
+        n: int = 1,
+        best_of: int | None = None,
+        stream: bool = True,
+    ) -> Stream:
+        """Queue one request (one job per prompt). Raises QueueFull/EngineStopped at once, before the
+        caller has sent anything, so the HTTP layer can still answer 429/503."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        jobs = [
+            Job(p, params, n, best_of, index=i, stream=stream, loop=loop, queue=queue)
+            for i, p in enumerate(prompts)
+        ]
+        self.core.submit(jobs)
+        with self._wake:
+            self._wake.notify()
+        return Stream(self, jobs, queue)
+
+    def _run(self) -> None:
+        core = self.core
+        while True:
+            with self._wake:
+                while not core.has_work() and not self._stopping:
+                    self._wake.wait()
+                if self._stopping and not core.has_work():
+                    return
+            t0 = time.perf_counter()
+            rows_before = core.rows_stepped
+            try:
+                events = core.step()
+            except Exception as e:  # a device or model error: fail what is in flight, keep serving
+                log.exception("raylstm: generation step failed")
+                events = core.fail_all(GenerationFailed(f"generation failed: {type(e).__name__}: {e}"))
+            seconds = time.perf_counter() - t0
+            now = time.monotonic()
+            by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Event]]] = {}
+            for ev in events:
+                job = ev.job
+                if job.first_char_at is None and job.rows and job.rows[0].n_chars:
+                    job.first_char_at = now
+                    if self.observer is not None:
+                        self.observer.on_first_char(now - job.submitted)
+                if job.loop is not None and job.queue is not None:
+                    by_loop.setdefault(job.loop, []).append((job.queue, ev))
+            for loop, items in by_loop.items():  # one wake-up per event loop per step, not per request
+                try:
+                    loop.call_soon_threadsafe(_put_all, items)
+                except RuntimeError:  # that loop is closed (the replica is going away)
+                    pass
+            if self.observer is not None:
+                rows = core.rows_stepped - rows_before
+                self.observer.on_step(seconds, rows, core.active_rows, len(core.waiting))
+
+
+def _put_all(items: list[tuple[asyncio.Queue, Event]]) -> None:
+    for queue, ev in items:
+        queue.put_nowait(ev)

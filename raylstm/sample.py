@@ -11,14 +11,24 @@
         scores --/ temperature, min_p, top-k, top-p (each row its own)--> probs --u ~ rng_row--> ids [B]
         ids [B, 1] --model (state [L, B, H], or the window [B, W])--> logits [B, V]
 
-Every row owns its parameters and its own random generator (seeded by the request's seed plus the
-sample index) and draws exactly one uniform number per character, so a row's text depends only on its
-prompt, parameters, seed and the checkpoint: never on what else is in the batch. That is why the
+Every row owns its parameters and its own random stream (SplitMix64 keyed by the request's seed plus
+the sample index: the k-th character uses the stream's k-th number, drawn for the whole batch in one
+vectorized call), so a row's text depends only on its prompt, parameters, seed and the checkpoint:
+never on what else is in the batch. That is why the
 trainer's printed samples, `raylstm sample --seed S`, `/v1/generate` and `/v1/completions` agree.
 
 `Sampler.generate` runs a set of rows to completion (the trainer, the CLI, benchmarks, tests); the
-engine (`raylstm.engine`) calls `start`/`step` to batch requests continuously. `Sampler._forward` is the
-one place the model is called, so a per-row conditioning input (rating, category) has one place to go.
+engine (`raylstm.engine`) calls `start_many`/`step` to batch requests continuously.
+
+Conditions and steering are per-row inputs like the others (docs/conditioning.md):
+
+    SampleParams.conditions {"rating": 1, "category": "Books"} --ConditionVocab.request_ids--> Row.cond [F]
+    SampleParams.steer_sentiment s --SentimentUnit.value(s)--> Row.steer (NaN: not steered)
+    _Batch.cond [B, F], _Batch.steer [B] --_forward--> model(ids, state, cond), or
+                                                     classify.steered_forward (the unit fixed every step)
+
+so a row's text depends on its own conditions only, like its seed: a 1-star row batched beside a 5-star
+one writes what it writes alone.
 """
 
 from __future__ import annotations
@@ -36,6 +46,7 @@ import torch
 from torch import nn
 
 from raylstm.checkpoint import LoadedCheckpoint, load_checkpoint
+from raylstm.conditions import ConditionError, ConditionVocab
 from raylstm.config import DataConfig
 from raylstm.model import unwrap
 from raylstm.text import EOR, clean_text, fold_ascii, normalize_unicode, strip_html
@@ -43,6 +54,9 @@ from raylstm.vocab import CharVocab
 
 MAX_SEED = 2**63 - 1
 MAX_LOGPROBS = 20  # OpenAI's cap on `logprobs` (top alternatives per character)
+MAX_STEER = 4.0  # |steer_sentiment|: 1 already sits a class-mean gap beyond the positive mean
+# Where Sampler.load looks for a sentiment unit: `raylstm classify --probe --unit-out RUN/sentiment.json`
+SENTIMENT_UNIT_FILE = "sentiment.json"
 
 
 class SampleParamError(ValueError):
@@ -77,6 +91,13 @@ class SampleParams:
     logprobs: int | None = None  # per generated char its logprob and the top-k alternatives; None = off
     prompt_logprobs: int | None = None  # the same for every prompt character (the first gets None)
     clean_prompt: bool = True  # clean the prompt as the training text was (HTML, NFKC, case, ASCII)
+    # A conditioned model's review conditions, e.g. {"rating": 1, "category": "Musical Instruments"};
+    # fields left out are "missing" (what a review without that field was trained with). Checked against
+    # the model's condition vocabulary by the sampler. Held as sorted (field, value) pairs.
+    conditions: Mapping[str, Any] | tuple[tuple[str, Any], ...] = ()
+    # Fix the sentiment unit (Radford et al.) at SentimentUnit.value(s) at every step: +1 positive,
+    # -1 negative, None off. Needs the sampler's sentiment unit (raylstm classify --probe --unit-out).
+    steer_sentiment: float | None = None
 
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, msg: str) -> None:
@@ -110,11 +131,27 @@ class SampleParams:
             need(finite(v) and -100 <= v <= 100, "logit_bias", f"values must be in [-100, 100], got {v}")
         object.__setattr__(self, "logit_bias", pairs)
         object.__setattr__(self, "stop", tuple(self.stop))
+        conds = self.conditions.items() if isinstance(self.conditions, Mapping) else self.conditions
+        try:
+            cpairs = tuple(sorted((str(k), v) for k, v in conds if v is not None))
+        except (TypeError, ValueError) as e:
+            raise SampleParamError("conditions", f"conditions must map field names to values ({e})") from e
+        object.__setattr__(self, "conditions", cpairs)
+        st = self.steer_sentiment
+        need(
+            st is None or (finite(st) and abs(st) <= MAX_STEER),
+            "steer_sentiment",
+            f"must be a number in [-{MAX_STEER:g}, {MAX_STEER:g}] (or null), got {st}",
+        )
 
     @property
     def bias_items(self) -> tuple[tuple[int, float], ...]:
         b = self.logit_bias  # sorted pairs after __post_init__
         return b if isinstance(b, tuple) else tuple(sorted(b.items()))
+
+    @property
+    def condition_map(self) -> dict[str, Any]:
+        return dict(self.conditions)  # type: ignore[arg-type]  (sorted pairs after __post_init__)
 
     @property
     def penalized(self) -> bool:
@@ -207,14 +244,14 @@ class Row:
         self.seed = seed
         self.index = index
         self.prompt = prompt
-        # PCG64 per row: ~0.3 us a draw, independent of every other row.
-        self.rng = np.random.Generator(np.random.PCG64(seed))
         # Model state between steps. Stale while the row sits in its sampler's cached batch (see _Batch).
         self.state: tuple[torch.Tensor, torch.Tensor] | None = None  # (h, c) [L, 1, H], full mode
         self.window: list[int] = []  # the last seed_context ids, seed mode
         self.logits: torch.Tensor | None = None  # [V] scores for the next character
         self.counts: torch.Tensor | None = None  # [V] times each char was generated (penalties)
         self.seen: torch.Tensor | None = None  # [V] chars in prompt or output (repetition penalty)
+        self.cond: list[int] | None = sampler.condition_ids(params)  # [F] ids; None: unconditioned model
+        self.steer = sampler.steer_value(params)  # the sentiment unit's fixed value; NaN: not steered
         self.text = ""
         self.n_chars = 0  # characters generated (text may be shorter: a stop string is cut off)
         self.logprob_sum = 0.0
@@ -283,6 +320,20 @@ class Row:
         )
 
 
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def uniforms(seeds: np.ndarray, draws: np.ndarray) -> np.ndarray:
+    """The next uniform in [0, 1) of each row's SplitMix64 stream (Vigna's): for seed s, the k-th number
+    (k = draws, 0-based) mixes s + (k + 1) * golden. Vectorized over rows; float64 with 53 random bits."""
+    with np.errstate(over="ignore"):  # uint64 arithmetic wraps, as SplitMix64 wants
+        z = seeds + (draws + np.uint64(1)) * _GOLDEN
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z ^= z >> np.uint64(31)
+    return (z >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
 def choose_next(
     scores: torch.Tensor,
     temperature: torch.Tensor,
@@ -301,7 +352,8 @@ def choose_next(
     when no row in the batch uses top-k/top-p (the result is the same)."""
     B, V = scores.shape
     greedy = temperature <= 0
-    t = torch.where(greedy, torch.ones_like(temperature), temperature)
+    any_greedy = bool(greedy.any())
+    t = torch.where(greedy, torch.ones_like(temperature), temperature) if any_greedy else temperature
     probs = torch.softmax(scores / t[:, None], dim=-1)
     if bool((min_p > 0).any()):
         probs = probs.masked_fill(probs < min_p[:, None] * probs.amax(-1, keepdim=True), 0.0)
@@ -318,8 +370,8 @@ def choose_next(
         probs = probs * torch.zeros_like(probs, dtype=torch.bool).scatter(1, order, keep)
     cdf = probs.cumsum(-1)
     # The first id whose cdf exceeds u * total: it has probability > 0 (the unknown id never comes out).
-    pick = (cdf <= (u * cdf[:, -1])[:, None]).sum(-1).clamp(max=V - 1)
-    return torch.where(greedy, scores.argmax(-1), pick)
+    pick = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(1).clamp(max=V - 1)
+    return torch.where(greedy, scores.argmax(-1), pick) if any_greedy else pick
 
 
 @dataclass
@@ -335,6 +387,10 @@ class _Batch:
     counts: torch.Tensor | None  # [B, V] float64 (only when some row has penalties)
     seen: torch.Tensor | None  # [B, V] bool
     p: dict[str, torch.Tensor]  # per-row parameters [B] (and "bias" [B, V])
+    seeds: np.ndarray  # [B] uint64: each row's random stream
+    draws: np.ndarray  # [B] uint64: numbers drawn so far (one per character generated)
+    cond: torch.Tensor | None = None  # [B, F] condition ids (conditioned models)
+    steer: torch.Tensor | None = None  # [B] the sentiment unit's value, NaN = not steered (None: no row is)
 
     @property
     def key(self) -> tuple[int, ...]:
@@ -351,6 +407,10 @@ class _Batch:
             None if self.counts is None else self.counts.index_select(0, i),
             None if self.seen is None else self.seen.index_select(0, i),
             {k: v.index_select(0, i) for k, v in self.p.items()},
+            self.seeds[idx],
+            self.draws[idx],
+            None if self.cond is None else self.cond.index_select(0, i),
+            None if self.steer is None else self.steer.index_select(0, i),
         )
 
 
@@ -368,7 +428,11 @@ class Sampler:
         *,
         checkpoint: LoadedCheckpoint | None = None,
         device: str | torch.device | None = None,
+        conditions: ConditionVocab | None = None,
+        sentiment_unit: Any = None,
     ) -> None:
+        """`conditions`: a conditioned model's condition vocabulary (default: the checkpoint's);
+        `sentiment_unit`: a classify.SentimentUnit, what `steer_sentiment` fixes."""
         self.model = unwrap(model)
         self.device = torch.device(device) if device is not None else next(self.model.parameters()).device
         self.model.to(self.device)
@@ -377,14 +441,53 @@ class Sampler:
         self.data = data or DataConfig()
         self.window = self.data.seed_context if self.data.window_mode == "seed" else None
         self.ckpt = checkpoint
+        self.conditions = (
+            conditions if conditions is not None else (checkpoint.conditions if checkpoint else None)
+        )
+        # Condition fields the model reads. Without their vocabulary (the trainer's own samples) a
+        # conditioned model reads every field as missing, and no value can be asked for.
+        self.condition_fields = (
+            len(self.model.cfg.conditions) if getattr(self.model, "conditioned", False) else 0
+        )
+        if self.conditions is not None and len(self.conditions.fields) != self.condition_fields:
+            raise ValueError(
+                f"condition vocabulary {list(self.conditions.fields)} does not fit the model "
+                f"({self.condition_fields} condition fields)"
+            )
+        self.sentiment_unit = sentiment_unit
         self._batch: _Batch | None = None
 
     @classmethod
-    def from_checkpoint(cls, ckpt: LoadedCheckpoint | str | Path, device: str = "cpu") -> Sampler:
-        """From a loaded checkpoint, a run dir (its best.json) or a checkpoint dir."""
+    def from_checkpoint(
+        cls,
+        ckpt: LoadedCheckpoint | str | Path,
+        device: str = "cpu",
+        sentiment_unit: str | Path | None = None,
+    ) -> Sampler:
+        """From a loaded checkpoint, a run dir (its best.json) or a checkpoint dir. The sentiment unit
+        (for steer_sentiment) is read from `sentiment_unit`, else from `sentiment.json` in the checkpoint
+        dir or its run dir when there is one."""
         if not isinstance(ckpt, LoadedCheckpoint):
             ckpt = load_checkpoint(ckpt, map_location=device)
-        return cls(ckpt.model.eval(), ckpt.vocab, ckpt.config.data, checkpoint=ckpt, device=device)
+        unit = None
+        path = Path(sentiment_unit) if sentiment_unit else _default_unit_file(ckpt.path)
+        if path is not None:
+            from raylstm.classify import SentimentUnit
+
+            unit = SentimentUnit.load(path)  # ValueError naming the file when it is not one
+            H = ckpt.config.model.hidden_size
+            if not (0 <= unit.unit < H and unit.layer == ckpt.config.model.num_layers - 1):
+                raise ValueError(
+                    f"{path}: the sentiment unit does not fit this model (layer/unit out of range)"
+                )
+        return cls(
+            ckpt.model.eval(),
+            ckpt.vocab,
+            ckpt.config.data,
+            checkpoint=ckpt,
+            device=device,
+            sentiment_unit=unit,
+        )
 
     load = from_checkpoint
 
@@ -415,16 +518,84 @@ class Sampler:
             "prompt_cleaning": {"lowercase": self.data.lowercase, "ascii_only": self.data.ascii_only},
             "model": dict(vars(c.config.model)) if c else {},
             "config": c.config.to_dict() if c else {},
+            # What `rating`/`category` may ask for ({} for an unconditioned model); null = missing.
+            "conditions": (
+                {f: list(self.conditions.values[f]) for f in self.conditions.fields}
+                if self.conditions
+                else {}
+            ),
+            "sentiment_unit": self.sentiment_unit.to_dict() if self.sentiment_unit is not None else None,
         }
+
+    # --- conditions and steering ------------------------------------------------------------------------
+    def condition_ids(self, params: SampleParams) -> list[int] | None:
+        """The condition ids a row of `params` reads at every step (None for an unconditioned model).
+        An unknown field or value raises SampleParamError naming it and listing the valid values."""
+        asked = params.condition_map
+        if self.conditions is None:
+            if asked:
+                field = next(iter(asked))
+                raise SampleParamError(
+                    field,
+                    f"{field}: this model is not conditioned on anything (trained with model.conditions = [])"
+                    if not self.condition_fields
+                    else f"{field}: this sampler has no condition vocabulary (load it from its checkpoint)",
+                )
+            return [0] * self.condition_fields if self.condition_fields else None
+        try:
+            return self.conditions.request_ids(asked)
+        except ConditionError as e:
+            raise SampleParamError(e.field, str(e)) from e
+
+    def steer_value(self, params: SampleParams) -> float:
+        if params.steer_sentiment is None:
+            return math.nan
+        if self.sentiment_unit is None:
+            raise SampleParamError(
+                "steer_sentiment",
+                "steer_sentiment: this model has no sentiment unit (find one with `raylstm classify "
+                f"--probe --unit-out RUN_DIR/{SENTIMENT_UNIT_FILE}`)",
+            )
+        return float(self.sentiment_unit.value(params.steer_sentiment))
 
     # --- the model --------------------------------------------------------------------------------------
     def _forward(
-        self, ids: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None
+        self,
+        ids: torch.Tensor,
+        state: tuple[torch.Tensor, torch.Tensor] | None,
+        cond: torch.Tensor | None = None,
+        steer: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """The one model call: ids [B, T] (+ state) -> logits [B, T, V], state."""
-        return self.model(ids.to(self.device), state)
+        """The one model call: ids [B, T] (+ state, condition ids [B, F], steering values [B] with NaN
+        for unsteered rows) -> logits [B, T, V], state."""
+        ids = ids.to(self.device)
+        cond = None if cond is None else cond.to(self.device)
+        if steer is not None and bool((~torch.isnan(steer)).any()):
+            from raylstm.classify import steered_forward
 
-    def _window_logits(self, windows: Sequence[Sequence[int]]) -> torch.Tensor:
+            return steered_forward(self.model, ids, state, self.sentiment_unit, steer.to(self.device), cond)
+        if cond is not None:
+            return self.model(ids, state, cond)
+        return self.model(ids, state)
+
+    def _param_inputs(
+        self, params: Sequence[SampleParams]
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Condition ids [B, F] and steering values [B] (NaN: not steered) of rows with these params;
+        each None when no row needs it (an unconditioned model; no row steered)."""
+        cond = None
+        if self.condition_fields:
+            cond = torch.tensor([self.condition_ids(p) for p in params], dtype=torch.long)
+        values = [self.steer_value(p) for p in params]
+        steer = None if all(math.isnan(v) for v in values) else torch.tensor(values, dtype=torch.float32)
+        return cond, steer
+
+    def _window_logits(
+        self,
+        windows: Sequence[Sequence[int]],
+        cond: torch.Tensor | None = None,
+        steer: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Seed mode: logits [B, V] of the last position of each window, each read from a zero state.
         Windows of one length run as one batch (all of them once a row has seed_context characters)."""
         out: list[torch.Tensor | None] = [None] * len(windows)
@@ -433,7 +604,13 @@ class Sampler:
             by_len.setdefault(len(w), []).append(i)
         for idx in by_len.values():
             x = torch.tensor([list(windows[i]) for i in idx], dtype=torch.long)
-            logits, _ = self._forward(x, None)
+            sel = torch.tensor(idx)
+            logits, _ = self._forward(
+                x,
+                None,
+                None if cond is None else cond.index_select(0, sel),
+                None if steer is None else steer.index_select(0, sel),
+            )
             for j, i in enumerate(idx):
                 out[i] = logits[j, -1]
         return torch.stack(out)
@@ -449,8 +626,22 @@ class Sampler:
         ids = [self.vocab.stoi.get(c, self.vocab.unk_id) for c in text]
         return Prompt(text, prompt, changes, self.vocab.unknown_chars(text), ids)
 
+    def prompt_from_ids(self, ids: Sequence[int]) -> Prompt:
+        """A prompt given as character ids (OpenAI's token-id prompts): read exactly, never cleaned."""
+        V = len(self.vocab)
+        bad = [i for i in ids if not 0 <= i < V]
+        if bad or not ids:
+            raise SampleParamError(
+                "prompt", f"prompt ids must be 0..{V - 1} (GET /v1/model lists them), got {bad[:5] or ids}"
+            )
+        text = "".join(self.itos[i] for i in ids)
+        return Prompt(text, text, [], ["\ufffd"] if self.vocab.unk_id in ids else [], list(ids))
+
     def check_params(self, params: SampleParams) -> None:
-        """The vocabulary-dependent checks: logit_bias ids must be characters (not the unknown id)."""
+        """The vocabulary-dependent checks: logit_bias ids must be characters (not the unknown id);
+        conditions must be ones the model knows; steering needs a sentiment unit."""
+        self.condition_ids(params)
+        self.steer_value(params)
         V = len(self.vocab)
         for k, _ in params.bias_items:
             if not 0 < k < V:
@@ -477,38 +668,69 @@ class Sampler:
             out.top_logprobs = [None] * len(ids)
         return out
 
-    @torch.inference_mode()
     def start(
         self, prompt: str | Prompt, params: SampleParams, n: int = 1, first_index: int = 0
     ) -> list[Row]:
         """Read the prompt once; n rows share that state, with seeds seed+0 .. seed+n-1."""
-        self.check_params(params)
-        p = prompt if isinstance(prompt, Prompt) else self.prepare_prompt(prompt, params.clean_prompt)
-        ids = torch.tensor([p.ids], dtype=torch.long)
-        state = None
-        if self.window:
-            window = p.ids[-self.window :]
-            last = self._window_logits([window])[0]
-            if params.prompt_logprobs is not None:  # each char from the window before it, zero state
+        return self.start_many([(prompt, params, n)], first_index)[0]
+
+    @torch.inference_mode()
+    def start_many(
+        self, requests: Sequence[tuple[str | Prompt, SampleParams, int]], first_index: int = 0
+    ) -> list[list[Row]]:
+        """Start several prompts at once: prompts of one length are read in one batched model call
+        (prefill costs as much as generating that many characters, so this matters under load).
+        Raises SampleParamError for the first bad one (the engine starts requests one by one then)."""
+        prepared = []
+        for prompt, params, n in requests:
+            self.check_params(params)
+            p = prompt if isinstance(prompt, Prompt) else self.prepare_prompt(prompt, params.clean_prompt)
+            prepared.append((p, params, n))
+        # Each prompt is read with its own conditions (and steering), like every character after it.
+        cond_all, steer_all = self._param_inputs([params for _, params, _ in prepared])
+        by_len: dict[int, list[int]] = {}
+        for i, (p, _, _) in enumerate(prepared):
+            by_len.setdefault(len(p.ids), []).append(i)
+        starts: list[tuple[Any, list[int], torch.Tensor] | None] = [None] * len(prepared)
+        for idx in by_len.values():
+            sel = torch.tensor(idx)
+            cond = None if cond_all is None else cond_all.index_select(0, sel)
+            steer = None if steer_all is None else steer_all.index_select(0, sel)
+            if self.window:
+                windows = [prepared[i][0].ids[-self.window :] for i in idx]
+                lasts = self._window_logits(windows, cond, steer)
+                for j, i in enumerate(idx):
+                    starts[i] = (None, windows[j], lasts[j])
+            else:
+                logits, (h, c) = self._forward(
+                    torch.tensor([prepared[i][0].ids for i in idx]), None, cond, steer
+                )
+                for j, i in enumerate(idx):
+                    starts[i] = ((h[:, j : j + 1], c[:, j : j + 1]), [], logits[j, -1])
+                    if prepared[i][1].prompt_logprobs is not None:
+                        p = prepared[i][0]
+                        p.logprobs = self._prompt_logprobs(logits[j], p.ids, prepared[i][1].prompt_logprobs)
+        out = []
+        for k, ((p, params, n), (state, window, last)) in enumerate(zip(prepared, starts)):
+            if self.window and params.prompt_logprobs is not None:  # each char from its window, zero state
                 ctx = [p.ids[max(0, i - self.window + 1) : i + 1] for i in range(len(p.ids))]
-                p.logprobs = self._prompt_logprobs(self._window_logits(ctx), p.ids, params.prompt_logprobs)
-        else:
-            window = []
-            logits, state = self._forward(ids, None)
-            last = logits[0, -1]
-            if params.prompt_logprobs is not None:
-                p.logprobs = self._prompt_logprobs(logits[0], p.ids, params.prompt_logprobs)
-        base = params.seed if params.seed is not None else secrets.randbits(62)
-        rows = []
-        for i in range(n):
-            r = Row(self, params, base + i, first_index + i, p)
-            r.state, r.window, r.logits = state, list(window), last
-            if params.penalized:
-                r.counts = torch.zeros(len(self.vocab), dtype=torch.float64)
-                r.seen = torch.zeros(len(self.vocab), dtype=torch.bool)
-                r.seen[ids[0]] = True
-            rows.append(r)
-        return rows
+                c = None if cond_all is None else cond_all[k : k + 1].expand(len(ctx), -1)
+                st = None if steer_all is None else steer_all[k : k + 1].expand(len(ctx))
+                p.logprobs = self._prompt_logprobs(
+                    self._window_logits(ctx, c, st), p.ids, params.prompt_logprobs
+                )
+            base = params.seed if params.seed is not None else secrets.randbits(62)
+            rows = []
+            for i in range(n):
+                r = Row(self, params, base + i, first_index + i, p)
+                r.state, r.window, r.logits = state, list(window), last
+                if params.penalized:
+                    r.counts = torch.zeros(len(self.vocab), dtype=torch.float64)
+                    r.seen = torch.zeros(len(self.vocab), dtype=torch.bool)
+                    r.seen[torch.tensor(p.ids, dtype=torch.long)] = True
+                rows.append(r)
+            out.append(rows)
+        return out
 
     # --- one step ---------------------------------------------------------------------------------------
     def _build(self, rows: list[Row]) -> _Batch:
@@ -536,6 +758,10 @@ class Sampler:
                 p[name] = vec(name)
         zeros = torch.zeros(V, dtype=torch.float64)
         nothing = torch.zeros(V, dtype=torch.bool)
+        cond = torch.tensor([r.cond for r in rows], dtype=torch.long) if self.condition_fields else None
+        steer = None
+        if any(not math.isnan(r.steer) for r in rows):
+            steer = torch.tensor([r.steer for r in rows], dtype=torch.float32)
         return _Batch(
             rows,
             torch.cat([r.state[0] for r in rows], dim=1) if full else None,
@@ -544,6 +770,10 @@ class Sampler:
             torch.stack([zeros if r.counts is None else r.counts for r in rows]) if penal else None,
             torch.stack([nothing if r.seen is None else r.seen for r in rows]) if penal else None,
             p,
+            np.array([r.seed for r in rows], dtype=np.uint64),
+            np.array([r.n_chars for r in rows], dtype=np.uint64),
+            cond,
+            steer,
         )
 
     def _spill(self) -> None:
@@ -589,7 +819,8 @@ class Sampler:
         b = self._batch
         z = self.scores(b)
         logprobs = torch.log_softmax(z, dim=-1)
-        u = torch.tensor([r.rng.random() for r in rows], dtype=torch.float64)
+        u = torch.from_numpy(uniforms(b.seeds, b.draws))
+        b.draws += np.uint64(1)
         truncate = any(r.params.truncated for r in rows)
         nxt_t = choose_next(z, b.p["temperature"], b.p["top_k"], b.p["top_p"], b.p["min_p"], u, truncate)
         chosen = logprobs.gather(1, nxt_t[:, None]).squeeze(1).tolist()
@@ -602,7 +833,7 @@ class Sampler:
             top = None
             if r.params.logprobs:  # top-k alternatives, and the chosen char even when outside them
                 kk = r.params.logprobs
-                top = {self.itos[j]: v for j, v in zip(top_i[i][:kk], top_v[i][:kk])}
+                top = {self.itos[j]: v for j, v in zip(top_i[i][:kk], top_v[i][:kk]) if v > -math.inf}
                 top.setdefault(self.itos[t], chosen[i])
             r.push(self.itos[t], chosen[i], top)
             if not r.finished:
@@ -619,10 +850,10 @@ class Sampler:
         if self.window:
             for r, t in zip(b.rows, nxt):
                 r.window = (r.window + [t])[-self.window :]
-            b.logits = self._window_logits([r.window for r in b.rows])
+            b.logits = self._window_logits([r.window for r in b.rows], b.cond, b.steer)
         else:
             x = torch.tensor(nxt, dtype=torch.long)[:, None]
-            out, (b.h, b.c) = self._forward(x, (b.h, b.c))
+            out, (b.h, b.c) = self._forward(x, (b.h, b.c), b.cond, b.steer)
             b.logits = out[:, -1]
         self._batch = b
 
@@ -644,7 +875,7 @@ class Sampler:
             raise ValueError(f"{len(prompts)} prompts but {len(params)} parameter sets")
         width = max(n, best_of or n)
         with _eval_mode(self.model):
-            groups = [self.start(p, sp, width) for p, sp in zip(prompts, params)]
+            groups = self.start_many([(p, sp, width) for p, sp in zip(prompts, params)])
             rows = [r for g in groups for r in g]
             while any(not r.finished for r in rows):
                 self.step(rows)
@@ -652,6 +883,16 @@ class Sampler:
 
     def complete(self, prompt: str, params: SampleParams) -> Completion:
         return self.generate([prompt], params)[0][0]
+
+
+def _default_unit_file(checkpoint_dir: Path | None) -> Path | None:
+    """`sentiment.json` in a checkpoint dir or the run dir above it, if either has one."""
+    if checkpoint_dir is None:
+        return None
+    for d in (Path(checkpoint_dir), Path(checkpoint_dir).parent):
+        if (d / SENTIMENT_UNIT_FILE).is_file():
+            return d / SENTIMENT_UNIT_FILE
+    return None
 
 
 def best_completions(completions: list[Completion], n: int) -> list[Completion]:

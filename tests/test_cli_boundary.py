@@ -37,3 +37,48 @@ def test_only_cli_imports_argparse() -> None:
         if (lines := _imports_argparse(ast.parse(p.read_text(), filename=str(p))))
     }
     assert set(found) == {"cli.py"}, f"argparse imported outside cli.py (file: lines): {found}"
+
+
+# Library modules that once took the parsed flags themselves (`run_sample_cli(args)`, `run_server(args,
+# cfg)`, `run_evaluate_cli(args)`): their functions take typed values now. One exception is Ray Serve's
+# own contract: an application builder receives the `serve run module:builder key=value` pairs as a dict.
+TYPED_MODULES = ("sample.py", "serve.py", "evaluate.py")
+
+
+def _namespace_parameters(tree: ast.AST) -> list[str]:
+    """`function(parameter)` for every parameter named `args` or annotated as an argparse Namespace,
+    except one annotated as a dict (Serve's application-builder argument)."""
+    found = []
+    for node in ast.walk(tree):
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            continue
+        a = node.args
+        for p in [*a.posonlyargs, *a.args, *a.kwonlyargs]:
+            note = ast.unparse(p.annotation) if p.annotation is not None else ""
+            if (p.arg == "args" and not note.lower().startswith("dict")) or "Namespace" in note:
+                found.append(f"{getattr(node, 'name', 'lambda')}({p.arg}: {note or '?'})")
+    return found
+
+
+def test_the_parameter_reader_finds_namespace_glue() -> None:
+    src = (
+        "def run_cli(args): ...\n"
+        "def run_server(args: Any, cfg): ...\n"
+        "class S:\n    def go(self, ns: argparse.Namespace): ...\n"
+        "def app_builder(args: dict[str, str]): ...\n"
+        "def fine(*args, **kwargs): ...\n"
+    )
+    assert _namespace_parameters(ast.parse(src)) == [
+        "run_cli(args: ?)",
+        "run_server(args: Any)",
+        "go(ns: argparse.Namespace)",
+    ]
+
+
+def test_sample_serve_and_evaluate_take_no_parsed_flags() -> None:
+    found = {
+        name: params
+        for name in TYPED_MODULES
+        if (params := _namespace_parameters(ast.parse((PACKAGE / name).read_text(), filename=name)))
+    }
+    assert found == {}, f"functions that take the parsed command line (module: functions): {found}"

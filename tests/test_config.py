@@ -88,3 +88,22 @@ def test_data_categories_table_from_file_and_override(tmp_path):
         load_config(overrides=["data.categories=3"])
     with pytest.raises(ConfigError, match="data.categories must be a string"):
         load_config(overrides=['data.categories={"*" = 3}'])
+
+
+def test_cpu_conditioned_is_cpu_quality_plus_conditions():
+    """bench.conditioning uses cpu-quality's own run as "the same model without conditions": the two
+    presets must differ only in the conditions, and every source must get a category."""
+    from pathlib import Path
+
+    from raylstm.formats import category_for
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    quality = load_config(root / "cpu-quality.toml")
+    cond = load_config(root / "cpu-conditioned.toml")
+    assert cond.model.conditions == ["rating", "category"] and quality.model.conditions == []
+    globs = tuple(cond.data.categories.items())
+    for source in cond.data.sources:  # the Blitzer directory names its domains; every file else needs one
+        assert "sorted_data_acl" in source or category_for(source, globs), source
+    quality.model.conditions, quality.model.condition_dim = cond.model.conditions, cond.model.condition_dim
+    quality.data.categories = cond.data.categories
+    assert quality == cond

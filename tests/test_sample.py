@@ -10,7 +10,7 @@ import pytest
 import torch
 from test_serve_support import lowercase_checkpoint, one_thread, run_dir, seed_mode_checkpoint
 
-from raylstm.engine import Engine, Job
+from raylstm.engine import EngineCore, Job
 from raylstm.evaluate import score_reviews
 from raylstm.sample import (
     SampleParamError,
@@ -319,7 +319,7 @@ def test_invalid_params_name_the_field():
 
 
 def test_engine_continuous_batching_matches_generate(sampler):
-    eng = Engine(sampler, max_rows=4)
+    eng = EngineCore(sampler, max_rows=4)
     jobs = [
         Job(f"I bought {i} ", SampleParams(temperature=1.0, max_chars=20 + 7 * i, seed=i), n=2)
         for i in range(5)
@@ -343,7 +343,7 @@ def test_engine_continuous_batching_matches_generate(sampler):
 
 
 def test_engine_stream_holds_back_partial_stop(sampler):
-    eng = Engine(sampler, max_rows=2)
+    eng = EngineCore(sampler, max_rows=2)
     job = Job("I bought these ", SampleParams(temperature=0, max_chars=200, stop=("great.", "well.")))
     eng.submit([job])
     text = ""

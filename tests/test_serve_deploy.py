@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -35,6 +36,23 @@ req = urllib.request.Request(url + "/v1/completions", headers={"Content-Type": "
     data=json.dumps({"prompt": "I bought these ", "max_tokens": 25, "temperature": 0}).encode())
 with urllib.request.urlopen(req, timeout=60) as r:
     print("DEPLOY_TEXT=" + json.dumps(json.loads(r.read())["choices"][0]["text"]))
+with urllib.request.urlopen(url + "/v1/model", timeout=30) as r:
+    info = json.loads(r.read())
+print("DEPLOY_MODEL=" + json.dumps({k: info[k] for k in ("replica", "checkpoint", "reloads")}))
+"""
+
+# After `serve deploy` of the same config with the deployment's user_config pinning ckpt_b.
+RELOADED = """
+import json, sys, time, urllib.request
+url, want = sys.argv[1], sys.argv[2]
+deadline = time.time() + 120
+while True:
+    with urllib.request.urlopen(url + "/v1/model", timeout=30) as r:
+        info = json.loads(r.read())
+    if info["checkpoint"].endswith(want) or time.time() > deadline:
+        break
+    time.sleep(0.5)
+print("RELOADED_MODEL=" + json.dumps({k: info[k] for k in ("replica", "checkpoint", "reloads")}))
 """
 
 
@@ -47,7 +65,12 @@ def test_serve_deploy_with_the_repo_config(tmp_path_factory, tmp_path):
     cfg["http_options"]["port"] = port
     cfg["applications"][0]["args"]["run"] = str(run)  # absolute, as the comments in the file say
     (tmp_path / "serve.yaml").write_text(yaml.safe_dump(cfg))
+    cfg["applications"][0]["deployments"] = [
+        {"name": "LSTMServer", "user_config": {"checkpoint": str(run / "ckpt_b")}}
+    ]
+    (tmp_path / "reload.yaml").write_text(yaml.safe_dump(cfg))
     (tmp_path / "check.py").write_text(CHECK)
+    (tmp_path / "reloaded.py").write_text(RELOADED)
     ray_tmp = tempfile.mkdtemp(prefix="rld", dir="/tmp")  # Ray's socket paths must fit 107 bytes
     bindir = Path(sys.executable).parent
     script = f"""
@@ -58,6 +81,8 @@ ray start --head --num-cpus 2 --temp-dir {ray_tmp} --include-dashboard true --da
     --dashboard-port {dash} --disable-usage-stats >/dev/null
 serve deploy {tmp_path}/serve.yaml -a http://127.0.0.1:{dash}
 python {tmp_path}/check.py http://127.0.0.1:{port}
+serve deploy {tmp_path}/reload.yaml -a http://127.0.0.1:{dash}
+python {tmp_path}/reloaded.py http://127.0.0.1:{port} ckpt_b
 """
     try:
         out = subprocess.run(
@@ -70,10 +95,19 @@ python {tmp_path}/check.py http://127.0.0.1:{port}
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     line = next(ln for ln in out.stdout.splitlines() if ln.startswith("DEPLOY_TEXT="))
-    text = __import__("json").loads(line.split("=", 1)[1])
+    text = json.loads(line.split("=", 1)[1])
 
     from raylstm.sample import SampleParams, Sampler
 
     assert (
         text == Sampler.load(run).complete("I bought these ", SampleParams(temperature=0, max_chars=25)).text
     )
+    # A changed user_config in a `serve deploy` reloads the replica in place (same replica, reconfigured).
+    before = json.loads(
+        next(ln for ln in out.stdout.splitlines() if ln.startswith("DEPLOY_MODEL=")).split("=", 1)[1]
+    )
+    after = json.loads(
+        next(ln for ln in out.stdout.splitlines() if ln.startswith("RELOADED_MODEL=")).split("=", 1)[1]
+    )
+    assert before["checkpoint"].endswith("ckpt_a") and after["checkpoint"].endswith("ckpt_b")
+    assert after["replica"] == before["replica"] and after["reloads"] == before["reloads"] + 1
