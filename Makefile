@@ -38,8 +38,8 @@ format: install
 	$(BIN)/ruff check --fix .
 
 test: install lint
-	$(BIN)/python -m pytest -q -rs -m "not cluster" -p no:cacheprovider
-	$(BIN)/python -m pytest -q -rs -m cluster -p no:cacheprovider
+	$(BIN)/python -m pytest -q -rs -m "not cluster" -p no:cacheprovider --durations=15
+	$(BIN)/python -m pytest -q -rs -m cluster -p no:cacheprovider --durations=15
 
 test-fast: install
 	$(BIN)/python -m pytest -q -rs -m "not slow and not cluster" -p no:cacheprovider

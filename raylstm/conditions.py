@@ -49,7 +49,7 @@ def rating_value(r: Any) -> str | None:
         return None
     try:
         x = float(r)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an int too large for a float
         return None
     if not math.isfinite(x) or x != round(x) or not 1 <= x <= 5:
         return None

@@ -72,6 +72,10 @@ def test_requests_name_the_unknown_field_and_list_the_valid_values():
     with pytest.raises(ConditionError, match="conditioned on") as e:
         CONDS.request_ids({"colour": "red"})
     assert e.value.field == "colour"
+    for odd in (10**400, 4.5, True, "nan", "1e400"):  # refused by name, never an uncaught error (a 500)
+        with pytest.raises(ConditionError, match="valid values") as e:
+            CONDS.request_ids({"rating": odd})
+        assert e.value.field == "rating"
 
 
 def test_prior_is_the_training_frequency_of_each_combination():

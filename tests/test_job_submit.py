@@ -16,6 +16,7 @@ import pytest
 import yaml
 from moto_s3 import exported_s3_server, free_port
 from ray_head import local_head, namespaces_unavailable
+from train_support import tiny_cli_sets
 
 from raylstm import storage
 
@@ -24,30 +25,7 @@ pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 BUCKET = "raylstm-jobs"
 STEPS = 16
-TINY = [
-    "--set",
-    "model.hidden_size=32",
-    "--set",
-    "model.embed_dim=16",
-    "--set",
-    "model.num_layers=1",
-    "--set",
-    "data.seq_len=32",
-    "--set",
-    "train.batch_size=8",
-    "--set",
-    "train.cpus_per_worker=0.5",
-    "--set",
-    f"train.max_steps={STEPS}",
-    "--set",
-    f"train.eval_every={STEPS // 2}",
-    "--set",
-    "train.warmup_steps=2",
-    "--set",
-    "train.sample_chars=40",
-    "--set",
-    "train.max_val_batches=4",
-]
+TINY = tiny_cli_sets(STEPS, **{"train.max_val_batches": 4})
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from train_support import tiny_cli_sets
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "tests" / "scripts"
@@ -59,26 +60,7 @@ def test_ray_up_job_submit_ray_down(tmp_path, amazon_dir):
         str(runs),
         "--name",
         "ray-up",
-        "--set",
-        "model.hidden_size=32",
-        "--set",
-        "model.embed_dim=16",
-        "--set",
-        "model.num_layers=1",
-        "--set",
-        "data.seq_len=32",
-        "--set",
-        "train.batch_size=8",
-        "--set",
-        "train.cpus_per_worker=0.5",
-        "--set",
-        f"train.max_steps={STEPS}",
-        "--set",
-        f"train.eval_every={STEPS // 2}",
-        "--set",
-        "train.warmup_steps=2",
-        "--set",
-        "train.sample_chars=40",
+        *tiny_cli_sets(STEPS),
     ]
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"

@@ -1,5 +1,6 @@
 """DDP equivalence: 3 steps of 2 workers at batch B give the weights of 1 worker at batch 2B, for plain SGD
-and for AdamW, and both equal an independent reference (a bare torch loop, no Ray) within 1e-5.
+and for AdamW, within 1e-5. The 1 x 2B side is an independent reference: the loop's own train_step in a
+bare torch loop (no Ray, no DDP), so the DDP run is compared with what one process computes.
 
 The train set is exactly 2B windows, so every step is one epoch: 1 worker takes all 2B in one batch, 2
 workers take B each, whichever B the split hands to which worker. The model starts from the same seeded
@@ -106,8 +107,8 @@ def test_two_workers_at_b_equal_one_worker_at_2b_over_three_steps(windows, optim
         bug = reference(windows, optimizer, rows=slice(0, B))  # gradients of one worker, not averaged
     assert max_diff(ref, bug)[0] > 100 * TOL
 
-    one = fit(windows, optimizer, workers=1, batch=2 * B, storage=tmp_path)
+    # One Ray fit per optimizer: a 1-worker fit through Ray would add ~30 s of Train start-up to CI and
+    # nothing the bare reference does not already check (the same train_step on the same 2B windows).
     two = fit(windows, optimizer, workers=2, batch=B, storage=tmp_path)
-    for got, what in ((one, f"1x{2 * B}"), (two, f"2x{B} DDP")):
-        diff, key = max_diff(got, ref)
-        assert diff <= TOL, f"{optimizer}: {what} differs from the reference by {diff:.2e} at {key}"
+    diff, key = max_diff(two, ref)
+    assert diff <= TOL, f"{optimizer}: 2x{B} DDP differs from 1x{2 * B} by {diff:.2e} at {key}"

@@ -113,6 +113,25 @@ def tiny_config(
     return cfg
 
 
+def tiny_cli_sets(steps: int, **extra: object) -> list[str]:
+    """`--set` flags for a tiny `raylstm train` run through the CLI (cluster-path tests: jobs, `ray up`),
+    where the path is under test, not learning: a 32-unit LSTM, 32-char windows, 2 evaluations."""
+    sets = {
+        "model.hidden_size": 32,
+        "model.embed_dim": 16,
+        "model.num_layers": 1,
+        "data.seq_len": 32,
+        "train.batch_size": 8,
+        "train.cpus_per_worker": 0.5,
+        "train.max_steps": steps,
+        "train.eval_every": steps // 2,
+        "train.warmup_steps": 2,
+        "train.sample_chars": 40,
+        **extra,
+    }
+    return [flag for k, v in sets.items() for flag in ("--set", f"{k}={v}")]
+
+
 def wait_for(pred, timeout: float, what: str, poll: float = 0.1):
     """Poll pred() until it returns something truthy; fail naming `what` after timeout seconds."""
     deadline = time.monotonic() + timeout
