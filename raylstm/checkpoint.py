@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -172,7 +173,13 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     """Load weights, vocab and config of a checkpoint (or a run's best) into a model in eval mode."""
     ckpt = resolve_checkpoint(path)
     meta = read_meta(ckpt)
-    config = Config.from_dict(meta["config"])
+    removed: list[str] = []
+    config = Config.from_dict(meta["config"], unknown=removed)
+    if removed:  # written by an older raylstm: options since removed do not change the model
+        warnings.warn(
+            f"{ckpt / META}: ignoring config fields this version no longer has: {', '.join(removed)}",
+            stacklevel=2,
+        )
     vocab = CharVocab.load(ckpt / VOCAB)
     if vocab.fingerprint() != meta.get("vocab_fingerprint"):
         raise CheckpointError(f"{ckpt / VOCAB}: vocabulary does not match the one the model was trained with")

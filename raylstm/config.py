@@ -200,9 +200,13 @@ class Config:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Config:
+    def from_dict(cls, d: dict[str, Any], *, unknown: list[str] | None = None) -> Config:
+        """A config from its dict. Unknown fields are refused, unless `unknown` is given: then their dotted
+        names are appended to it and they are skipped. That is how a checkpoint written by an older raylstm
+        is read: its config.json records options that have since been removed (e.g. a serving knob),
+        which must not make its weights unloadable."""
         cfg = cls()
-        _apply_mapping(cfg, d, prefix="")
+        _apply_mapping(cfg, d, prefix="", unknown=unknown)
         return cfg
 
 
@@ -243,18 +247,23 @@ def apply_override(cfg: Config, item: str) -> None:
     _apply_mapping(cfg, {parts[0]: {parts[1]: value}}, prefix="", where=f"--set {item}")
 
 
-def _apply_mapping(obj: Any, data: dict[str, Any], prefix: str, where: str = "config") -> None:
+def _apply_mapping(
+    obj: Any, data: dict[str, Any], prefix: str, where: str = "config", unknown: list[str] | None = None
+) -> None:
     hints = get_type_hints(type(obj))
     names = {f.name for f in dataclasses.fields(obj)}
     for key, value in data.items():
         name = f"{prefix}{key}"
+        if key not in names and unknown is not None:
+            unknown.append(name)
+            continue
         if key not in names:
             raise ConfigError(f"{where}: unknown field {name!r} (known: {', '.join(sorted(names))})")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
                 raise ConfigError(f"{where}: {name} must be a table of fields")
-            _apply_mapping(current, value, prefix=f"{name}.", where=where)
+            _apply_mapping(current, value, prefix=f"{name}.", where=where, unknown=unknown)
         else:
             setattr(obj, key, _coerce(hints[key], value, name, where))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from raylstm.checkpoint import (
     read_meta,
     save_checkpoint,
 )
-from raylstm.config import Config
+from raylstm.config import Config, ConfigError
 from raylstm.model import build_model
 from raylstm.train_loop import loss_sum_and_count, make_optimizer, make_scheduler, restore
 from raylstm.vocab import CharVocab
@@ -115,6 +116,24 @@ def test_missing_or_corrupt_meta_is_refused(ckpt: Path):
     (ckpt / "meta.json").unlink()
     with pytest.raises(CheckpointError):
         load_checkpoint(ckpt)
+
+
+def test_a_checkpoint_from_an_older_version_loads_despite_removed_options(ckpt: Path):
+    """A config.json that names an option this version no longer has (as checkpoints written before the
+    serving rewrite name serve.batch_wait_timeout_s) still loads, with the same logits, and says what it
+    ignored; a field that exists keeps being read."""
+    want = load_checkpoint(ckpt)
+    meta = json.loads((ckpt / "meta.json").read_text())
+    meta["config"]["serve"]["batch_wait_timeout_s"] = 0.01
+    meta["config"]["train"]["lr"] = 0.125
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+    with pytest.warns(UserWarning, match=r"serve\.batch_wait_timeout_s"):
+        got = load_checkpoint(ckpt)
+    assert got.config.train.lr == 0.125
+    with torch.no_grad():
+        assert torch.equal(got.model(IDS)[0], want.model(IDS)[0])
+    with pytest.raises(ConfigError, match="batch_wait_timeout_s"):  # a user's config stays strict
+        Config.from_dict(meta["config"])
 
 
 def test_restore_loads_weights_optimizer_and_schedule_and_refuses_another_vocabulary(tmp_path: Path):
