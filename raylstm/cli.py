@@ -5,6 +5,7 @@ that the tests call directly. Heavy imports (torch, ray) happen inside the comma
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Callable
 
@@ -316,6 +317,9 @@ def _serve_parser(p: argparse.ArgumentParser) -> Command:
             cfg.max_batch_size = args.max_batch_size
         if args.max_queued is not None:
             cfg.max_queued = args.max_queued
+        # "Ctrl-C to stop" must hold even when the server was started as a background job (`raylstm serve &`
+        # from a script): such a job inherits SIGINT ignored, and Python then never raises KeyboardInterrupt.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         return run_server(args.run or args.checkpoint, cfg, follow=bool(args.run), address=args.address)
 
     return run
