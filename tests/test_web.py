@@ -72,13 +72,18 @@ class CDP:
         return r["result"].get("value")
 
     def wait_for(self, expr: str, timeout_s: float = 60.0):
-        deadline = time.monotonic() + timeout_s
+        """Poll expr until it is truthy. An exception counts as not yet (right after Page.navigate the new
+        document may have no body for a moment); the last one is named if it never comes true."""
+        deadline, error = time.monotonic() + timeout_s, None
         while time.monotonic() < deadline:
-            v = self.eval(expr)
+            try:
+                v = self.eval(expr)
+            except RuntimeError as e:  # the expression threw in the page (eval raises it as this)
+                v, error = None, e
             if v:
                 return v
             time.sleep(0.1)
-        raise TimeoutError(f"page never satisfied {expr}")
+        raise TimeoutError(f"page never satisfied {expr}" + (f" (last error: {error})" if error else ""))
 
 
 _CHROMIUM: dict = {}  # the session's one Chromium: {"cdp": CDP}
