@@ -95,7 +95,7 @@ def train_one(name: str, out_dir: Path, quick: bool, steps: int | None = None) -
         "best_step": int(best_line["step"]),
         "steps": max((int(m.get("step", 0)) for m in metrics), default=0),
         "best_val_bpc": res.best_metrics.get("val_bpc"),
-        "train_chars_per_s": [m["chars_per_s_total"] for m in metrics if m.get("chars_per_s_total")],
+        "chars_per_s_per_worker": [m["chars_per_s"] for m in metrics if m.get("chars_per_s")],
     }
     base.mkdir(parents=True, exist_ok=True)
     (base / f"run-{name}.json").write_text(json.dumps(out, indent=2))
