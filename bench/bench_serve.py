@@ -1,7 +1,8 @@
 """Serving benchmark, one run on one local Ray, every row side by side:
 
   1. the step, in process (batch 32): the model call vs the sampling around it (temperature only;
-     + top-k/top-p; + penalties and logit_bias; + logprobs=5; all of them)
+     + top-k/top-p; + penalties and logit_bias; + logprobs=5; all of them); reading a prompt alone vs 32
+     together (the engine reads prompts on a thread of their own, beside the steps)
   2. the sampling library called directly: Sampler.generate with 32 prompts per call (the batch Serve
      should reach), and the engine (EngineCore) kept full by 32 jobs, no HTTP
   3. Serve over HTTP at 1, 8 and 32 concurrent clients: requests/s, chars/s, p50/p99 latency
@@ -9,6 +10,8 @@
   5. overload: 64 clients against a replica of max_batch_size=8, max_queued=8: status counts
 
 Requests: REQ_CHARS new characters after a 22-character prompt, temperature 1, a distinct seed each.
+HTTP clients: asyncio coroutines, each on its own keep-alive connection, writing and reading the bytes
+directly (they share the cores with Serve; httpx cost ~10x their CPU). Non-streamed /v1/generate.
 Model: the demo run's best checkpoint when present, otherwise the default 2x512 CharLSTM with untrained
 weights (the cost of serving does not depend on the weights). One replica, 1 torch thread, as deployed.
 
@@ -18,6 +21,7 @@ Rerun: .venv/bin/python -m bench.bench_serve   (quick: --quick; writes bench/out
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import sys
 import time
@@ -71,6 +75,22 @@ def _pct(xs: list[float], q: float) -> float:
 
 
 # --- 1. the step ------------------------------------------------------------------------------------------
+def prefill_costs(ckpt: Path, reps: int = 5) -> dict[int, float]:
+    """{batch: ms} to read `batch` prompts together (Sampler.start_many), in process."""
+    from raylstm.sample import SampleParams, Sampler
+
+    sampler = Sampler.load(ckpt)
+    params = SampleParams(temperature=1.0, max_chars=REQ_CHARS, seed=1)
+    out = {}
+    for b in (1, CLIENTS):
+        sampler.start_many([(PROMPT, params, 1)] * b)  # warm-up
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            sampler.start_many([(PROMPT, params, 1)] * b)
+        out[b] = 1e3 * (time.perf_counter() - t0) / reps
+    return out
+
+
 def step_costs(ckpt: Path, reps: int) -> dict[str, tuple[float, float]]:
     """{variant: (model ms/step, sampling ms/step)} at batch CLIENTS, timed on the real Sampler.step.
 
@@ -185,6 +205,96 @@ def _row(
 
 # --- 3-5. Serve over HTTP ---------------------------------------------------------------------------------
 async def http_load(url: str, total: int, clients: int) -> dict:
+    """`clients` concurrent clients, each on its own keep-alive HTTP/1.1 connection, POSTing /v1/generate
+    (non-streamed) until `total` requests are answered. The client is lean on purpose (bytes written and
+    read with asyncio streams, one json.loads per answer): it shares the 2 cores with Serve, and the
+    library rows pay for no client at all. httpx used ~10x the client CPU (bench/profile_serve.py)."""
+    host, port, prefix = _split_url(url)
+    lat: list[float] = []
+    statuses: Counter = Counter()
+    chars = 0
+    counter = iter(range(total))
+
+    async def client() -> None:
+        nonlocal chars
+        conn = None
+        for i in counter:
+            body = json.dumps({"prompt": PROMPT, "max_chars": REQ_CHARS, "temperature": 1.0, "seed": i})
+            t0 = time.perf_counter()
+            try:
+                if conn is None:
+                    conn = await asyncio.open_connection(host, port)
+                async with asyncio.timeout(300):  # an overload must answer, not hang
+                    status, data, close = await _post(
+                        conn, host, port, f"{prefix}/v1/generate", body.encode()
+                    )
+            except (OSError, asyncio.IncompleteReadError, ValueError) as e:  # TimeoutError is an OSError
+                statuses[type(e).__name__] += 1
+                conn = _close(conn)
+                continue
+            statuses[status] += 1
+            if close:
+                conn = _close(conn)
+            if status != 200:
+                continue
+            chars += len(json.loads(data)["samples"][0]["text"])
+            lat.append(time.perf_counter() - t0)
+        _close(conn)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(clients)))
+    wall = time.perf_counter() - t0
+    return _row(total, total - statuses[200], wall, chars, lat, statuses)
+
+
+def _split_url(url: str) -> tuple[str, int, str]:
+    from urllib.parse import urlsplit
+
+    u = urlsplit(url)
+    return u.hostname or "127.0.0.1", u.port or 80, u.path.rstrip("/")
+
+
+def _close(conn: tuple | None) -> None:
+    if conn is not None:
+        conn[1].close()
+    return None
+
+
+async def _post(conn: tuple, host: str, port: int, path: str, body: bytes) -> tuple[int, bytes, bool]:
+    """One HTTP/1.1 POST on an open connection: (status, body, server closes the connection)."""
+    reader, writer = conn
+    writer.write(
+        f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    line = await reader.readline()
+    if not line:
+        raise ConnectionResetError("the server closed the connection")
+    status = int(line.split()[1])
+    length, chunked, close = 0, False, False
+    while (line := await reader.readline()) not in (b"\r\n", b""):
+        key, _, value = line.decode("latin-1").partition(":")
+        key, value = key.strip().lower(), value.strip().lower()
+        if key == "content-length":
+            length = int(value)
+        elif key == "transfer-encoding":
+            chunked = "chunked" in value
+        elif key == "connection":
+            close = value == "close"
+    if not chunked:
+        return status, await reader.readexactly(length), close
+    parts = []
+    while (size := int((await reader.readline()).split(b";")[0], 16)) > 0:
+        parts.append(await reader.readexactly(size))
+        await reader.readexactly(2)
+    while (await reader.readline()) not in (b"\r\n", b""):  # trailers
+        pass
+    return status, b"".join(parts), close
+
+
+async def httpx_load(url: str, total: int, clients: int) -> dict:
+    """The same load from httpx.AsyncClient (the earlier bench's client; kept to measure its cost)."""
     import httpx
 
     lat: list[float] = []
@@ -253,6 +363,7 @@ def run(out_dir: Path, quick: bool = False) -> str:
     n_req, n_lib, reps = (128, 128, 40) if quick else (1024, 1024, 200)
 
     steps = step_costs(ckpt, reps)
+    prefill = prefill_costs(ckpt)
     lib = library(ckpt, n_lib, CLIENTS)
     eng = engine_direct(ckpt, n_lib, CLIENTS)
 
@@ -277,7 +388,7 @@ def run(out_dir: Path, quick: bool = False) -> str:
         handle.shutdown()
         if started_ray:
             ray.shutdown()
-    return report(what, load_before, steps, lib, eng, http, batched, overload, quick)
+    return report(what, load_before, steps, prefill, lib, eng, http, batched, overload, quick)
 
 
 def _serve_batched(ckpt: Path, cfg, url: str, n_req: int) -> dict:
@@ -296,14 +407,15 @@ def _serve_batched(ckpt: Path, cfg, url: str, n_req: int) -> dict:
     return out
 
 
-def report(what, load_before, steps, lib, eng, http, batched, overload, quick) -> str:
+def report(what, load_before, steps, prefill, lib, eng, http, batched, overload, quick) -> str:
     s32 = http[CLIENTS]
     lines = [
         "## Serving (Ray Serve: engine with continuous batching, OpenAI-compatible routes)",
         "",
         f"Model: {what}. Requests: {REQ_CHARS} new characters after a {len(PROMPT)}-character prompt, "
-        f"temperature 1, distinct seeds. One replica (0.5 CPU, 1 torch thread, max_batch_size {CLIENTS}); "
-        f"{os.cpu_count()} cores shared by the HTTP clients, Serve's proxy and the replica.",
+        f"temperature 1, distinct seeds, non-streamed. One replica (0.5 CPU, 1 torch thread, max_batch_size {CLIENTS}); "
+        f"{os.cpu_count()} cores shared by the HTTP clients (lean asyncio ones, see the bench's docstring), "
+        "Serve's proxy and the replica (its step thread and its prompt-reading thread).",
         f"Host load average (1 min) {load_before:.1f} at start, {os.getloadavg()[0]:.1f} at end: compare rows "
         "of the same run, not runs.",
         "",
@@ -314,7 +426,13 @@ def report(what, load_before, steps, lib, eng, http, batched, overload, quick) -
     ]
     for name, (m, smp) in steps.items():
         lines.append(f"| {name} | {m:.2f} | {smp:.3f} | {smp / m:.1%} |")
+    step_ms = steps["temperature only"][0] + steps["temperature only"][1]
     lines += [
+        "",
+        f"Reading a {len(PROMPT)}-character prompt (start_many): alone {prefill[1]:.1f} ms "
+        f"({prefill[1] / step_ms:.1f} steps of batch {CLIENTS}), {CLIENTS} together {prefill[CLIENTS]:.1f} ms "
+        f"({prefill[CLIENTS] / CLIENTS:.2f} ms each). Requests arriving one by one over HTTP are read one by one, "
+        "so the engine reads prompts on its own thread, beside the steps.",
         "",
         "### Throughput and latency",
         "",
