@@ -11,11 +11,17 @@ export RAY_AUTH_MODE ?= disabled
 
 .PHONY: install demo lint format test test-fast test-cluster bench clean
 
+# torch with pip (pip finds a local copy of the CPU wheel where the machine has one; uv does not look
+# there), then everything else with uv, several times pip's speed (uv from PyPI, into the venv). uv keeps
+# the torch that is installed: torch-pin.txt pins it to that exact build, so a dependency that wanted
+# another torch fails the install rather than pulling a CUDA build behind our back. --compile-bytecode
+# writes the .pyc files as pip does; without them the first Ray processes of every run compile them.
 $(BIN)/raylstm: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH_SPEC)
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q uv
+	$(BIN)/python -c "import importlib.metadata as m; print('torch==' + m.version('torch'))" > $(VENV)/torch-pin.txt
+	$(BIN)/uv pip install -q --compile-bytecode --python $(BIN)/python -c $(VENV)/torch-pin.txt -e '.[dev]'
 	touch $@
 
 install: $(BIN)/raylstm

@@ -16,9 +16,7 @@ SAMPLE_TEMPERATURE = 0.8  # documented beside the figure: lower is more on-messa
 ALSO_TEMPERATURE = 0.5  # the same count again at a lower temperature, reported beside it
 SAMPLE_CHARS = 400
 SHOW_CATEGORY = "Musical Instruments"
-MAX_CATEGORY_REVIEWS = (
-    1500  # category by Bayes' rule costs 5 x categories passes: a fixed sample of the test split
-)
+MAX_CATEGORY_REVIEWS = 600  # category by Bayes' rule costs 5 x categories passes: every k-th test review
 
 
 def split_rows_with_source(ds: Any) -> list[tuple[str, str | None, str | None, str]]:
@@ -31,14 +29,15 @@ def split_rows_with_source(ds: Any) -> list[tuple[str, str | None, str | None, s
 
 def heldout_bpc(cond_ckpt: Any, plain_ckpt: Any, test: list[tuple]) -> dict[str, Any]:
     """Both models on the same held-out reviews: the conditioned one reads each with its own rating and
-    category (-log2 P(text | rating, category)), the unconditioned one -log2 P(text). On the Musical
-    Instruments test reviews (cpu-quality's held-out text) and on the whole test split."""
+    category (-log2 P(text | rating, category)), the unconditioned one -log2 P(text). On the whole test
+    split (MI + Blitzer: the target's figure) and on its Musical Instruments reviews alone (cpu-quality's
+    held-out text)."""
     from raylstm.evaluate import score_reviews
 
     conds = cond_ckpt.conditions
     out: dict[str, Any] = {}
     mi = [r for r in test if Path(r[3]).name == MI_CSV.name]
-    sets = [("mi_test", mi)] + ([("all_test", list(test))] if len(mi) < len(test) else [])
+    sets = ([("all_test", list(test))] if len(mi) < len(test) else []) + [("mi_test", mi)]
     for name, rows in sets:
         texts = [r[0] for r in rows]
         cond = conds.encode_rows({"rating": [r[1] for r in rows], "category": [r[2] for r in rows]})
@@ -111,26 +110,24 @@ def sampler_takes_conditions() -> bool:
     return {"conditions", "steer_sentiment"} <= set(SampleParams.__dataclass_fields__)
 
 
-def probe_figures(figures: dict[str, Any], plain_ckpt: Any, cond_ckpt: Any, base: Path, quick: bool) -> None:
-    """The probe and the sentiment unit, on both models (each read without conditions)."""
-    from raylstm.classify import labelled_sets, sentiment_report
+def probe_figures(
+    figures: dict[str, Any], models: list[tuple[str, Any]], sets: list[Any], base: Path
+) -> None:
+    """The probe and the sentiment unit on each of `models` (each read without conditions)."""
+    from raylstm.classify import sentiment_report
 
-    sets = labelled_sets(AMAZON, cond_ckpt.config.data)
-    if quick:
-        for s in sets:
-            s.train_texts, s.train_labels = s.train_texts[::8], s.train_labels[::8]
-    figures["probe"] = {}
-    for name, ckpt in (("unconditioned", plain_ckpt), ("conditioned", cond_ckpt)):
-        if ckpt is None:
-            continue
+    probe = figures.setdefault("probe", {})
+    for name, ckpt in models:
         report, unit = sentiment_report(ckpt, sets)
-        figures["probe"][name] = report
+        probe[name] = report
         report["unit_file"] = str(unit.save(base / f"sentiment-unit-{name}.json"))
 
 
-def eval_stage(out_dir: Path, quick: bool = False, unconditioned: Path | None = None) -> dict[str, Any]:
-    """The figures from run-conditioned.json and run-unconditioned.json in `out_dir`; a missing
-    unconditioned one is the run dir `unconditioned` (default: the shared quality run)."""
+def eval_stage(out_dir: Path, quick: bool = False, deadline: float | None = None) -> dict[str, Any]:
+    """The figures from run-conditioned.json and run-unconditioned.json in `out_dir` (the train stage's);
+    without the unconditioned run, its figures are left out and the probe and steering use the
+    conditioned model. The parts run most important first, each saved to figures.json when done; with a
+    `deadline` (epoch seconds), the parts not started by then are skipped and named in the figures."""
     import numpy as np
     import torch
 
@@ -139,6 +136,7 @@ def eval_stage(out_dir: Path, quick: bool = False, unconditioned: Path | None = 
         binary_of,
         heldout_category_report,
         heldout_rating_report,
+        labelled_sets,
         tfidf_classifier,
     )
     from raylstm.data import load_splits
@@ -147,13 +145,6 @@ def eval_stage(out_dir: Path, quick: bool = False, unconditioned: Path | None = 
 
     torch.set_num_threads(2)
     base, _ = out_paths(out_dir)
-    plain_json = base / "run-unconditioned.json"
-    if not plain_json.exists():
-        from bench.conditioning import default_unconditioned, shared_run
-
-        plain_dir = unconditioned or default_unconditioned()
-        if plain_dir is not None:
-            plain_json.write_text(json.dumps(shared_run(Path(plain_dir)), indent=2))
     runs = {
         name: json.loads((base / f"run-{name}.json").read_text())
         for name in RUNS
@@ -162,8 +153,6 @@ def eval_stage(out_dir: Path, quick: bool = False, unconditioned: Path | None = 
     t0 = time.perf_counter()
     ensure_ray(num_cpus=4, include_dashboard=False)
     cond_ckpt = load_checkpoint(runs["conditioned"]["run_dir"])
-    # Without the unconditioned run here (not finished yet), its held-out figure comes from its own
-    # quality.json at the report stage (the same MI test reviews), and the probe/steering use this model.
     plain_ckpt = load_checkpoint(runs["unconditioned"]["run_dir"]) if "unconditioned" in runs else None
     splits = load_splits(cond_ckpt.config.data)
     train = split_rows_with_conditions(splits.train)
@@ -171,16 +160,31 @@ def eval_stage(out_dir: Path, quick: bool = False, unconditioned: Path | None = 
     if quick:
         test_src = test_src[::10]
     test = [r[:3] for r in test_src]
-    figures: dict[str, Any] = {"runs": runs}
+    figures: dict[str, Any] = {"runs": runs, "skipped_at_deadline": []}
 
     def save() -> None:  # after every part: a run cut short by its deadline still reports what it has
         figures["eval_s"] = time.perf_counter() - t0
         (base / "figures.json").write_text(json.dumps(figures, indent=2))
 
+    def part(name: str) -> bool:
+        """Whether to run part `name` (False once past the deadline: then it is named as skipped)."""
+        if deadline is not None and time.time() > deadline:
+            figures["skipped_at_deadline"].append(name)
+            save()
+            return False
+        figures.setdefault("part_s", {})
+        figures["part_s"][name] = time.perf_counter()  # the start; replaced by the duration when done
+        return True
+
+    def done(name: str) -> None:
+        figures["part_s"][name] = time.perf_counter() - figures["part_s"][name]
+        save()
+
+    part("heldout")
     figures["heldout"] = heldout_bpc(cond_ckpt, plain_ckpt, test_src)
     figures["matched_val"] = matched_val(runs)
     figures["heldout_s"] = time.perf_counter() - t0
-    save()
+    done("heldout")
 
     rated_train = [r for r in train if r[1]]
     rated_test = [r for r in test if r[1]]
@@ -196,81 +200,105 @@ def eval_stage(out_dir: Path, quick: bool = False, unconditioned: Path | None = 
         for rating, want in ((1, "negative"), (5, "positive")):
             texts = conditioned_samples(sampler, rating, categories, n, 1000 * rating, temperature)
             verdict = judge.predict(texts).tolist()
+            cats = [categories[i % len(categories)] for i in range(n)]  # as conditioned_samples takes them
             out[str(rating)] = {
                 "n": n,
                 "share_as_conditioned": sum(v == want for v in verdict) / n,
                 "want": want,
                 "mean_chars": sum(map(len, texts)) / n,
                 "first": texts[:3],
+                "by_category": {
+                    c: sum(v == want for v, k in zip(verdict, cats) if k == c) / cats.count(c)
+                    for c in categories
+                    if c in cats
+                },
             }
         return out
 
-    # How far the judge itself can be trusted: its accuracy on the real held-out reviews (1-2 vs 4-5).
-    real = [(t, binary_of(r)) for t, r, _ in rated_test if binary_of(r)]
-    judge_acc = {
-        b: float(
-            np.mean([p == b for p, (_, bb) in zip(judge.predict([t for t, _ in real]), real) if bb == b])
-        )
-        for b in ("negative", "positive")
-    }
-    figures["samples_judged"] = {
-        "temperature": SAMPLE_TEMPERATURE,
-        "max_chars": SAMPLE_CHARS,
-        "categories": categories,
-        "judge_train_reviews": len(judged),
-        "judge_recall_on_real_test": judge_acc,
-        "by_rating": judged_at(SAMPLE_TEMPERATURE),
-    }
-    figures["shown_samples"] = {
-        str(r): conditioned_samples(sampler, r, [SHOW_CATEGORY], 3, seed=77) for r in (1, 3, 5)
-    }
-    save()
-    figures["samples_judged"]["also"] = {
-        "temperature": ALSO_TEMPERATURE,
-        "by_rating": judged_at(ALSO_TEMPERATURE),
-    }
-    save()
+    if part("samples_judged"):
+        # How far the judge itself can be trusted: its accuracy on the real held-out reviews (1-2 vs 4-5).
+        real = [(t, binary_of(r)) for t, r, _ in rated_test if binary_of(r)]
+        pred = judge.predict([t for t, _ in real])
+        judge_acc = {
+            b: float(np.mean([p == b for p, (_, bb) in zip(pred, real) if bb == b]))
+            for b in ("negative", "positive")
+        }
+        figures["samples_judged"] = {
+            "temperature": SAMPLE_TEMPERATURE,
+            "max_chars": SAMPLE_CHARS,
+            "categories": categories,
+            "judge_train_reviews": len(judged),
+            "judge_recall_on_real_test": judge_acc,
+            "by_rating": judged_at(SAMPLE_TEMPERATURE),
+        }
+        figures["shown_samples"] = {
+            str(r): conditioned_samples(sampler, r, [SHOW_CATEGORY], 3, seed=77) for r in (1, 3, 5)
+        }
+        done("samples_judged")
 
-    t1 = time.perf_counter()
-    figures["rating"] = heldout_rating_report(cond_ckpt, rated_train, rated_test)
-    categories = cond_ckpt.conditions.values.get("category", [])
-    if len(categories) > 1:  # one category (a single-source run) has nothing to read back
+    if part("rating"):
+        t1 = time.perf_counter()
+        figures["rating"] = heldout_rating_report(cond_ckpt, rated_train, rated_test)
+        figures["classify_s"] = time.perf_counter() - t1
+        done("rating")
+
+    steer_name = "unconditioned" if plain_ckpt is not None else "conditioned"
+    steer_ckpt = plain_ckpt or cond_ckpt
+    sets = None
+    if part(f"probe_{steer_name}"):
+        sets = labelled_sets(AMAZON, cond_ckpt.config.data)
+        if quick:
+            for s in sets:
+                s.train_texts, s.train_labels = s.train_texts[::8], s.train_labels[::8]
+        probe_figures(figures, [(steer_name, steer_ckpt)], sets, base)
+        done(f"probe_{steer_name}")
+
+    if sets is not None and part("steering"):
+        steer = Sampler.load(steer_ckpt, sentiment_unit=base / f"sentiment-unit-{steer_name}.json")
+        steering: dict[str, Any] = {"model": steer_name}
+        for strength, want in ((1.0, "positive"), (-1.0, "negative")):
+            texts = steered_samples(steer, strength, 10 if quick else 100, seed=5000)
+            verdict = judge.predict(texts).tolist()
+            steering[f"{strength:+g}"] = {
+                "n": len(texts),
+                "share": sum(v == want for v in verdict) / len(texts),
+                "want": want,
+                "first": texts[:2],
+            }
+        unsteered = steered_samples(steer, None, 10 if quick else 100, seed=5000)
+        steering["none"] = {
+            "n": len(unsteered),
+            "share_positive": sum(v == "positive" for v in judge.predict(unsteered).tolist())
+            / len(unsteered),
+        }
+        figures["steering"] = steering
+        done("steering")
+
+    # Beyond the issue's figures: the same at a lower temperature, the category read back, the probe on
+    # the conditioned model.
+    if "samples_judged" in figures and part("samples_judged_also"):
+        figures["samples_judged"]["also"] = {
+            "temperature": ALSO_TEMPERATURE,
+            "by_rating": judged_at(ALSO_TEMPERATURE),
+        }
+        done("samples_judged_also")
+
+    cat_values = cond_ckpt.conditions.values.get("category", [])
+    if len(cat_values) > 1 and part("category"):  # one category has nothing to read back
         known = [r for r in test if r[2] in cond_ckpt.conditions.ids["category"]]
         every = max(1, -(-len(known) // MAX_CATEGORY_REVIEWS))  # every k-th test review, k = ceil(n / max)
         figures["category"] = heldout_category_report(cond_ckpt, train, known[::every])
-    else:
-        figures["category"] = {"single_category": categories[0] if categories else None}
-    figures["classify_s"] = time.perf_counter() - t1
-    save()
+        done("category")
 
-    probe_figures(figures, plain_ckpt, cond_ckpt, base, quick)
-    save()
-
-    steer_name = "unconditioned" if plain_ckpt is not None else "conditioned"
-    steer = Sampler.load(plain_ckpt or cond_ckpt, sentiment_unit=base / f"sentiment-unit-{steer_name}.json")
-    steering: dict[str, Any] = {"model": steer_name}
-    for strength, want in ((1.0, "positive"), (-1.0, "negative")):
-        texts = steered_samples(steer, strength, 10 if quick else 100, seed=5000)
-        verdict = judge.predict(texts).tolist()
-        steering[f"{strength:+g}"] = {
-            "n": len(texts),
-            "share": sum(v == want for v in verdict) / len(texts),
-            "want": want,
-            "first": texts[:2],
-        }
-    unsteered = steered_samples(steer, None, 10 if quick else 100, seed=5000)
-    steering["none"] = {
-        "n": len(unsteered),
-        "share_positive": sum(v == "positive" for v in judge.predict(unsteered).tolist()) / len(unsteered),
-    }
-    figures["steering"] = steering
-    save()
+    if plain_ckpt is not None and sets is not None and part("probe_conditioned"):
+        probe_figures(figures, [("conditioned", cond_ckpt)], sets, base)
+        done("probe_conditioned")
     return figures
 
 
 def matched_val(runs: dict[str, Any]) -> dict[str, Any] | None:
-    """The in-loop validation bpc (the whole MI val split, the conditioned model with each review's
-    conditions) of both runs at the conditioned run's best step: with the same preset and schedule
+    """The in-loop validation bpc (the whole val split, MI + Blitzer, the conditioned model with each
+    review's conditions) of both runs at the conditioned run's best step: with the same preset and schedule
     (max_steps), the two are the same model at the same point, conditions or not."""
     from raylstm.train import read_metrics
 
@@ -300,66 +328,39 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
-def fill_from_quality(f: dict[str, Any], quality_json: Path) -> bool:
-    """An unconditioned held-out figure the eval stage could not measure (the quality run was not done
-    yet), from bench.quality's own quality.json: its model's bpc on the same MI test reviews (checked
-    by their count and chars). No Ray, no model: the report stage's fill-in."""
-    h = f["heldout"]["mi_test"]
-    if h.get("unconditioned_bpc") is not None or not quality_json.exists():
-        return False
-    q = json.loads(quality_json.read_text())
-    mi = q["mi_test"]
-    if (mi["reviews"], mi["chars"]) != (h["reviews"], h["chars"]):
-        raise ValueError(
-            f"{quality_json}: MI test {mi['reviews']} reviews / {mi['chars']} chars, but the conditioned "
-            f"model was scored on {h['reviews']} / {h['chars']}: not the same held-out text"
-        )
-    h["unconditioned_bpc"] = mi["model"]["bpc"]
-    h["difference"] = h["conditioned_bpc"] - h["unconditioned_bpc"]
-    h["unconditioned_from"] = str(quality_json)
-    f["runs"].setdefault(
-        "unconditioned",
-        {
-            "config": q["config"],
-            "overrides": q.get("overrides", []),
-            "steps": q["steps"],
-            "wall_s": None,
-            "best_val_bpc": q["best_val_bpc"],
-            "run_dir": q["run_dir"],
-        },
-    )
-    return True
-
-
 def to_markdown(f: dict[str, Any], command: str) -> str:
     runs = f["runs"]
     c = runs["conditioned"]
-    u = runs.get("unconditioned") or {"config": "configs/cpu-quality.toml (not run yet)", "overrides": []}
+    u = runs.get("unconditioned") or {
+        "config": str(Path(CONFIG).relative_to(ROOT)),
+        "overrides": ["(not run)"],
+    }
     sj = f.get("samples_judged")
     lines = [
         "## Conditioning: a review of a given rating and category, and the rating read back",
         "",
-        f"`{Path(CONFIG).relative_to(ROOT)}` (cpu-quality plus rating and category conditions) on "
-        f"{', '.join(Path(s).name for s in c['sources'])}; the unconditioned model is the same preset "
-        f"without conditions (`{u['config']}`). Wall time: process start (Ray, prepare) to the end of "
-        f"`train()`, 2 cores.",
+        f"`{Path(CONFIG).relative_to(ROOT)}` (cpu-quality's model and schedule, rating and category "
+        f"conditions) on {', '.join(Path(s).name for s in c['sources'])}; the unconditioned model is the "
+        "same preset without conditions, trained by the same command. 2 cores, one run at a time; "
+        "budget: 20 min from Ray start to the best checkpoint.",
         "",
-        "| model | run | steps | wall | best val bpc |",
-        "|---|---|---:|---:|---:|",
+        "| model | run | steps | Ray start to best checkpoint | process wall | best val bpc |",
+        "|---|---|---:|---:|---:|---:|",
     ]
     for name, r in (("conditioned (rating, category)", c), ("unconditioned", u)):
         if "steps" not in r:
             continue
-        wall = f"{r['wall_s'] / 60:.1f} min" if r.get("wall_s") else "(bench.quality)"
+        wall = f"{r['wall_s'] / 60:.1f} min" if r.get("wall_s") else "-"
+        best = f"{r['ray_start_to_best_s'] / 60:.1f} min" if r.get("ray_start_to_best_s") else "-"
+        sets = " ".join(f"--set '{o}'" for o in r["overrides"])
         lines.append(
-            f"| {name} | `{r['config']}` {' '.join('--set ' + o for o in r['overrides'])} | {r['steps']:,} | "
-            f"{wall} | {r['best_val_bpc']:.4f} |"
+            f"| {name} | `{r['config']}` {sets} | {r['steps']:,} | {best} | {wall} | {r['best_val_bpc']:.4f} |"
         )
     if c.get("stopped_at_deadline"):
         lines += [
             "",
-            f"The conditioned run was stopped at the CPU lock's deadline at step {c['steps']:,} of the preset's "
-            f"12,800 (the same LR schedule as cpu-quality's, so the two are comparable step for step); its model "
+            f"The conditioned run was stopped at the CPU lock's deadline at step {c['steps']:,} (the same LR "
+            f"schedule as the unconditioned run's, so the two are comparable step for step); its model "
             f"is the best checkpoint so far, step {c['best_step']:,}"
             + (f", {c['wall_s'] / 60:.1f} min after the run started." if c.get("wall_s") else "."),
         ]
@@ -373,8 +374,8 @@ def to_markdown(f: dict[str, Any], command: str) -> str:
         "|---|---:|---:|---:|---:|---:|",
     ]
     for key, title in (
-        ("mi_test", "Musical Instruments test (cpu-quality's)"),
-        ("all_test", "whole test split"),
+        ("all_test", "whole test split (MI + Blitzer)"),
+        ("mi_test", "its Musical Instruments reviews"),
     ):
         if key not in h:
             continue
@@ -388,7 +389,7 @@ def to_markdown(f: dict[str, Any], command: str) -> str:
     if mv:
         lines += [
             "",
-            f"At the same step of the same schedule ({mv['step']:,}; in-loop validation on every MI val review): "
+            f"At the same step of the same schedule ({mv['step']:,}; in-loop validation on every val review): "
             f"conditioned {mv['conditioned_val_bpc']:.4f}, unconditioned {mv['unconditioned_val_bpc']:.4f}, "
             f"difference **{mv['difference']:+.4f}** bpc.",
         ]
@@ -416,11 +417,20 @@ def to_markdown(f: dict[str, Any], command: str) -> str:
             "",
             f"The judge on the real held-out reviews: {_pct(jr['negative'])} of the 1-2 star ones called "
             f"negative, {_pct(jr['positive'])} of the 4-5 star ones positive.",
+            "",
+            "By category (share judged as conditioned, T = "
+            f"{sj['temperature']}): "
+            + "; ".join(
+                f"{r} star(s): " + ", ".join(f"{c} {_pct(x)}" for c, x in s["by_category"].items())
+                for r, s in sj["by_rating"].items()
+                if "by_category" in s
+            )
+            + ".",
         ]
     else:
-        lines += ["", "Conditioned samples: not measured (this tree's sampler takes no conditions yet)."]
+        lines += ["", "Conditioned samples: not measured (skipped at the eval stage's deadline)."]
     if "rating" not in f:
-        lines += ["", "(The eval stage ended here: its deadline.)"]
+        lines += ["", "(The eval stage ended here.)"]
         return _finish(lines, f, command)
     lines += ["", "### Held-out rating by Bayes' rule (the review's category known)", ""]
     for key, title in (("five_way", "5-way (1-5 stars)"), ("binary", "positive (4-5) vs negative (1-2)")):
@@ -435,21 +445,21 @@ def to_markdown(f: dict[str, Any], command: str) -> str:
             f"| TF-IDF + LR (training split) | {_pct(rr['tfidf_lr']['accuracy'])} | {rr['tfidf_lr']['macro_f1']:.3f} |",
             "",
         ]
-    cat = f["category"]
+    cat = f.get("category", {})
     if "bayes" in cat:
         lines.append(
             f"Category by Bayes' rule (summed over ratings), {cat['bayes']['n']:,} test reviews: accuracy "
             f"**{_pct(cat['bayes']['accuracy'])}**, macro-F1 {cat['bayes']['macro_f1']:.3f} (majority "
             f'"{cat["majority"]["class"]}": {_pct(cat["majority"]["accuracy"])}).'
         )
-    else:
+    elif "single_category" in cat:
         lines.append(
             f'Category: every training review is "{cat["single_category"]}" (one source), so there is no '
             "category to read back."
         )
     lines.append(f"Classification time: {f['classify_s']:.0f} s.")
     if "probe" not in f:
-        lines += ["", "(The eval stage ended here: its deadline.)"]
+        lines += ["", "(The eval stage ended here.)"]
         return _finish(lines, f, command)
     lines += [
         "",
@@ -469,7 +479,7 @@ def to_markdown(f: dict[str, Any], command: str) -> str:
                 f"{_pct(s['unit_accuracy'])} | {_pct(s['tfidf_accuracy'])} |"
             )
     st = f.get("steering") or {}
-    which = st.get("model", "unconditioned")
+    which = st.get("model") or next(iter(f["probe"]))
     unit = f["probe"][which]["unit"]
     lines += [
         "",
@@ -483,6 +493,8 @@ def to_markdown(f: dict[str, Any], command: str) -> str:
             f"judge: +1 -> positive {_pct(st['+1']['share'])}, -1 -> negative {_pct(st['-1']['share'])}; "
             f"unsteered: {_pct(st['none']['share_positive'])} positive."
         )
+        lines += ["", "Steered samples (the first of each):", ""]
+        lines += [f"> {st[k]['first'][0]} ({k})" for k in ("+1", "-1") if st[k]["first"]]
     return _finish(lines, f, command)
 
 
@@ -494,5 +506,15 @@ def _finish(lines: list[str], f: dict[str, Any], command: str) -> str:
         lines.append("")
         lines += [f"> {t}" for t in texts]
         lines.append("")
-    lines += [f"Rerun: `{command}` (the runs, then the figures: `--stage train`, `--stage eval`).", ""]
+    if f.get("skipped_at_deadline"):
+        lines += [f"Skipped at the eval stage's deadline: {', '.join(f['skipped_at_deadline'])}.", ""]
+    steps = [
+        o.split("=", 1)[1] for o in f["runs"]["conditioned"]["overrides"] if o.startswith("train.max_steps=")
+    ]
+    args = f" --steps {steps[0]}" if steps and "--quick" not in command else ""
+    lines += [
+        f"Rerun: `{command} --out DIR{args}` (both runs, then the figures; one piece at a time: "
+        f"`--stage train --run unconditioned{args}`, `--stage train --run conditioned{args}`, `--stage eval`).",
+        "",
+    ]
     return "\n".join(lines)

@@ -332,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     info = machine()
     results = []
     for name in pieces:
-        # quality trains for ~20 min, conditioning ~20 min (two runs without a quality run) + figures; bench_scale
+        # quality trains for ~20 min, conditioning ~40 min (its two 20-minute runs) + ~8 of figures; bench_scale
         # prepares 5 GB of corpora twice (~25 min; 10 MB and 100 MB only in --quick)
         # plan200m: ~3 min of ceiling grid, ~30 min of training, ~5 min of held-out scoring
         long = {"quality": 1800.0, "conditioning": 3600.0, "bench_scale": 600.0 if args.quick else 3600.0}

@@ -90,9 +90,10 @@ def test_data_categories_table_from_file_and_override(tmp_path):
         load_config(overrides=['data.categories={"*" = 3}'])
 
 
-def test_cpu_conditioned_is_cpu_quality_plus_conditions():
-    """bench.conditioning uses cpu-quality's own run as "the same model without conditions": the two
-    presets must differ only in the conditions, and every source must get a category."""
+def test_cpu_conditioned_twin_is_cpu_quality_on_mi_plus_blitzer():
+    """bench.conditioning's "same model without conditions" is cpu-conditioned with model.conditions=[]:
+    that twin must be cpu-quality's model and schedule on the MI reviews plus the Blitzer directory, and
+    every source must get a category (Blitzer's directories name theirs; the MI CSV's from data.categories)."""
     from pathlib import Path
 
     from raylstm.formats import category_for
@@ -100,10 +101,13 @@ def test_cpu_conditioned_is_cpu_quality_plus_conditions():
     root = Path(__file__).resolve().parents[1] / "configs"
     quality = load_config(root / "cpu-quality.toml")
     cond = load_config(root / "cpu-conditioned.toml")
-    assert cond.model.conditions == ["rating", "category"] and quality.model.conditions == []
+    twin = load_config(root / "cpu-conditioned.toml", ["model.conditions=[]"])
+    assert cond.model.conditions == ["rating", "category"] and twin.model.conditions == []
+    assert cond.data.sources == quality.data.sources + ["../shared/data/amazon/sorted_data_acl"]
     globs = tuple(cond.data.categories.items())
-    for source in cond.data.sources:  # the Blitzer directory names its domains; every file else needs one
+    for source in cond.data.sources:
         assert "sorted_data_acl" in source or category_for(source, globs), source
-    quality.model.conditions, quality.model.condition_dim = cond.model.conditions, cond.model.condition_dim
-    quality.data.categories = cond.data.categories
-    assert quality == cond
+    assert twin.model == quality.model  # condition_dim is inert without conditions
+    assert twin.train == quality.train
+    twin.data.sources, twin.data.categories = quality.data.sources, quality.data.categories
+    assert twin.data == quality.data
