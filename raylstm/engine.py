@@ -17,8 +17,10 @@ queue, deadlines, cancellation and typed errors. No Ray, no HTTP (serve.py maps 
 `step`); `Engine` adds the two threads and the asyncio side. A prompt costs ~3 steps to read alone
 (bench/profile_serve.py), and requests arriving one by one over HTTP are each read alone: on the step
 thread that was a quarter of its time under 32 clients; on its own thread it overlaps the steps, and
-prompts that arrive while one is being read are read together next. New jobs start on the current sampler; after `set_sampler` (hot reload) jobs
-already running finish on the sampler they started with, so a reload fails no request.
+prompts that arrive while one is being read are read together next.
+
+New jobs start on the current sampler; after `set_sampler` (hot reload) jobs already running finish on
+the sampler they started with, so a reload fails no request.
 """
 
 from __future__ import annotations
