@@ -7,7 +7,8 @@
                        plan}                     get_checkpoint()
                                                per window: train_step (forward from the carried state ->
                                                  loss -> backward (DDP all-reduce) -> clip -> step -> LR)
-                                               agree_on_step: mean loss and rank 0's report decision
+                                               every log_every (and at each eval): agree_on_step:
+                                                 the steps' mean losses and rank 0's report decision
                                                  (one all-reduce); a diverged loss stops every rank
                                                every log_every:  report(interval metrics)    (all ranks)
                                                every eval_every: evaluate_and_checkpoint: val bpc
@@ -432,18 +433,30 @@ def epoch_windows(w: Worker, shard: Any, epoch: int, skip_steps: int) -> Iterato
             seen += 1
 
 
-def agree_on_step(loss: torch.Tensor, want_report: bool, w: Worker) -> tuple[float, bool]:
-    """(mean loss over all ranks, rank 0's report decision), the same on every rank, in one all-reduce.
+def agree_on_step(losses: list[torch.Tensor], want_report: bool, w: Worker) -> tuple[list[float], bool]:
+    """(each listed step's mean loss over all ranks, rank 0's report decision), the same on every rank, in
+    one all-reduce.
 
     Every rank must stop at the same step when the loss diverges, and call report() the same number of
-    times (it is a barrier), so both decisions are taken on shared numbers."""
-    if w.world == 1:
-        return float(loss), want_report
+    times (it is a barrier), so both decisions are taken on shared numbers. The loop keeps each step's
+    loss on the device and agrees on them at its sync points only (`is_sync_step`): a collective per step
+    is a second barrier per step, where the faster rank waits for the slower one."""
     flag = 1.0 if (want_report and w.rank == 0) else 0.0
-    t = torch.stack([loss.float(), torch.tensor(flag, device=loss.device)])
-    torch.distributed.all_reduce(t)
-    mean_loss, flag_sum = t.tolist()
-    return mean_loss / w.world, flag_sum > 0
+    device = losses[0].device if losses else w.device
+    t = torch.stack([*(loss.float() for loss in losses), torch.tensor(flag, device=device)])
+    if w.world > 1:
+        torch.distributed.all_reduce(t)
+    *sums, flag_sum = t.tolist()
+    return [s / w.world for s in sums], flag_sum > 0
+
+
+def is_sync_step(step: int, first_step: int, tcfg: TrainConfig, total_steps: int) -> bool:
+    """Whether the ranks agree on the losses after update `step`: every log_every steps, at each
+    evaluation and the last step (no checkpoint is written after an unchecked loss), and at the attempt's
+    first step (its report). The same answer on every rank."""
+    return (
+        step % tcfg.log_every == 0 or step % tcfg.eval_every == 0 or step == total_steps or step == first_step
+    )
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
@@ -458,17 +471,21 @@ class IntervalMeter:
     """Train loss and throughput since the last report, with evaluation/checkpoint time left out."""
 
     loss_sum: float = 0.0
+    losses: int = 0  # steps whose (all-rank mean) loss is in loss_sum
     steps: int = 0
     chars: int = 0
     preds: int = 0
     start: float = field(default_factory=time.perf_counter)
     paused: float = 0.0
 
-    def add(self, loss: float, chars: int, preds: int) -> None:
-        self.loss_sum += loss
+    def add(self, chars: int, preds: int) -> None:
         self.steps += 1
         self.chars += chars
         self.preds += preds
+
+    def add_losses(self, losses: list[float]) -> None:
+        self.loss_sum += sum(losses)
+        self.losses += len(losses)
 
     def seconds(self) -> float:
         return time.perf_counter() - self.start - self.paused
@@ -484,7 +501,7 @@ class IntervalMeter:
     def metrics(self) -> dict[str, float]:
         secs = max(1e-9, self.seconds())
         return {
-            "train_loss": self.loss_sum / max(1, self.steps),
+            "train_loss": self.loss_sum / max(1, self.losses),
             "chars_per_s": self.chars / secs,
             "preds_per_s": self.preds / secs,
         }
@@ -665,6 +682,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         )
 
     meter, state, checkpointed = IntervalMeter(), None, pos.step if restored else None
+    losses: list[torch.Tensor] = []  # the updates' losses since the ranks last agreed, on the device
     model.train()
     for window, cond, starts_segment in training_windows(w, ray.train.get_dataset_shard("train"), pos):
         state = None if starts_segment else state
@@ -674,16 +692,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         loss, preds, state = train_step(model, optimizer, scheduler, window, state, tcfg, mode, cond)
         pos.step += 1
         pos.steps_in_epoch += 1
+        losses.append(loss)
+        meter.add(window.shape[0] * (window.shape[1] - 1), preds)
+        if not is_sync_step(pos.step, attempt["attempt_first_step"], tcfg, w.total_steps):
+            continue
         want_report = pos.step % tcfg.log_every == 0 and meter.seconds() >= MIN_REPORT_INTERVAL_S
-        mean_loss, report_due = agree_on_step(loss, want_report, w)
-        meter.add(mean_loss, window.shape[0] * (window.shape[1] - 1), preds)
-        try:
-            check_loss(mean_loss, pos.step, tcfg.max_loss)
-        except TrainingDiverged as e:
-            # Returned, not raised: Ray Train retries a raising worker max_failures times. Every rank saw
-            # the same mean loss, so all report this and return together; the driver raises it.
-            ray.train.report({**interval_metrics(w, pos, optimizer, meter, attempt), "diverged": str(e)})
-            return
+        report_due = settle_losses(w, losses, want_report, pos, optimizer, meter, attempt)
+        if report_due is None:
+            return  # diverged: every rank reported it (see settle_losses)
         if pos.step % tcfg.eval_every == 0 or pos.step == w.total_steps:
             with meter.paused_while():
                 metrics = interval_metrics(w, pos, optimizer, meter, attempt)
@@ -694,10 +710,42 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             report_metrics(w, interval_metrics(w, pos, optimizer, meter, attempt))
             meter.reset()
     if checkpointed != pos.step:
-        # The epochs ran out before total_steps: end on a checkpoint so nothing trained is lost.
+        # The epochs ran out before total_steps: end on a checkpoint so nothing trained is lost (every
+        # rank runs out at the same step: equal batch counts, drop_last).
+        if losses and settle_losses(w, losses, False, pos, optimizer, meter, attempt) is None:
+            return
         evaluate_and_checkpoint(
             w, model, optimizer, scheduler, pos, interval_metrics(w, pos, optimizer, meter, attempt)
         )
+
+
+def settle_losses(
+    w: Worker,
+    losses: list[torch.Tensor],
+    want_report: bool,
+    pos: Position,
+    optimizer: torch.optim.Optimizer,
+    meter: IntervalMeter,
+    attempt: dict[str, Any],
+) -> bool | None:
+    """Agree on the losses of the updates since the last sync point (`agree_on_step`; empties `losses`)
+    and add them to the meter. Returns rank 0's report decision, or None when one of those updates'
+    mean loss diverged: then every rank has reported it and must return (returned, not raised: Ray
+    Train retries a raising worker max_failures times; the driver raises it). The message names the
+    first diverged update; nothing was checkpointed after it, since every checkpoint is a sync point."""
+    import ray.train
+
+    means, report_due = agree_on_step(losses, want_report, w)
+    first = pos.step - len(losses) + 1
+    losses.clear()
+    meter.add_losses(means)
+    for i, mean_loss in enumerate(means):
+        try:
+            check_loss(mean_loss, first + i, w.cfg.train.max_loss)
+        except TrainingDiverged as e:
+            ray.train.report({**interval_metrics(w, pos, optimizer, meter, attempt), "diverged": str(e)})
+            return None
+    return report_due
 
 
 def _print_progress(m: dict[str, Any], total_steps: int) -> None:
