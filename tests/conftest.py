@@ -9,6 +9,12 @@ import pytest
 
 # Tests never touch ~/.ray (token file) and never need auth on their private cluster.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# Ray Train V2's controller polls its workers once per health check (default 2 s) and takes one report off
+# each worker's size-1 queue per poll, so every checkpoint report of a tiny test run waits up to 2 s, and
+# so do the worker group's start and finish. Ray propagates this variable to the controller and the
+# workers, where raylstm's MIN_REPORT_INTERVAL_S reads it too, so the loop's report pacing follows it.
+# The tests check state, not timing; CLI subprocesses inherit it. Set it (e.g. to 2.0) to run at the default.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 # Under CI (.ci/run sets up everything the suite drives: Chromium, 7-Zip, sshd, the dev extra's openai,
 # schemathesis and keras, pyppmd, ../shared), a skip means CI lost something it promised, so it fails: a
@@ -60,3 +66,22 @@ def ray_session():
         )
     yield ray
     # Serve and Train leave actors; shutting down here would only slow the last test.
+
+
+@pytest.fixture(scope="session")
+def learned_run(ray_session, tmp_path_factory):
+    """One real 2-worker Ray Train run on review text (train_support.tiny_config, 200 steps, an evaluation,
+    samples and a checkpoint every 50), shared by the tests that need a trained run: test_train checks
+    what it learned and wrote, test_serve_sampling that its samples are `raylstm sample`'s and the Serve
+    app's. Read it, never write into it."""
+    from types import SimpleNamespace
+
+    from train_support import make_windows, review_sources, tiny_config
+
+    from raylstm.train import fit_windows
+
+    windows = make_windows(review_sources())
+    cfg = tiny_config(max_steps=200, eval_every=50)
+    storage = tmp_path_factory.mktemp("learned")
+    result = fit_windows(cfg, windows.vocab, windows.train, windows.val, storage=str(storage), name="learn")
+    return SimpleNamespace(cfg=cfg, windows=windows, result=result, run=Path(result.run_dir))

@@ -105,8 +105,9 @@ def _shard_digests(out) -> dict[str, str]:
 
 @pytest.mark.slow
 def test_prepare_under_capped_object_store_matches_uncapped(ray_session, tmp_path, amazon_dir):
-    """A corpus ~3x the object store prepares under that cap (its own Ray, in a subprocess) to the same
-    manifest and byte-identical shards as in the session's larger store: the corpus never has to fit."""
+    """A corpus 1.5x the object store (3x or more Ray Data's share of it) prepares under that cap (its own
+    Ray, in a subprocess) to the same manifest and byte-identical shards as in the session's larger
+    store: the corpus never has to fit."""
     import os
     import subprocess
     import sys
@@ -115,7 +116,10 @@ def test_prepare_under_capped_object_store_matches_uncapped(ray_session, tmp_pat
 
     cap = 80 * 1024**2  # Ray's minimum is 75 MiB
     corpus = tmp_path / "corpus"
-    generate(corpus, 3 * cap, [str(amazon_dir / "Musical_instruments_reviews.csv.gz")], shards=6, seed=3)
+    made = generate(
+        corpus, 3 * cap // 2, [str(amazon_dir / "Musical_instruments_reviews.csv.gz")], shards=6, seed=3
+    )
+    assert made["text_bytes"] > 1.4 * cap  # its text alone cannot all sit in the store at once
     free = prepare(DataConfig(sources=[str(corpus)]), tmp_path / "free")
     proc = subprocess.run(
         [sys.executable, "-c", CAPPED_PREPARE, str(corpus), str(tmp_path / "capped"), str(cap)],
@@ -126,7 +130,7 @@ def test_prepare_under_capped_object_store_matches_uncapped(ray_session, tmp_pat
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     capped = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("MANIFEST "))[9:])
-    assert free["rows"]["kept"] > 300_000 and free["rows"]["kept"] == free["rows"]["cleaned"]
+    assert free["rows"]["kept"] > 150_000 and free["rows"]["kept"] == free["rows"]["cleaned"]
     # all but the timing and the size of the work files (pass 1's batches follow Ray Data's block split)
     same = lambda m: {k: v for k, v in m.items() if k not in ("seconds", "work_bytes")}  # noqa: E731
     assert same(capped) == same(json.loads(json.dumps(free)))

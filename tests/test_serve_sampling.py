@@ -14,13 +14,11 @@ import httpx
 import pytest
 import torch
 from test_serve_support import free_port, lowercase_checkpoint, one_thread, seed_mode_checkpoint
-from train_support import make_windows, review_sources, tiny_config
 
 from raylstm.cli import main
 from raylstm.config import ServeConfig
 from raylstm.sample import Sampler
 from raylstm.serve import build_app, start_server
-from raylstm.train import fit_windows
 
 pytestmark = pytest.mark.slow
 
@@ -31,13 +29,10 @@ def _one_thread():
 
 
 @pytest.fixture(scope="module")
-def trained(ray_session, tmp_path_factory):
-    """A real 20-step training run (1 worker) with samples at steps 10 and 20."""
-    windows = make_windows(review_sources())
-    cfg = tiny_config(max_steps=20, eval_every=10, num_workers=1, sample_chars=60, cpus_per_worker=0.5)
-    storage = tmp_path_factory.mktemp("trained")
-    result = fit_windows(cfg, windows.vocab, windows.train, windows.val, storage=str(storage), name="s")
-    return cfg, Path(result.run_dir)
+def trained(learned_run):
+    """A real Ray Train run with samples at every evaluation: the session's (conftest.learned_run, shared
+    with test_train), 2 workers, 200 steps, its 3 best checkpoints kept."""
+    return learned_run.cfg, learned_run.run
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +66,10 @@ def cli_samples(capsys, checkpoint: Path, prime: str, temps: list[str], length: 
 def test_trainer_samples_equal_cli_and_serve(trained, server, capsys):
     cfg, run = trained
     temps = [f"{t:g}" for t in cfg.train.temperatures]
-    for step in (10, 20):
-        ckpt = run / f"checkpoint_{step:07d}"
+    kept = sorted(p for p in run.glob("checkpoint_[0-9]*") if p.is_dir())
+    assert len(kept) >= 2, kept
+    for ckpt in kept:
+        step = int(ckpt.name.split("_")[1])
         saved = json.loads((ckpt / "samples.json").read_text())
         assert saved["seed"] == cfg.train.seed + step and set(saved["samples"]) == set(temps)
         cli = cli_samples(capsys, ckpt, saved["prime"], temps, cfg.train.sample_chars, saved["seed"])

@@ -15,16 +15,10 @@ from raylstm.config import load_config
 from raylstm.train import fit_windows, read_metrics
 
 
-@pytest.fixture(scope="module")
-def windows(ray_session):
-    return make_windows(review_sources())
-
-
 @pytest.mark.slow
-def test_two_workers_learn_review_text(windows, tmp_path: Path):
-    cfg = tiny_config(max_steps=200, eval_every=50)
-    result = fit_windows(cfg, windows.vocab, windows.train, windows.val, storage=str(tmp_path), name="learn")
-    run = Path(result.run_dir)
+def test_two_workers_learn_review_text(learned_run):
+    """The session's learned run (conftest): 2 workers, 200 steps of tiny_config, evaluated every 50."""
+    windows, result, run = learned_run.windows, learned_run.result, learned_run.run
     rows = read_metrics(run)
     evals = [r for r in rows if r.get("val_bpc") is not None]
     assert [r["step"] for r in evals] == [50, 100, 150, 200]

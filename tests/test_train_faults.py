@@ -159,10 +159,13 @@ def assert_epoch_partitions_the_shard(data, lines: dict[int, list[dict]], epoch:
 
 @pytest.fixture(scope="module")
 def uninterrupted(data, tmp_path_factory):
-    """The reference: 2 workers, two whole epochs and 20 steps more, no failure."""
+    """The reference: 2 workers, two whole epochs and 20 steps more, no failure. It evaluates and
+    checkpoints at its last step only: evaluation changes nothing the training computes (no dropout,
+    per-step seeds, the carried state untouched), so the resumed run, which checkpoints every 20 steps,
+    must still end on its weights."""
     storage = tmp_path_factory.mktemp("ref")
     total = 2 * steps_per_epoch(data, 2) + 20
-    cfg = config(data, workers=2, max_steps=total, trace=storage / "trace")
+    cfg = config(data, workers=2, max_steps=total, trace=storage / "trace", eval_every=total)
     res = fit_windows(cfg, data.vocab, data.train, data.val, storage=str(storage), name="ref")
     return cfg, Path(res.run_dir), storage / "trace"
 
@@ -217,7 +220,7 @@ def test_a_run_continued_on_another_worker_count_restores_the_checkpoint_on_ever
     trace = tmp_path / "trace"
     spe1, spe2 = steps_per_epoch(data, 1), steps_per_epoch(data, 2)
     stop = spe1 + 20  # 20 steps into epoch 1 on one worker: 20 x 32 windows of it read
-    one = config(data, workers=1, max_steps=stop, trace=trace)
+    one = config(data, workers=1, max_steps=stop, trace=trace, eval_every=stop)  # one checkpoint: at stop
     fit_windows(one, data.vocab, data.train, data.val, storage=str(tmp_path), name="wc")
     assert_epoch_partitions_the_shard(data, trace_lines(trace), 0, workers=1)
 
@@ -298,6 +301,7 @@ def test_a_killed_driver_rerun_resumes_the_checkpoint_state_and_ends_where_an_un
     assert_restored_the_checkpoint(trace, run_dir, resumed_at, cfg, ranks=1)
 
     cfg.train.trace_dir = ""
+    cfg.train.eval_every = 120  # the reference needs only its last checkpoint (evaluation trains nothing)
     ref = train(cfg, storage=str(tmp_path), name="ref")
     want, got = final_weights(Path(ref.run_dir), 120), final_weights(run_dir, 120)
     for k in want:

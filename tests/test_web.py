@@ -72,47 +72,68 @@ class CDP:
         return r["result"].get("value")
 
     def wait_for(self, expr: str, timeout_s: float = 60.0):
-        deadline = time.monotonic() + timeout_s
+        """Poll expr until it is truthy. An exception counts as not yet (right after Page.navigate the new
+        document may have no body for a moment); the last one is named if it never comes true."""
+        deadline, error = time.monotonic() + timeout_s, None
         while time.monotonic() < deadline:
-            v = self.eval(expr)
+            try:
+                v = self.eval(expr)
+            except RuntimeError as e:  # the expression threw in the page (eval raises it as this)
+                v, error = None, e
             if v:
                 return v
             time.sleep(0.1)
-        raise TimeoutError(f"page never satisfied {expr}")
+        raise TimeoutError(f"page never satisfied {expr}" + (f" (last error: {error})" if error else ""))
+
+
+_CHROMIUM: dict = {}  # the session's one Chromium: {"cdp": CDP}
 
 
 @pytest.fixture(scope="module")
-def browser(tmp_path_factory):
+def browser(tmp_path_factory, request):
+    """The session's headless Chromium (test_serve_conditions imports this fixture too): started at its
+    first use, stopped when pytest ends. Each test navigates its page to its own server first."""
     if not CHROMIUM.exists():
         pytest.skip("Debian chromium not installed at /usr/bin/chromium (apt-get install -y chromium)")
     pytest.importorskip("websockets", reason="the websockets package (dev extra) drives Chromium over CDP")
-    profile = tmp_path_factory.mktemp("chromium-profile")
+    if "cdp" not in _CHROMIUM:
+        _CHROMIUM["cdp"] = _start_chromium(tmp_path_factory.mktemp("chromium-profile"), request.config)
+    cdp = _CHROMIUM["cdp"]
+    yield cdp
+    cdp.call("Page.navigate", url="about:blank")  # idle until the next module: no page left running
+
+
+def _start_chromium(profile: Path, config) -> CDP:
     proc = subprocess.Popen(
         [str(CHROMIUM), *FLAGS, f"--user-data-dir={profile}", "about:blank"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
-    try:
-        port_file = profile / "DevToolsActivePort"
-        deadline = time.monotonic() + 60
-        while not port_file.exists() or not port_file.read_text().strip():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                err = proc.stderr.read().decode(errors="replace")[-2000:] if proc.poll() is not None else ""
-                pytest.fail(f"chromium did not start its DevTools endpoint: {err}")
-            time.sleep(0.1)
-        port = int(port_file.read_text().split()[0])
-        pages = httpx.get(f"http://127.0.0.1:{port}/json/list", timeout=30).json()
-        page = next(p for p in pages if p["type"] == "page")
-        cdp = CDP(page["webSocketDebuggerUrl"])
-        yield cdp
-        cdp.ws.close()
-    finally:
+    cdp = None
+
+    def stop() -> None:
+        if cdp is not None:
+            cdp.ws.close()
         proc.terminate()
         try:
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             proc.kill()
         shutil.rmtree(profile, ignore_errors=True)
+
+    config.add_cleanup(stop)
+    port_file = profile / "DevToolsActivePort"
+    deadline = time.monotonic() + 60
+    while not port_file.exists() or not port_file.read_text().strip():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            err = proc.stderr.read().decode(errors="replace")[-2000:] if proc.poll() is not None else ""
+            pytest.fail(f"chromium did not start its DevTools endpoint: {err}")
+        time.sleep(0.1)
+    port = int(port_file.read_text().split()[0])
+    pages = httpx.get(f"http://127.0.0.1:{port}/json/list", timeout=30).json()
+    page = next(p for p in pages if p["type"] == "page")
+    cdp = CDP(page["webSocketDebuggerUrl"])
+    return cdp
 
 
 @pytest.fixture(scope="module")
