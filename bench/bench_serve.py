@@ -2,7 +2,7 @@
 
   1. the step, in process (batch 32): the model call vs the sampling around it (temperature only;
      + top-k/top-p; + penalties and logit_bias; + logprobs=5; all of them); reading a prompt alone vs 32
-     together (the engine reads prompts on a thread of their own, beside the steps)
+     together (what a request costs before its first character)
   2. the sampling library called directly: Sampler.generate with 32 prompts per call (the batch Serve
      should reach), and the engine (EngineCore) kept full by 32 jobs, no HTTP
   3. Serve over HTTP at 1, 8 and 32 concurrent clients: requests/s, chars/s, p50/p99 latency
@@ -415,7 +415,7 @@ def report(what, load_before, steps, prefill, lib, eng, http, batched, overload,
         f"Model: {what}. Requests: {REQ_CHARS} new characters after a {len(PROMPT)}-character prompt, "
         f"temperature 1, distinct seeds, non-streamed. One replica (0.5 CPU, 1 torch thread, max_batch_size {CLIENTS}); "
         f"{os.cpu_count()} cores shared by the HTTP clients (lean asyncio ones, see the bench's docstring), "
-        "Serve's proxy and the replica (its step thread and its prompt-reading thread).",
+        "Serve's proxy and the replica.",
         f"Host load average (1 min) {load_before:.1f} at start, {os.getloadavg()[0]:.1f} at end: compare rows "
         "of the same run, not runs.",
         "",
@@ -431,8 +431,7 @@ def report(what, load_before, steps, prefill, lib, eng, http, batched, overload,
         "",
         f"Reading a {len(PROMPT)}-character prompt (start_many): alone {prefill[1]:.1f} ms "
         f"({prefill[1] / step_ms:.1f} steps of batch {CLIENTS}), {CLIENTS} together {prefill[CLIENTS]:.1f} ms "
-        f"({prefill[CLIENTS] / CLIENTS:.2f} ms each). Requests arriving one by one over HTTP are read one by one, "
-        "so the engine reads prompts on its own thread, beside the steps.",
+        f"({prefill[CLIENTS] / CLIENTS:.2f} ms each); requests arriving one by one over HTTP are read one by one.",
         "",
         "### Throughput and latency",
         "",
