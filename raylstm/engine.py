@@ -9,10 +9,18 @@ queue, deadlines, cancellation and typed errors. No Ray, no HTTP (serve.py maps 
     async for event in stream:  <-- events --        one model call per sampler for every active row
       (closing the stream cancels its jobs)          events: started / text deltas / finished / done
                                                      (handed to each job's event loop, thread-safely)
+                                                   prefill thread (Engine only): reads the prompts of
+                                                     admitted jobs (start_many) while the step thread
+                                                     steps; they join the batch at the next step
 
-`EngineCore` is the synchronous part (tests and benchmarks step it directly); `Engine` adds the thread
-and the asyncio side. New jobs start on the current sampler; after `set_sampler` (hot reload) jobs
-already running finish on the sampler they started with, so a reload fails no request.
+`EngineCore` is the synchronous part (tests and benchmarks step it directly; it reads prompts inside
+`step`); `Engine` adds the two threads and the asyncio side. A prompt costs ~3 steps to read alone
+(bench/profile_serve.py), and requests arriving one by one over HTTP are each read alone: on the step
+thread that was a quarter of its time under 32 clients; on its own thread it overlaps the steps, and
+prompts that arrive while one is being read are read together next.
+
+New jobs start on the current sampler; after `set_sampler` (hot reload) jobs already running finish on
+the sampler they started with, so a reload fails no request.
 """
 
 from __future__ import annotations
@@ -155,6 +163,11 @@ class EngineCore:
         self.retry_after_s = float(retry_after_s)
         self.waiting: collections.deque[Job] = collections.deque()
         self.active: list[Job] = []
+        # Prefill off the step thread (Engine): jobs taken from `waiting` by take_admissible() are
+        # `reserved` (their rows count against max_rows) until step() moves them from `ready` to active.
+        self.prefill_in_step = True
+        self.ready: list[Job] = []
+        self.reserved_rows = 0
         self._lock = threading.Lock()
         self.closed = False
         self.steps = 0
@@ -174,7 +187,7 @@ class EngineCore:
             if self.closed:
                 raise EngineStopped("the server is shutting down: no new requests")
             # Rows the next step admits (free ones) are not queued: only what waits beyond them counts.
-            free = max(0, self.max_rows - self.active_rows)
+            free = max(0, self.max_rows - self.active_rows - self.reserved_rows)
             rows = sum(j.width for j in self.waiting) + sum(j.width for j in jobs)
             if self.max_queued and rows - free > self.max_queued:
                 raise QueueFull(
@@ -196,7 +209,11 @@ class EngineCore:
                 self.waiting = collections.deque(j for j in self.waiting if not j.cancelled)
 
     def has_work(self) -> bool:
-        return bool(self.waiting) or bool(self.active)
+        return bool(self.waiting) or bool(self.active) or self.reserved_rows > 0
+
+    def steppable(self) -> bool:
+        """step() has something to do without reading a prompt (prefill on its own thread)."""
+        return bool(self.active) or bool(self.ready) or (self.prefill_in_step and bool(self.waiting))
 
     def _expire(self, now: float) -> list[Event]:
         events = []
@@ -215,13 +232,12 @@ class EngineCore:
         self.active = [j for j in self.active if j.error is None]
         return events
 
-    def _admit(self) -> list[Event]:
-        """Take waiting jobs in order while their rows fit; start them together (one batched prefill
-        per prompt length), or one by one when one of them is bad for this model."""
-        events: list[Event] = []
-        rows = self.active_rows
+    def take_admissible(self) -> list[Job]:
+        """Take waiting jobs in order while their rows fit beside the active and reserved ones (a job
+        wider than max_rows goes alone); with prefill off the step thread, their rows are reserved."""
         admitted: list[Job] = []
         with self._lock:
+            rows = self.active_rows + self.reserved_rows
             while self.waiting:
                 job = self.waiting[0]
                 if rows and rows + job.width > self.max_rows:
@@ -230,8 +246,49 @@ class EngineCore:
                 if not job.cancelled:
                     admitted.append(job)
                     rows += job.width
+            if not self.prefill_in_step:
+                self.reserved_rows += sum(j.width for j in admitted)
+        return admitted
+
+    def prefill(self, admitted: list[Job]) -> None:
+        """Read the prompts of jobs from take_admissible() and hand them to the step thread (`ready`);
+        a job this model cannot serve, or a failing model, sets its error. Runs on the prefill thread."""
+        try:
+            self._start(admitted)
+        except Exception as e:  # a device or model error: these jobs fail, the engine keeps serving
+            log.exception("raylstm: reading a prompt failed")
+            for job in admitted:
+                job.error = job.error or GenerationFailed(f"generation failed: {type(e).__name__}: {e}")
+        with self._lock:
+            self.ready.extend(admitted)
+
+    def _join_ready(self) -> list[Event]:
+        with self._lock:
+            ready, self.ready = self.ready, []
+            self.reserved_rows -= sum(j.width for j in ready)
+            for job in ready:
+                if job.error is None and not job.cancelled:
+                    self.active.append(job)
+        return [Event(job, started=job.error is None, done=job.error is not None) for job in ready]
+
+    def _admit(self) -> list[Event]:
+        """Take waiting jobs in order while their rows fit; start them together (one batched prefill
+        per prompt length), or one by one when one of them is bad for this model."""
+        admitted = self.take_admissible()
         if not admitted:
-            return events
+            return []
+        self._start(admitted)
+        events = []
+        for job in admitted:
+            if job.error is not None:
+                events.append(Event(job, done=True))
+                continue
+            self.active.append(job)
+            events.append(Event(job, started=True))
+        return events
+
+    def _start(self, admitted: list[Job]) -> None:
+        """Read the prompts: job.rows, prompt_info and sampler set, or job.error for a bad one."""
         sampler = self.sampler
         try:
             started = sampler.start_many([(self._prompt(sampler, j), j.params, j.width) for j in admitted])
@@ -244,13 +301,8 @@ class EngineCore:
                     job.error = e
                     started.append([])
         for job, job_rows in zip(admitted, started):
-            if job.error is not None:
-                events.append(Event(job, done=True))
-                continue
-            job.rows, job.prompt_info, job.sampler = job_rows, job_rows[0].prompt, sampler
-            self.active.append(job)
-            events.append(Event(job, started=True))
-        return events
+            if job.error is None:
+                job.rows, job.prompt_info, job.sampler = job_rows, job_rows[0].prompt, sampler
 
     @staticmethod
     def _prompt(sampler: Sampler, job: Job) -> str | Prompt:
@@ -260,7 +312,7 @@ class EngineCore:
         """Expire, admit what fits, advance every active row by one character, report what changed."""
         now = time.monotonic()
         events = {e.job.id: e for e in self._expire(now)}
-        events.update({e.job.id: e for e in self._admit()})
+        events.update({e.job.id: e for e in (self._admit() if self.prefill_in_step else self._join_ready())})
         self.active = [j for j in self.active if not j.cancelled]
         by_sampler: dict[int, tuple[Sampler, list[Row]]] = {}
         for job in self.active:
@@ -295,8 +347,9 @@ class EngineCore:
     def fail_all(self, error: BaseException) -> list[Event]:
         """Every job in flight fails with `error` (the step raised): report them done, keep serving."""
         with self._lock:
-            jobs = list(self.active) + list(self.waiting)
-            self.active, self.waiting = [], collections.deque()
+            jobs = list(self.active) + list(self.waiting) + self.ready
+            self.reserved_rows -= sum(j.width for j in self.ready)
+            self.active, self.waiting, self.ready = [], collections.deque(), []
         for job in jobs:
             job.error = error
         return [Event(job, done=True) for job in jobs]
@@ -336,7 +389,7 @@ class Stream:
 
 
 class Engine:
-    """An EngineCore stepped by its own thread, fed from asyncio request handlers."""
+    """An EngineCore stepped by its own thread, its prompts read by another, fed from asyncio handlers."""
 
     def __init__(
         self,
@@ -348,10 +401,12 @@ class Engine:
         observer: StepObserver | None = None,
     ) -> None:
         self.core = EngineCore(sampler, max_rows, max_queued, timeout_s, retry_after_s)
+        self.core.prefill_in_step = False  # the prefill thread reads prompts while the batch steps
         self.observer = observer
-        self._wake = threading.Condition()
+        self._wake = threading.Condition()  # both threads wait on it: new work, freed rows, stop
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self._prefill_thread: threading.Thread | None = None
 
     @property
     def sampler(self) -> Sampler:
@@ -362,12 +417,15 @@ class Engine:
 
     @property
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        threads = (self._thread, self._prefill_thread)
+        return all(t is not None and t.is_alive() for t in threads)
 
     def start(self) -> None:
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="raylstm-step", daemon=True)
+            self._prefill_thread = threading.Thread(target=self._prefill, name="raylstm-prefill", daemon=True)
             self._thread.start()
+            self._prefill_thread.start()
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """No new requests; the thread finishes what is in flight (up to timeout_s), then exits."""
@@ -375,8 +433,10 @@ class Engine:
         with self._wake:
             self._stopping = True
             self._wake.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout_s)
+        deadline = time.monotonic() + timeout_s
+        for t in (self._thread, self._prefill_thread):
+            if t is not None:
+                t.join(max(0.0, deadline - time.monotonic()))
 
     def submit(
         self,
@@ -396,17 +456,29 @@ class Engine:
         ]
         self.core.submit(jobs)
         with self._wake:
-            self._wake.notify()
+            self._wake.notify_all()
         return Stream(self, jobs, queue)
+
+    def _prefill(self) -> None:
+        core = self.core
+        while True:
+            with self._wake:
+                while not (jobs := core.take_admissible()):
+                    if self._stopping and not core.waiting:
+                        return
+                    self._wake.wait(0.5)  # also woken by submit and by steps that free rows
+            core.prefill(jobs)
+            with self._wake:
+                self._wake.notify_all()
 
     def _run(self) -> None:
         core = self.core
         while True:
             with self._wake:
-                while not core.has_work() and not self._stopping:
-                    self._wake.wait()
-                if self._stopping and not core.has_work():
-                    return
+                while not core.steppable():
+                    if self._stopping and not core.has_work():
+                        return
+                    self._wake.wait(0.5)  # woken by the prefill thread's ready jobs and by stop
             t0 = time.perf_counter()
             rows_before = core.rows_stepped
             try:
@@ -430,6 +502,9 @@ class Engine:
                     loop.call_soon_threadsafe(_put_all, items)
                 except RuntimeError:  # that loop is closed (the replica is going away)
                     pass
+            if core.waiting and any(ev.done for ev in events):  # rows freed: the prefill thread may admit
+                with self._wake:
+                    self._wake.notify_all()
             if self.observer is not None:
                 rows = core.rows_stepped - rows_before
                 self.observer.on_step(seconds, rows, core.active_rows, len(core.waiting))

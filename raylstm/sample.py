@@ -415,7 +415,8 @@ class _Batch:
 
 
 class Sampler:
-    """A model + vocabulary ready to generate. Not thread-safe: one thread steps it at a time.
+    """A model + vocabulary ready to generate. Not thread-safe: one thread steps it at a time (start and
+    start_many only read the model and the vocabulary: the engine runs them beside a step).
 
     `data` is the data config the model was trained with: its window mode (seed models re-read the last
     `seed_context` chars from a zero state) and its cleaning (prompts are cleaned the same way)."""
