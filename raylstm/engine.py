@@ -155,9 +155,14 @@ class EngineCore:
         max_queued: int = 0,
         timeout_s: float = 0.0,
         retry_after_s: float = 1.0,
+        admit_hold_s: float = 0.0,
     ) -> None:
         self.sampler = sampler
         self.max_rows = max(1, int(max_rows))
+        # Prompts read together cost far less than one by one (a batch-1 read streams the weights once
+        # per character: bench_serve's prefill row). While other rows are generating, a waiting job is
+        # held up to admit_hold_s for others to arrive, unless the waiting ones already fill the free rows.
+        self.admit_hold_s = max(0.0, float(admit_hold_s))
         self.max_queued = max(0, int(max_queued))
         self.timeout_s = float(timeout_s)
         self.retry_after_s = float(retry_after_s)
@@ -238,6 +243,8 @@ class EngineCore:
         admitted: list[Job] = []
         with self._lock:
             rows = self.active_rows + self.reserved_rows
+            if self._holding(rows):
+                return admitted
             while self.waiting:
                 job = self.waiting[0]
                 if rows and rows + job.width > self.max_rows:
@@ -249,6 +256,15 @@ class EngineCore:
             if not self.prefill_in_step:
                 self.reserved_rows += sum(j.width for j in admitted)
         return admitted
+
+    def _holding(self, rows: int) -> bool:
+        """Keep waiting jobs back a little (admit_hold_s) so that prompts arriving close together are
+        read in one batch; never when nothing else is generating, or when they already fill the batch."""
+        if not (self.admit_hold_s and rows and self.waiting):
+            return False
+        if time.monotonic() - self.waiting[0].submitted >= self.admit_hold_s:
+            return False
+        return sum(j.width for j in self.waiting) < self.max_rows - rows
 
     def prefill(self, admitted: list[Job]) -> None:
         """Read the prompts of jobs from take_admissible() and hand them to the step thread (`ready`);
@@ -310,23 +326,27 @@ class EngineCore:
 
     def step(self) -> list[Event]:
         """Expire, admit what fits, advance every active row by one character, report what changed."""
-        now = time.monotonic()
-        events = {e.job.id: e for e in self._expire(now)}
+        events = {e.job.id: e for e in self._expire(time.monotonic())}
         events.update({e.job.id: e for e in (self._admit() if self.prefill_in_step else self._join_ready())})
-        self.active = [j for j in self.active if not j.cancelled]
         by_sampler: dict[int, tuple[Sampler, list[Row]]] = {}
+        active = []
         for job in self.active:
-            rows = [r for r in job.rows if not r.finished]
-            if rows and job.sampler is not None:
-                by_sampler.setdefault(id(job.sampler), (job.sampler, []))[1].extend(rows)
+            if job.cancelled:
+                continue
+            active.append(job)
+            if job.sampler is not None:
+                rows = by_sampler.setdefault(id(job.sampler), (job.sampler, []))[1]
+                rows.extend(r for r in job.rows if r.finish_reason is None)
         for sampler, rows in by_sampler.values():
-            sampler.step(rows)
-            self.steps += 1
-            self.rows_stepped += len(rows)
+            if rows:
+                sampler.step(rows)
+                self.steps += 1
+                self.rows_stepped += len(rows)
         still = []
-        for job in self.active:
-            ev = events.get(job.id) or Event(job)
-            if job.streams and job.stream:
+        for job in active:
+            ev = events.get(job.id)
+            if job.stream and job.streams:  # per-step deltas; a non-streamed job hears only its end
+                ev = ev or Event(job)
                 for r in job.rows:
                     offset, text = r.take_delta()
                     if text:
@@ -336,11 +356,13 @@ class EngineCore:
                     if r.finished and not r.reported:
                         r.reported = True
                         ev.finished.append((r.index, r.finish_reason or "length"))
-            ev.done = job.finished
-            if ev.started or ev.deltas or ev.finished or ev.done:
-                events[job.id] = ev
-            if not job.finished:
+            if job.finished:
+                ev = ev or Event(job)
+                ev.done = True
+            else:
                 still.append(job)
+            if ev is not None and (ev.started or ev.deltas or ev.finished or ev.done):
+                events[job.id] = ev
         self.active = still
         return list(events.values())
 
@@ -356,6 +378,35 @@ class EngineCore:
 
 
 # --- the asyncio side -------------------------------------------------------------------------------------
+def coalesce(events: list[Event]) -> list[Event]:
+    """Consecutive events merged per job (started, text and logprobs joined per sample, finishes kept
+    in order), in the order the jobs first appear; a failed job's event ends the list (it raises)."""
+    out: dict[int, Event] = {}
+    for ev in events:
+        if ev.job.error is not None:
+            return [*out.values(), ev]
+        into = out.get(ev.job.id)
+        if into is None:
+            deltas = [Delta(d.index, d.offset, d.text, d.logprobs) for d in ev.deltas]  # ours to extend
+            out[ev.job.id] = Event(ev.job, ev.started, deltas, list(ev.finished), ev.done)
+            continue
+        into.started |= ev.started
+        for d in ev.deltas:
+            last = next((x for x in reversed(into.deltas) if x.index == d.index), None)
+            if last is not None and last.offset + len(last.text) == d.offset:
+                last.text += d.text
+                if last.logprobs is not None and d.logprobs is not None:
+                    last.logprobs = TokenLogprobs(
+                        last.logprobs.token_logprobs + d.logprobs.token_logprobs,
+                        last.logprobs.top_logprobs + d.logprobs.top_logprobs,
+                    )
+            else:
+                into.deltas.append(Delta(d.index, d.offset, d.text, d.logprobs))
+        into.finished += ev.finished
+        into.done |= ev.done
+    return list(out.values())
+
+
 class Stream:
     """The events of one request's jobs; iterate with `async for`. Leaving early (the client went away)
     cancels the jobs. A failed job raises its typed error from the iteration."""
@@ -364,15 +415,20 @@ class Stream:
         self.engine, self.jobs, self._queue = engine, jobs, queue
 
     async def __aiter__(self) -> AsyncIterator[Event]:
+        """Events as they come; when several steps' events are already queued (the event loop was
+        busy), they come merged, one per job, so a streamed response writes one chunk for them."""
         pending = len(self.jobs)
         try:
             while pending:
-                ev: Event = await self._queue.get()
-                if ev.job.error is not None:
-                    raise ev.job.error
-                if ev.done:
-                    pending -= 1
-                yield ev
+                ready = [await self._queue.get()]
+                while not self._queue.empty():
+                    ready.append(self._queue.get_nowait())
+                for ev in coalesce(ready):
+                    if ev.job.error is not None:
+                        raise ev.job.error
+                    if ev.done:
+                        pending -= 1
+                    yield ev
         finally:
             self.close()
 
@@ -399,9 +455,13 @@ class Engine:
         timeout_s: float = 0.0,
         retry_after_s: float = 1.0,
         observer: StepObserver | None = None,
+        *,
+        prefill_thread: bool = True,
+        admit_hold_s: float = 0.0,
     ) -> None:
-        self.core = EngineCore(sampler, max_rows, max_queued, timeout_s, retry_after_s)
-        self.core.prefill_in_step = False  # the prefill thread reads prompts while the batch steps
+        self.core = EngineCore(sampler, max_rows, max_queued, timeout_s, retry_after_s, admit_hold_s)
+        # With a prefill thread, prompts are read while the batch steps; without, inside step().
+        self.core.prefill_in_step = not prefill_thread
         self.observer = observer
         self._wake = threading.Condition()  # both threads wait on it: new work, freed rows, stop
         self._stopping = False
@@ -417,15 +477,18 @@ class Engine:
 
     @property
     def alive(self) -> bool:
-        threads = (self._thread, self._prefill_thread)
+        threads = [self._thread] + ([] if self.core.prefill_in_step else [self._prefill_thread])
         return all(t is not None and t.is_alive() for t in threads)
 
     def start(self) -> None:
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="raylstm-step", daemon=True)
-            self._prefill_thread = threading.Thread(target=self._prefill, name="raylstm-prefill", daemon=True)
             self._thread.start()
-            self._prefill_thread.start()
+            if not self.core.prefill_in_step:
+                self._prefill_thread = threading.Thread(
+                    target=self._prefill, name="raylstm-prefill", daemon=True
+                )
+                self._prefill_thread.start()
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """No new requests; the thread finishes what is in flight (up to timeout_s), then exits."""
@@ -466,10 +529,29 @@ class Engine:
                 while not (jobs := core.take_admissible()):
                     if self._stopping and not core.waiting:
                         return
-                    self._wake.wait(0.5)  # also woken by submit and by steps that free rows
+                    # Woken by submit and by steps that free rows; a held job is looked at again soon.
+                    self._wake.wait(core.admit_hold_s / 2 if core.waiting and core.admit_hold_s else 0.5)
             core.prefill(jobs)
             with self._wake:
                 self._wake.notify_all()
+
+    def deliver(self, events: list[Event]) -> None:
+        """Hand a step's events to their requests' event loops (one wake-up per loop, not per request)."""
+        now = time.monotonic()
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Event]]] = {}
+        for ev in events:
+            job = ev.job
+            if job.first_char_at is None and job.rows and job.rows[0].n_chars:
+                job.first_char_at = now
+                if self.observer is not None:
+                    self.observer.on_first_char(now - job.submitted)
+            if job.loop is not None and job.queue is not None:
+                by_loop.setdefault(job.loop, []).append((job.queue, ev))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # that loop is closed (the replica is going away): nobody to tell
+                log.debug("raylstm: %d events for a closed event loop dropped", len(items))
 
     def _run(self) -> None:
         core = self.core
@@ -487,21 +569,7 @@ class Engine:
                 log.exception("raylstm: generation step failed")
                 events = core.fail_all(GenerationFailed(f"generation failed: {type(e).__name__}: {e}"))
             seconds = time.perf_counter() - t0
-            now = time.monotonic()
-            by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Event]]] = {}
-            for ev in events:
-                job = ev.job
-                if job.first_char_at is None and job.rows and job.rows[0].n_chars:
-                    job.first_char_at = now
-                    if self.observer is not None:
-                        self.observer.on_first_char(now - job.submitted)
-                if job.loop is not None and job.queue is not None:
-                    by_loop.setdefault(job.loop, []).append((job.queue, ev))
-            for loop, items in by_loop.items():  # one wake-up per event loop per step, not per request
-                try:
-                    loop.call_soon_threadsafe(_put_all, items)
-                except RuntimeError:  # that loop is closed (the replica is going away)
-                    pass
+            self.deliver(events)
             if core.waiting and any(ev.done for ev in events):  # rows freed: the prefill thread may admit
                 with self._wake:
                     self._wake.notify_all()
