@@ -26,7 +26,9 @@ import os
 import sys
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
@@ -293,37 +295,50 @@ async def _post(conn: tuple, host: str, port: int, path: str, body: bytes) -> tu
     return status, b"".join(parts), close
 
 
-async def httpx_load(url: str, total: int, clients: int) -> dict:
-    """The same load from httpx.AsyncClient (the earlier bench's client; kept to measure its cost)."""
-    import httpx
-
+async def library_client_load(
+    total: int, clients: int, post: Callable[[dict], Awaitable[tuple[int, Any]]], errors: tuple = ()
+) -> dict:
+    """`clients` coroutines sharing `total` /v1/generate requests, each sent by `post(body) -> (status,
+    parsed JSON body or None)`: one HTTP client library's call (httpx here, aiohttp in profile_serve).
+    The exceptions in `errors` count by name, like a status."""
     lat: list[float] = []
     statuses: Counter = Counter()
     chars = 0
     counter = iter(range(total))
 
-    async def client(c: httpx.AsyncClient) -> None:
+    async def client() -> None:
         nonlocal chars
         for i in counter:
             body = {"prompt": PROMPT, "max_chars": REQ_CHARS, "temperature": 1.0, "seed": i}
             t0 = time.perf_counter()
             try:
-                r = await c.post(f"{url}/v1/generate", json=body)
-                statuses[r.status_code] += 1
-                if r.status_code != 200:
-                    continue
-                chars += len(r.json()["samples"][0]["text"])
-            except httpx.HTTPError as e:
+                status, data = await post(body)
+            except errors as e:
                 statuses[type(e).__name__] += 1
                 continue
-            lat.append(time.perf_counter() - t0)
+            statuses[status] += 1
+            if status == 200:
+                chars += len(data["samples"][0]["text"])
+                lat.append(time.perf_counter() - t0)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(clients)))
+    wall = time.perf_counter() - t0
+    return _row(total, total - statuses[200], wall, chars, lat, statuses)
+
+
+async def httpx_load(url: str, total: int, clients: int) -> dict:
+    """The same load from httpx.AsyncClient (the earlier bench's client; kept to measure its cost)."""
+    import httpx
 
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(timeout=300, limits=limits) as c:
-        t0 = time.perf_counter()
-        await asyncio.gather(*(client(c) for _ in range(clients)))
-        wall = time.perf_counter() - t0
-    return _row(total, total - statuses[200], wall, chars, lat, statuses)
+
+        async def post(body: dict) -> tuple[int, Any]:
+            r = await c.post(f"{url}/v1/generate", json=body)
+            return r.status_code, r.json() if r.status_code == 200 else None
+
+        return await library_client_load(total, clients, post, (httpx.HTTPError,))
 
 
 def batched_deployment():
