@@ -26,28 +26,28 @@ from pathlib import Path
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-from bench.bench_serve import CLIENTS, _checkpoint, engine_direct, free_port, http_load, library  # noqa: E402
-from bench.profile_serve import _tree, fetch, metric, snapshot, step_table, threads  # noqa: E402
+from bench.bench_serve import (  # noqa: E402
+    CLIENTS,
+    PREVIOUS_ENGINE,
+    _checkpoint,
+    engine_direct,
+    fetch,
+    free_port,
+    http_load,
+    library,
+    metric,
+    variant_deployment,
+)
+from bench.profile_serve import _tree, snapshot, step_table, threads  # noqa: E402
 
 # name: Engine keyword options (raylstm.engine.Engine)
 VARIANTS = {
-    "inline": {"prefill_thread": False},  # main's design: prompts read inside the step
+    "inline": PREVIOUS_ENGINE,  # main's design: prompts read inside the step, as they come
     "inline-hold10": {"prefill_thread": False, "admit_hold_s": 0.010},
     "inline-hold25": {"prefill_thread": False, "admit_hold_s": 0.025},
     "thread": {"prefill_thread": True},  # serve-prefill-thread: prompts read on their own thread
     "thread-hold10": {"prefill_thread": True, "admit_hold_s": 0.010},
 }
-
-
-def variant_deployment(name: str, options: dict):
-    from ray import serve
-
-    from raylstm.serve import LSTMServer
-
-    cls = type(
-        f"LSTMServer_{name.replace('-', '_')}", (LSTMServer.func_or_class,), {"engine_options": options}
-    )
-    return serve.deployment(cls, name=f"LSTMServer-{name}")
 
 
 def in_process(ckpt: Path, rounds: int, total: int) -> None:

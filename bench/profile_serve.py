@@ -28,11 +28,13 @@ from bench.bench_serve import (  # noqa: E402
     CLIENTS,
     PROMPT,
     _checkpoint,
+    fetch,
     free_port,
     http_load,
     httpx_load,
     library,
     library_client_load,
+    metric,
 )
 
 TICK = os.sysconf("SC_CLK_TCK")
@@ -96,21 +98,6 @@ def threads(pid: int) -> dict[str, float]:
         except OSError:
             pass
     return dict(out)
-
-
-def metric(text: str, name: str) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
-def fetch(url: str) -> str:
-    import urllib.request
-
-    with urllib.request.urlopen(url, timeout=30) as r:
-        return r.read().decode()
 
 
 async def aiohttp_load(url: str, total: int, clients: int) -> dict:

@@ -9,15 +9,19 @@ queue, deadlines, cancellation and typed errors. No Ray, no HTTP (serve.py maps 
     async for event in stream:  <-- events --        one model call per sampler for every active row
       (closing the stream cancels its jobs)          events: started / text deltas / finished / done
                                                      (handed to each job's event loop, thread-safely)
-                                                   prefill thread (Engine only): reads the prompts of
-                                                     admitted jobs (start_many) while the step thread
-                                                     steps; they join the batch at the next step
+                                                   prefill thread (Engine(prefill_thread=True)):
+                                                     reads the prompts of admitted jobs (start_many)
+                                                     while the step thread steps; they join the batch
+                                                     at the next step
+    async for over the stream: events already queued (the loop fell behind) come merged per job
 
 `EngineCore` is the synchronous part (tests and benchmarks step it directly; it reads prompts inside
-`step`); `Engine` adds the two threads and the asyncio side. A prompt costs ~3 steps to read alone
-(bench/profile_serve.py), and requests arriving one by one over HTTP are each read alone: on the step
-thread that was a quarter of its time under 32 clients; on its own thread it overlaps the steps, and
-prompts that arrive while one is being read are read together next.
+`step`); `Engine` adds the threads and the asyncio side. A prompt costs ~2-3 steps to read alone and
+little more read with others (bench_serve's prefill row), and requests arriving one by one over HTTP
+were each read alone: on the step thread that was a quarter of its time under 32 clients. Hence two
+options: `prefill_thread` (read prompts beside the steps, not inside them) and `admit_hold_s` (hold a
+new job briefly while rows are generating, so prompts arriving close together are read as one batch).
+Their defaults are the best of bench/ab_serve.py's A/B.
 
 New jobs start on the current sampler; after `set_sampler` (hot reload) jobs already running finish on
 the sampler they started with, so a reload fails no request.
