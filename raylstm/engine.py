@@ -270,6 +270,13 @@ class EngineCore:
             return False
         return sum(j.width for j in self.waiting) < self.max_rows - rows
 
+    def hold_left(self) -> float | None:
+        """Seconds until the waiting jobs' hold ends; None when they are not held."""
+        with self._lock:
+            if not self._holding(self.active_rows + self.reserved_rows):
+                return None
+            return max(0.0, self.admit_hold_s - (time.monotonic() - self.waiting[0].submitted))
+
     def prefill(self, admitted: list[Job]) -> None:
         """Read the prompts of jobs from take_admissible() and hand them to the step thread (`ready`);
         a job this model cannot serve, or a failing model, sets its error. Runs on the prefill thread."""
@@ -533,8 +540,9 @@ class Engine:
                 while not (jobs := core.take_admissible()):
                     if self._stopping and not core.waiting:
                         return
-                    # Woken by submit and by steps that free rows; a held job is looked at again soon.
-                    self._wake.wait(core.admit_hold_s / 2 if core.waiting and core.admit_hold_s else 0.5)
+                    # Woken by submit and by steps that free rows; a held job when its hold ends.
+                    left = core.hold_left()
+                    self._wake.wait(0.5 if left is None else max(left, 0.001))
             core.prefill(jobs)
             with self._wake:
                 self._wake.notify_all()
