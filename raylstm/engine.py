@@ -467,8 +467,8 @@ class Engine:
         retry_after_s: float = 1.0,
         observer: StepObserver | None = None,
         *,
-        prefill_thread: bool = True,
-        admit_hold_s: float = 0.0,
+        prefill_thread: bool = False,
+        admit_hold_s: float = 0.01,
     ) -> None:
         self.core = EngineCore(sampler, max_rows, max_queued, timeout_s, retry_after_s, admit_hold_s)
         # With a prefill thread, prompts are read while the batch steps; without, inside step().
