@@ -2,7 +2,8 @@
 
 Raw sources go through two passes that never hold the corpus in memory or in the object store:
 
-    pass 1 (Ray Data, streaming)  sources.read_reviews -> per batch of rows:
+    pass 1 (Ray Data, streaming)  sources.read_files -> per block of SPILL_BATCH_ROWS rows, in the read
+              task itself when there are at least as many files as CPUs (`_pass1_batch_size`):
         clean    text.clean_column (Arrow kernels; clean_text for the rows that need it)
         reject   too short / empty / unverified rows get a reason; counts by reason and by file
         hash     64-bit blake2b of the cleaned text; fine bucket = its top 12 bits
@@ -27,11 +28,13 @@ to `load_splits` are prepared into a work directory first and read back the same
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import hashlib
 import json
 import re
 import shutil
 import tempfile
+import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass
@@ -46,7 +49,7 @@ import ray
 from raylstm import storage
 from raylstm.conditions import ConditionVocab, field_value
 from raylstm.config import DataConfig
-from raylstm.sources import BAD_REASONS, DataError, ReadOptions, read_parquet, read_reviews
+from raylstm.sources import BAD_REASONS, DataError, ReadOptions, read_files, read_parquet, resolve_files
 from raylstm.text import EOR, clean_column, clean_text, join_title
 from raylstm.vocab import CharVocab
 
@@ -375,8 +378,6 @@ def load_splits(
     if work_dir is None:
         work_dir = tempfile.mkdtemp(prefix="raylstm-prepared-")
         atexit.register(shutil.rmtree, work_dir, True)
-    import dataclasses
-
     prepare(dataclasses.replace(cfg, sources=sources), work_dir, override_num_blocks=override_num_blocks)
     return _load_prepared(work_dir)
 
@@ -404,14 +405,18 @@ def _build_splits(
     for split in SPLITS:
         fs.create_dir(f"{root}/{split}", recursive=True)
     try:
-        rows, files = read_reviews(sources, ReadOptions.from_config(cfg), override_num_blocks)
+        t0 = time.perf_counter()
+        found = resolve_files(sources)
+        opts = dataclasses.replace(ReadOptions.from_config(cfg), rows_per_block=SPILL_BATCH_ROWS)
+        rows, files = read_files(found, opts, override_num_blocks)
         pass1 = rows.map_batches(
             _spill_batch,
             fn_kwargs={"cfg": cfg, "work": work, "fs": fs},
             batch_format="pyarrow",
-            batch_size=SPILL_BATCH_ROWS,
+            batch_size=_pass1_batch_size(len(found)),
         )
         summaries = pass1.take_all()
+        t1 = time.perf_counter()
         reasons = _sum_json(summaries, "reasons")
         per_source = _sum_json(summaries, "sources")
         spills = [s for s in summaries if s["path"]]
@@ -428,6 +433,7 @@ def _build_splits(
             slices = [(s["path"], int(o[lo]), int(o[hi])) for s, o in zip(spills, offsets) if o[hi] > o[lo]]
             refs.append(task.remote(slices, g, cfg, root, fs))
         results = ray.get(refs)
+        t2 = time.perf_counter()
         work_bytes = sum(i.size for i in fs.get_file_info(pafs.FileSelector(work)))
     finally:
         fs.delete_dir(work)
@@ -457,14 +463,25 @@ def _build_splits(
         ],
         "vocab_size": len(vocab),
         "work_bytes": work_bytes,  # written once to OUT/_work by pass 1, read once by pass 2, deleted
+        # where the time went: pass 1 (read, parse, clean, hash, spill), pass 2 (dedupe, split, write)
+        "phase_seconds": {"read_clean_spill": round(t1 - t0, 3), "dedupe_split_write": round(t2 - t1, 3)},
         "config": _config_dict(cfg),
     }
     return manifest, vocab
 
 
-def _config_dict(cfg: DataConfig) -> dict:
-    import dataclasses
+def _pass1_batch_size(n_files: int) -> int | None:
+    """Pass 1's batch size: None (one read block = one batch) fuses the read and `_spill_batch` into one
+    task per file, so parsed rows never go through the object store (Ray Data does not fuse a read with a
+    map_batches that asks for a batch size: ray/data/_internal/logical/rules/operator_fusion.py,
+    `_can_fuse_map_ops`, Ray 2.60). With fewer files than CPUs that would leave CPUs idle (one task reads a
+    file, and gzip is not splittable), so then reading and cleaning stay two stages that overlap. The read
+    blocks are SPILL_BATCH_ROWS rows either way; the output does not depend on the choice (pass 2 sorts)."""
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    return None if n_files >= cpus else SPILL_BATCH_ROWS
 
+
+def _config_dict(cfg: DataConfig) -> dict:
     return dataclasses.asdict(cfg)
 
 
