@@ -186,8 +186,10 @@ def _spill_batch(batch: pa.Table, cfg: DataConfig, work: str, fs: pafs.FileSyste
     return pa.table(
         {
             "path": [path],
-            "rows": [rows.astype(np.int64)],
-            "text_bytes": [np.asarray(text_bytes, np.int64)],
+            # per fine bucket, as raw int64 bytes: a list column would reach the driver as 4096 Python
+            # ints per spill file (~0.3 MB each, ~70 MB at 4 GB of text), bytes as one 32 KB object
+            "rows": [rows.astype(np.int64).tobytes()],
+            "text_bytes": [np.asarray(text_bytes, np.int64).tobytes()],
             "reasons": [json.dumps(counts)],
             "sources": [json.dumps(sources)],
         }
@@ -436,9 +438,17 @@ def _build_splits(
         t1 = time.perf_counter()
         reasons = _sum_json(summaries, "reasons")
         per_source = _sum_json(summaries, "sources")
-        spills = [s for s in summaries if s["path"]]
+        spills = [
+            {
+                **s,
+                "rows": np.frombuffer(s["rows"], np.int64),
+                "text_bytes": np.frombuffer(s["text_bytes"], np.int64),
+            }
+            for s in summaries
+            if s["path"]
+        ]
         spills.sort(key=lambda s: s["path"])
-        bucket_bytes = sum((np.asarray(s["text_bytes"]) for s in spills), np.zeros(1 << FINE_BITS, np.int64))
+        bucket_bytes = sum((s["text_bytes"] for s in spills), np.zeros(1 << FINE_BITS, np.int64))
         # At least MIN_GROUPS groups (both cores busy on a mid-sized corpus), but none under ~4 MB (a tiny
         # corpus is one group). Independent of the cluster, so the same corpus gives the same shards anywhere.
         min_groups = max(1, min(MIN_GROUPS, int(bucket_bytes.sum()) >> 22))
