@@ -352,7 +352,7 @@ def markdown(rows: list[dict], png: Path, report_dir: Path, command: str, run: d
         "does not look for malformed records or count them per reason and file (these corpora have none).",
         "",
         *(
-            [f"This run: `{command}` at commit {run['commit']}, {run['start']} to {run['end']}.", ""]
+            [f"This run: `{run['command']}` at commit {run['commit']}, {run['start']} to {run['end']}.", ""]
             if run
             else []
         ),
@@ -481,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         child(*args.child)
         return 0
-    run_info = provenance()
+    run_info = {**provenance(), "command": " ".join([RERUN, *(argv if argv is not None else sys.argv[1:])])}
     rows = measure(args.sizes, Path(args.corpora), args.keep, tuple(args.keep_prepared))
     out = ROOT / "bench" / "out"
     out.mkdir(parents=True, exist_ok=True)
