@@ -503,7 +503,9 @@ def _pass1_batch_size(n_files: int) -> int | None:
     map_batches that asks for a batch size: ray/data/_internal/logical/rules/operator_fusion.py,
     `_can_fuse_map_ops`, Ray 2.60). With fewer files than CPUs that would leave CPUs idle (one task reads a
     file, and gzip is not splittable), so then reading and cleaning stay two stages that overlap. The read
-    blocks are SPILL_BATCH_ROWS rows either way; the output does not depend on the choice (pass 2 sorts)."""
+    blocks are SPILL_BATCH_ROWS rows either way; the output does not depend on the choice (pass 2 sorts).
+    Measured (bench/REPORT.md "Scale"): from ~100 MB on Ray Data also splits the read output to reach
+    read_op_min_num_blocks=200, and a split read is not fused either, so this fuses only small corpora."""
     cpus = int(ray.cluster_resources().get("CPU", 1))
     return None if n_files >= cpus else SPILL_BATCH_ROWS
 
