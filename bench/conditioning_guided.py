@@ -117,6 +117,7 @@ def guided_figures(
             )
             shares[str(rating)] = judged(judge, s["texts"], want, categories)["share_as_conditioned"]
         out["select"]["by_w"][f"{w:g}"] = shares
+        print(f"[guided] select w={w:g}: {shares}", flush=True)
     chosen = max(weights, key=lambda w: (min(out["select"]["by_w"][f"{w:g}"].values()), -w))
     out["chosen_w"] = chosen
     for T in temperatures:
@@ -140,6 +141,12 @@ def guided_figures(
                     fig["plain_wall_s"] = time.perf_counter() - t0
                     fig["plain_equal"] = sum(a == b for a, b in zip(plain, s["texts"]))
                 row[str(rating)] = fig
+                print(
+                    f"[guided] T={T:g} w={w:g} {rating} star: {fig['share_as_conditioned']:.3f} "
+                    f"{fig['chars_per_s']:,.0f} chars/s {fig['rows_per_char']:.2f} rows/char "
+                    f"plain_equal={fig.get('plain_equal')}",
+                    flush=True,
+                )
             sweep[f"{w:g}"] = row
         out["sweep"][f"{T:g}"] = sweep
     shown = {}
