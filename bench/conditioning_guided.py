@@ -245,19 +245,18 @@ def guided_markdown(g: dict[str, Any]) -> list[str]:
                 f"{z['1']['n']} one-star and {z['5']['plain_equal']} / {z['5']['n']} five-star texts "
                 f"identical (plain: {plain_cps:,.0f} chars/s).",
             ]
-    best = g["sweep"][f"{SAMPLE_TEMPERATURE:g}"][chosen]
-    lines += [
-        "",
-        f"By category at w = {chosen}, T = {SAMPLE_TEMPERATURE}: "
-        + "; ".join(
-            f"{r} star(s): " + ", ".join(f"{c} {_pct(x)}" for c, x in best[r]["by_category"].items())
-            for r in ("1", "5")
-        )
-        + ".",
-        "",
-        f"Guided samples ({SHOW_CATEGORY}, T = {SAMPLE_TEMPERATURE}, w = {chosen}):",
-        "",
-    ]
+    best = g["sweep"].get(f"{SAMPLE_TEMPERATURE:g}", {}).get(chosen)
+    if best:
+        lines += [
+            "",
+            f"By category at w = {chosen}, T = {SAMPLE_TEMPERATURE}: "
+            + "; ".join(
+                f"{r} star(s): " + ", ".join(f"{c} {_pct(x)}" for c, x in best[r]["by_category"].items())
+                for r in ("1", "5")
+            )
+            + ".",
+        ]
+    lines += ["", f"Guided samples ({SHOW_CATEGORY}, T = {SAMPLE_TEMPERATURE}, w = {chosen}):", ""]
     for r, texts in g["shown_samples"].items():
         lines += [f"{r} star(s):", ""] + [f"> {t}" for t in texts] + [""]
     lines.append(

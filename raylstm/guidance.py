@@ -231,6 +231,7 @@ class GuidedBatch:
             self.step()
         return self
 
+    @torch.inference_mode()
     def posterior(self) -> Posterior:
         """P(field | the text so far) for every row (the prompt's characters and every one chosen,
         its stop string included): Bayes' rule over the candidates' joints, summed per value."""
