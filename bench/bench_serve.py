@@ -5,8 +5,11 @@
      together (what a request costs before its first character)
   2. the sampling library called directly: Sampler.generate with 32 prompts per call (the batch Serve
      should reach), and the engine (EngineCore) kept full by 32 jobs, no HTTP
-  3. Serve over HTTP at 1, 8 and 32 concurrent clients: requests/s, chars/s, p50/p99 latency
-  4. Serve with @serve.batch in front of the engine (a bench-only subclass), 32 clients: does it add?
+  3. Serve over HTTP at 1, 8 and 32 concurrent clients: requests/s, chars/s, p50/p99 latency, and from
+     the replica's /metrics its rows per step, step time and how busy its step thread was; then the
+     library again (how far the host drifted meanwhile)
+  4. Serve with the previous engine design (prompts read inside the step as they come; a bench-only
+     subclass with other engine options), and with @serve.batch in front of the engine: 32 clients each
   5. overload: 64 clients against a replica of max_batch_size=8, max_queued=8: status counts
 
 Requests: REQ_CHARS new characters after a 22-character prompt, temperature 1, a distinct seed each.
@@ -26,7 +29,9 @@ import os
 import sys
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
@@ -293,37 +298,50 @@ async def _post(conn: tuple, host: str, port: int, path: str, body: bytes) -> tu
     return status, b"".join(parts), close
 
 
-async def httpx_load(url: str, total: int, clients: int) -> dict:
-    """The same load from httpx.AsyncClient (the earlier bench's client; kept to measure its cost)."""
-    import httpx
-
+async def library_client_load(
+    total: int, clients: int, post: Callable[[dict], Awaitable[tuple[int, Any]]], errors: tuple = ()
+) -> dict:
+    """`clients` coroutines sharing `total` /v1/generate requests, each sent by `post(body) -> (status,
+    parsed JSON body or None)`: one HTTP client library's call (httpx here, aiohttp in profile_serve).
+    The exceptions in `errors` count by name, like a status."""
     lat: list[float] = []
     statuses: Counter = Counter()
     chars = 0
     counter = iter(range(total))
 
-    async def client(c: httpx.AsyncClient) -> None:
+    async def client() -> None:
         nonlocal chars
         for i in counter:
             body = {"prompt": PROMPT, "max_chars": REQ_CHARS, "temperature": 1.0, "seed": i}
             t0 = time.perf_counter()
             try:
-                r = await c.post(f"{url}/v1/generate", json=body)
-                statuses[r.status_code] += 1
-                if r.status_code != 200:
-                    continue
-                chars += len(r.json()["samples"][0]["text"])
-            except httpx.HTTPError as e:
+                status, data = await post(body)
+            except errors as e:
                 statuses[type(e).__name__] += 1
                 continue
-            lat.append(time.perf_counter() - t0)
+            statuses[status] += 1
+            if status == 200:
+                chars += len(data["samples"][0]["text"])
+                lat.append(time.perf_counter() - t0)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(clients)))
+    wall = time.perf_counter() - t0
+    return _row(total, total - statuses[200], wall, chars, lat, statuses)
+
+
+async def httpx_load(url: str, total: int, clients: int) -> dict:
+    """The same load from httpx.AsyncClient (the earlier bench's client; kept to measure its cost)."""
+    import httpx
 
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(timeout=300, limits=limits) as c:
-        t0 = time.perf_counter()
-        await asyncio.gather(*(client(c) for _ in range(clients)))
-        wall = time.perf_counter() - t0
-    return _row(total, total - statuses[200], wall, chars, lat, statuses)
+
+        async def post(body: dict) -> tuple[int, Any]:
+            r = await c.post(f"{url}/v1/generate", json=body)
+            return r.status_code, r.json() if r.status_code == 200 else None
+
+        return await library_client_load(total, clients, post, (httpx.HTTPError,))
 
 
 def batched_deployment():
@@ -348,6 +366,72 @@ def batched_deployment():
     return serve.deployment(SubmitBatched, name="LSTMServerSubmitBatched")
 
 
+# The engine as it was before the A/B (bench/ab_serve.py): every prompt read inside the step, as it came.
+PREVIOUS_ENGINE = {"prefill_thread": False, "admit_hold_s": 0.0}
+
+
+def variant_deployment(name: str, engine_options: dict):
+    """LSTMServer with other engine options (raylstm.engine.Engine keywords): another design, same code."""
+    from ray import serve
+
+    from raylstm.serve import LSTMServer
+
+    cls = type(
+        f"LSTMServer_{name.replace('-', '_')}",
+        (LSTMServer.func_or_class,),
+        {"engine_options": engine_options},
+    )
+    return serve.deployment(cls, name=f"LSTMServer-{name}")
+
+
+def deploy(dep, ckpt: Path, cfg, name: str) -> None:
+    import dataclasses
+
+    from ray import serve
+
+    from raylstm.serve import deployment_options
+
+    app = dep.options(**deployment_options(cfg)).bind(
+        str(ckpt.resolve()), dataclasses.asdict(cfg), None, False
+    )
+    serve.run(app, name=name, route_prefix=f"/{name}", blocking=False)
+
+
+def metric(text: str, name: str) -> float:
+    """The sum of a Prometheus metric's samples (all label sets) in /metrics text."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def fetch(url: str) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=30) as r:
+        return r.read().decode()
+
+
+def measured_load(url: str, total: int, clients: int) -> dict:
+    """http_load plus what the replica's /metrics say about its step thread during the load."""
+    m0 = fetch(f"{url}/metrics")
+    r = asyncio.run(http_load(url, total, clients))
+    m1 = fetch(f"{url}/metrics")
+
+    def d(name: str) -> float:
+        return metric(m1, name) - metric(m0, name)
+
+    steps = d("raylstm_step_seconds_count")
+    r.update(
+        steps=steps,
+        step_ms=1e3 * d("raylstm_step_seconds_sum") / max(1, steps),
+        rows_per_step=d("raylstm_chars_generated_total") / max(1, steps),
+        busy=d("raylstm_step_seconds_sum") / r["wall_s"],
+    )
+    return r
+
+
 def run(out_dir: Path, quick: bool = False) -> str:
     import ray
     import torch
@@ -358,6 +442,7 @@ def run(out_dir: Path, quick: bool = False) -> str:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()[0]
+    started = time.strftime("%H:%M", time.gmtime())
     torch.set_num_threads(1)  # as in the replicas; more threads would fight Serve for 2 cores
     ckpt, what = _checkpoint(out_dir)
     n_req, n_lib, reps = (128, 128, 40) if quick else (1024, 1024, 200)
@@ -380,40 +465,53 @@ def run(out_dir: Path, quick: bool = False) -> str:
         url = handle.url
         asyncio.run(http_load(url, 64, CLIENTS))  # warm-up: connections, first steps
         for clients in (1, 8, CLIENTS):
-            http[clients] = asyncio.run(http_load(url, max(16, n_req * clients // CLIENTS), clients))
-        batched = _serve_batched(ckpt, cfg, url, n_req)
+            http[clients] = measured_load(url, max(16, n_req * clients // CLIENTS), clients)
+        lib_after = library(ckpt, n_lib, CLIENTS)  # the library again right after: how far the host drifted
+        previous = _serve_variant(
+            ckpt, cfg, url, n_req, "previous", variant_deployment("previous", PREVIOUS_ENGINE)
+        )
+        batched = _serve_variant(ckpt, cfg, url, n_req, "batched", batched_deployment())
         serve.run(build_app(ckpt, tight), name="tight", route_prefix="/tight", blocking=False)
         overload = asyncio.run(http_load(f"{url}/tight", max(64, n_req // 2), 2 * CLIENTS))
     finally:
         handle.shutdown()
         if started_ray:
             ray.shutdown()
-    return report(what, load_before, steps, prefill, lib, eng, http, batched, overload, quick)
+    when = f"{started}-{time.strftime('%H:%M', time.gmtime())} UTC"
+    return report(
+        what, load_before, when, steps, prefill, lib, lib_after, eng, http, previous, batched, overload, quick
+    )
 
 
-def _serve_batched(ckpt: Path, cfg, url: str, n_req: int) -> dict:
-    import dataclasses
-
+def _serve_variant(ckpt: Path, cfg, url: str, n_req: int, name: str, dep) -> dict:
     from ray import serve
 
-    from raylstm.serve import deployment_options
-
-    dep = batched_deployment().options(**deployment_options(cfg))
-    app = dep.bind(str(ckpt.resolve()), dataclasses.asdict(cfg), None, False)
-    serve.run(app, name="batched", route_prefix="/batched", blocking=False)
-    asyncio.run(http_load(f"{url}/batched", 64, CLIENTS))
-    out = asyncio.run(http_load(f"{url}/batched", n_req, CLIENTS))
-    serve.delete("batched")
+    deploy(dep, ckpt, cfg, name)
+    asyncio.run(http_load(f"{url}/{name}", 64, CLIENTS))  # warm-up
+    out = measured_load(f"{url}/{name}", n_req, CLIENTS)
+    serve.delete(name)
     return out
 
 
-def report(what, load_before, steps, prefill, lib, eng, http, batched, overload, quick) -> str:
+def report(
+    what, load_before, when, steps, prefill, lib, lib_after, eng, http, previous, batched, overload, quick
+) -> str:
+    from raylstm.engine import Engine
+
     s32 = http[CLIENTS]
+    ratio = s32["rps"] / lib["rps"]
+    defaults = Engine.__init__.__kwdefaults__
+    design = (
+        "prompts read on a prefill thread beside the step thread"
+        if defaults["prefill_thread"]
+        else "prompts read inside the step"
+    ) + (f", admission held up to {1e3 * defaults['admit_hold_s']:g} ms" if defaults["admit_hold_s"] else "")
     lines = [
         "## Serving (Ray Serve: engine with continuous batching, OpenAI-compatible routes)",
         "",
         f"Model: {what}. Requests: {REQ_CHARS} new characters after a {len(PROMPT)}-character prompt, "
-        f"temperature 1, distinct seeds, non-streamed. One replica (0.5 CPU, 1 torch thread, max_batch_size {CLIENTS}); "
+        f"temperature 1, distinct seeds, non-streamed. One replica (0.5 CPU, 1 torch thread, max_batch_size {CLIENTS}; "
+        f"engine: {design}); "
         f"{os.cpu_count()} cores shared by the HTTP clients (lean asyncio ones, see the bench's docstring), "
         "Serve's proxy and the replica.",
         f"Host load average (1 min) {load_before:.1f} at start, {os.getloadavg()[0]:.1f} at end: compare rows "
@@ -431,40 +529,54 @@ def report(what, load_before, steps, prefill, lib, eng, http, batched, overload,
         "",
         f"Reading a {len(PROMPT)}-character prompt (start_many): alone {prefill[1]:.1f} ms "
         f"({prefill[1] / step_ms:.1f} steps of batch {CLIENTS}), {CLIENTS} together {prefill[CLIENTS]:.1f} ms "
-        f"({prefill[CLIENTS] / CLIENTS:.2f} ms each); requests arriving one by one over HTTP are read one by one.",
+        f"({prefill[CLIENTS] / CLIENTS:.2f} ms each).",
         "",
         "### Throughput and latency",
         "",
-        "| mode | clients | requests | non-200 | requests/s | chars/s | p50 ms | p99 ms |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| mode | clients | requests | non-200 | requests/s | chars/s | p50 ms | p99 ms | replica: rows/step, ms/step, step thread busy |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
         _line("library: Sampler.generate, 32 prompts per call", CLIENTS, lib),
         _line("library: EngineCore kept full (no HTTP)", CLIENTS, eng),
     ]
     for clients, r in http.items():
         lines.append(_line("Serve over HTTP", clients, r))
+    lines.append(_line("library again, right after Serve's rows", CLIENTS, lib_after))
+    lines.append(
+        _line("Serve, the previous engine (prompts read in the step as they come)", CLIENTS, previous)
+    )
     lines.append(_line("Serve, @serve.batch in front of the engine", CLIENTS, batched))
     lines += [
         "",
         "| ratio | value |",
         "|---|---:|",
-        f"| Serve / library throughput at 32 clients (goal >= 0.9) | {s32['rps'] / lib['rps']:.2f} |",
+        f"| Serve / library throughput at 32 clients (goal >= 0.9) | {ratio:.2f} |",
+        f"| the same against the library measured right after | {s32['rps'] / lib_after['rps']:.2f} |",
         f"| engine alone / library | {eng['rps'] / lib['rps']:.2f} |",
+        f"| Serve / the previous engine, 32 clients | {s32['rps'] / previous['rps']:.2f} |",
         f"| Serve with @serve.batch / Serve without | {batched['rps'] / s32['rps']:.2f} |",
         "",
         f"Overload: {2 * CLIENTS} clients against a replica with max_batch_size=8, max_queued=8: "
         + ", ".join(f"{k}: {v}" for k, v in sorted(overload["statuses"].items(), key=str))
         + f" (of {overload['requests']}; p99 of the 200s {overload['p99_ms']:.0f} ms).",
         "",
-        "Rerun: `.venv/bin/python -m bench.bench_serve`" + (" (this run: `--quick`)" if quick else "") + ".",
+        f"Measured in one run, {when}: `.venv/bin/python -m bench.bench_serve`"
+        + (" --quick" if quick else "")
+        + f" (writes bench/out/serve.md). Serve reaches **{ratio:.2f}** of the library at 32 clients: the goal"
+        + (" (>= 0.9) is met." if ratio >= 0.9 else " of 0.9 is **not met**.")
+        + f" In the replica the step thread was busy {s32['busy']:.0%} of the 32-client run, at "
+        f"{s32['rows_per_step']:.1f} rows per step (of {CLIENTS}) and {s32['step_ms']:.2f} ms per step "
+        f"(in process a batch-32 step takes {step_ms:.2f} ms and the library spends "
+        f"{prefill[CLIENTS]:.0f} ms reading 32 prompts per {REQ_CHARS} steps).",
         "",
     ]
     return "\n".join(lines)
 
 
 def _line(name: str, clients: int, r: dict) -> str:
+    replica = f"{r['rows_per_step']:.1f}, {r['step_ms']:.2f}, {r['busy']:.0%}" if "busy" in r else ""
     return (
         f"| {name} | {clients} | {r['requests']} | {r['errors']} | {r['rps']:.1f} | {r['cps']:.0f} | "
-        f"{r['p50_ms']:.0f} | {r['p99_ms']:.0f} |"
+        f"{r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {replica} |"
     )
 
 

@@ -20,19 +20,21 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 from bench.bench_serve import (  # noqa: E402
     CLIENTS,
     PROMPT,
-    REQ_CHARS,
     _checkpoint,
-    _row,
+    fetch,
     free_port,
     http_load,
     httpx_load,
     library,
+    library_client_load,
+    metric,
 )
 
 TICK = os.sysconf("SC_CLK_TCK")
@@ -98,47 +100,17 @@ def threads(pid: int) -> dict[str, float]:
     return dict(out)
 
 
-def metric(text: str, name: str) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
-def fetch(url: str) -> str:
-    import urllib.request
-
-    with urllib.request.urlopen(url, timeout=30) as r:
-        return r.read().decode()
-
-
 async def aiohttp_load(url: str, total: int, clients: int) -> dict:
     import aiohttp
 
-    lat: list[float] = []
-    statuses: Counter = Counter()
-    chars = 0
-    counter = iter(range(total))
-
-    async def client(s: aiohttp.ClientSession) -> None:
-        nonlocal chars
-        for i in counter:
-            body = {"prompt": PROMPT, "max_chars": REQ_CHARS, "temperature": 1.0, "seed": i}
-            t0 = time.perf_counter()
-            async with s.post(f"{url}/v1/generate", json=body) as r:
-                data = await r.json()
-                statuses[r.status] += 1
-            if r.status == 200:
-                chars += len(data["samples"][0]["text"])
-                lat.append(time.perf_counter() - t0)
-
     conn = aiohttp.TCPConnector(limit=clients)
     async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=300)) as s:
-        t0 = time.perf_counter()
-        await asyncio.gather(*(client(s) for _ in range(clients)))
-        wall = time.perf_counter() - t0
-    return _row(total, total - statuses[200], wall, chars, lat, statuses)
+
+        async def post(body: dict) -> tuple[int, Any]:
+            async with s.post(f"{url}/v1/generate", json=body) as r:
+                return r.status, await r.json() if r.status == 200 else None
+
+        return await library_client_load(total, clients, post, (aiohttp.ClientError,))
 
 
 def step_table(ckpt: Path) -> None:

@@ -2,7 +2,8 @@
 
 Raw sources go through two passes that never hold the corpus in memory or in the object store:
 
-    pass 1 (Ray Data, streaming)  sources.read_reviews -> per batch of rows:
+    pass 1 (Ray Data, streaming)  sources.read_files -> per block of SPILL_BATCH_ROWS rows, in the read
+              task itself when there are at least as many files as CPUs (`_pass1_batch_size`):
         clean    text.clean_column (Arrow kernels; clean_text for the rows that need it)
         reject   too short / empty / unverified rows get a reason; counts by reason and by file
         hash     64-bit blake2b of the cleaned text; fine bucket = its top 12 bits
@@ -27,11 +28,13 @@ to `load_splits` are prepared into a work directory first and read back the same
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import hashlib
 import json
 import re
 import shutil
 import tempfile
+import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass
@@ -46,7 +49,7 @@ import ray
 from raylstm import storage
 from raylstm.conditions import ConditionVocab, field_value
 from raylstm.config import DataConfig
-from raylstm.sources import BAD_REASONS, DataError, ReadOptions, read_parquet, read_reviews
+from raylstm.sources import BAD_REASONS, DataError, ReadOptions, read_files, read_parquet, resolve_files
 from raylstm.text import EOR, clean_column, clean_text, join_title
 from raylstm.vocab import CharVocab
 
@@ -106,10 +109,20 @@ def split_of(key: str, val_fraction: float, test_fraction: float) -> str:
     return "train"
 
 
+def split_column(keys: list[str], val_fraction: float, test_fraction: float) -> np.ndarray:
+    """`split_of` of every key, as a numpy array of "train" | "val" | "test": the same answers (the same
+    blake2b, and numpy's uint64 -> float64 rounds as Python's int -> float does), without a Python call and
+    three comparisons per key."""
+    b2b = hashlib.blake2b
+    digests = b"".join([b2b(k.encode("utf-8", "surrogatepass"), digest_size=8).digest() for k in keys])
+    u = np.frombuffer(digests, dtype=">u8").astype(np.float64) / 2.0**64
+    return np.where(u < test_fraction, "test", np.where(u < test_fraction + val_fraction, "val", "train"))
+
+
 # --- pass 1: clean, count, hash, spill (per batch, in Ray Data tasks) ----------------------------------
-def _clean_batch(batch: pa.Table, cfg: DataConfig) -> tuple[pa.Table, list]:
-    """(good rows with cleaned text, reason per row: None = good). Vectorised over the batch."""
-    reasons = batch.column("reason").to_pylist()
+def _clean_batch(batch: pa.Table, cfg: DataConfig) -> tuple[pa.Table, Counter]:
+    """(good rows with cleaned text, rows per reason: "" = good). Vectorised over the batch."""
+    counts = Counter(batch.column("reason").drop_null().to_pylist())  # the reader's reasons (bad rows)
     parsed = pc.is_null(batch.column("reason"))
     good = batch.filter(parsed)
     text = clean_column(good.column("text"), cfg.lowercase, cfg.ascii_only)
@@ -130,12 +143,11 @@ def _clean_batch(batch: pa.Table, cfg: DataConfig) -> tuple[pa.Table, list]:
             zero_copy_only=False
         )
         why = np.where((why == "") & unverified, "unverified", why)  # rows without the flag are kept
-    good_rows = np.flatnonzero(parsed.to_numpy(zero_copy_only=False))
-    for i, w in zip(good_rows, why):
-        reasons[i] = w or None
+    values, n = np.unique(why, return_counts=True)  # the parsed rows' reasons ("" = kept)
+    counts.update({str(v): int(c) for v, c in zip(values, n)})
     keep = pa.array(why == "")
     good = good.set_column(good.schema.get_field_index("text"), "text", text).filter(keep)
-    return good, reasons
+    return good, counts
 
 
 def text_hash(texts: pa.Array) -> np.ndarray:
@@ -148,9 +160,11 @@ def text_hash(texts: pa.Array) -> np.ndarray:
 def _spill_batch(batch: pa.Table, cfg: DataConfig, work: str, fs: pafs.FileSystem) -> pa.Table:
     """Pass 1 for one batch: clean, count, hash; write the good rows sorted by fine bucket to one spill
     file; return one summary row."""
-    good, reasons = _clean_batch(batch, cfg)
-    counts = Counter(r or "" for r in reasons)
-    sources = Counter(batch.column("source").to_pylist())
+    good, counts = _clean_batch(batch, cfg)
+    per_source = pc.value_counts(batch.column("source"))
+    sources = dict(
+        zip(per_source.field("values").to_pylist(), per_source.field("counts").to_pylist(), strict=True)
+    )
     path = ""
     n_fine = 1 << FINE_BITS
     rows = np.zeros(n_fine, np.int64)
@@ -172,8 +186,10 @@ def _spill_batch(batch: pa.Table, cfg: DataConfig, work: str, fs: pafs.FileSyste
     return pa.table(
         {
             "path": [path],
-            "rows": [rows.astype(np.int64)],
-            "text_bytes": [np.asarray(text_bytes, np.int64)],
+            # per fine bucket, as raw int64 bytes: a list column would reach the driver as 4096 Python
+            # ints per spill file (~0.3 MB each, ~70 MB at 4 GB of text), bytes as one 32 KB object
+            "rows": [rows.astype(np.int64).tobytes()],
+            "text_bytes": [np.asarray(text_bytes, np.int64).tobytes()],
             "reasons": [json.dumps(counts)],
             "sources": [json.dumps(sources)],
         }
@@ -243,23 +259,31 @@ def dedupe_sorted(table: pa.Table) -> pa.Table:
     return table.filter(pa.array(~drop))
 
 
+CHAR_COUNT_ROWS = 4096  # non-ASCII rows decoded at a time (4 bytes per character while counted)
+
+
 def char_counts_column(texts: pa.Array) -> dict[str, int]:
-    """Character -> count over a string array: ASCII rows by a bincount of their bytes, the rest decoded."""
+    """Character -> count over a string array (no nulls). In UTF-8 a byte below 128 is always an ASCII
+    character and never part of another, so one bincount over the array's own byte buffer (no copy) counts
+    every ASCII character of every row; the rows holding other characters are then decoded a few thousand at
+    a time to count those (code points >= 128) only."""
     if len(texts) == 0:
         return {}
-    is_ascii = pc.string_is_ascii(texts)
-    counts: Counter = Counter()
-    ascii_rows = texts.filter(is_ascii)
-    if len(ascii_rows):
-        joined = pc.binary_join(
-            pa.ListArray.from_arrays(pa.array([0, len(ascii_rows)], pa.int32()), ascii_rows), ""
-        )
-        data = np.frombuffer(joined[0].as_buffer(), np.uint8)
-        per_byte = np.bincount(data, minlength=128)
-        counts.update({chr(c): int(per_byte[c]) for c in np.flatnonzero(per_byte)})
-    rest = texts.filter(pc.invert(is_ascii)).to_pylist()
-    if rest:
-        counts.update(char_counts("".join(rest)))
+    width = np.int64 if pa.types.is_large_string(texts.type) else np.int32
+    offsets = np.frombuffer(texts.buffers()[1], width)[texts.offset : texts.offset + len(texts) + 1]
+    data = texts.buffers()[2]
+    body = (
+        np.frombuffer(data, np.uint8)[offsets[0] : offsets[-1]] if data is not None else np.zeros(0, np.uint8)
+    )
+    per_byte = np.bincount(body, minlength=256)
+    counts: Counter = Counter({chr(c): int(per_byte[c]) for c in np.flatnonzero(per_byte[:128])})
+    if per_byte[128:].any():
+        rest = texts.filter(pc.invert(pc.string_is_ascii(texts)))
+        for i in range(0, len(rest), CHAR_COUNT_ROWS):
+            joined = "".join(rest.slice(i, CHAR_COUNT_ROWS).to_pylist())
+            codes = np.frombuffer(joined.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+            per_code = np.bincount(codes[codes >= 128])
+            counts.update({chr(int(c)): int(per_code[c]) for c in np.flatnonzero(per_code)})
     return dict(counts)
 
 
@@ -275,9 +299,7 @@ def _write_group(
         table = dedupe_sorted(table)
     else:
         table = table.take(pc.sort_indices(table, sort_keys=[("hash", "ascending"), ("key", "ascending")]))
-    splits = np.array(
-        [split_of(k, cfg.val_fraction, cfg.test_fraction) for k in table.column("key").to_pylist()]
-    )
+    splits = split_column(table.column("key").to_pylist(), cfg.val_fraction, cfg.test_fraction)
     out = {"cleaned": cleaned, "splits": {}, "chars": {}}
     for split in SPLITS:
         part = table.filter(pa.array(splits == split)).select(OUT_COLUMNS).cast(OUT_SCHEMA)
@@ -375,8 +397,6 @@ def load_splits(
     if work_dir is None:
         work_dir = tempfile.mkdtemp(prefix="raylstm-prepared-")
         atexit.register(shutil.rmtree, work_dir, True)
-    import dataclasses
-
     prepare(dataclasses.replace(cfg, sources=sources), work_dir, override_num_blocks=override_num_blocks)
     return _load_prepared(work_dir)
 
@@ -404,19 +424,31 @@ def _build_splits(
     for split in SPLITS:
         fs.create_dir(f"{root}/{split}", recursive=True)
     try:
-        rows, files = read_reviews(sources, ReadOptions.from_config(cfg), override_num_blocks)
+        t0 = time.perf_counter()
+        found = resolve_files(sources)
+        opts = dataclasses.replace(ReadOptions.from_config(cfg), rows_per_block=SPILL_BATCH_ROWS)
+        rows, files = read_files(found, opts, override_num_blocks)
         pass1 = rows.map_batches(
             _spill_batch,
             fn_kwargs={"cfg": cfg, "work": work, "fs": fs},
             batch_format="pyarrow",
-            batch_size=SPILL_BATCH_ROWS,
+            batch_size=_pass1_batch_size(len(found)),
         )
         summaries = pass1.take_all()
+        t1 = time.perf_counter()
         reasons = _sum_json(summaries, "reasons")
         per_source = _sum_json(summaries, "sources")
-        spills = [s for s in summaries if s["path"]]
+        spills = [
+            {
+                **s,
+                "rows": np.frombuffer(s["rows"], np.int64),
+                "text_bytes": np.frombuffer(s["text_bytes"], np.int64),
+            }
+            for s in summaries
+            if s["path"]
+        ]
         spills.sort(key=lambda s: s["path"])
-        bucket_bytes = sum((np.asarray(s["text_bytes"]) for s in spills), np.zeros(1 << FINE_BITS, np.int64))
+        bucket_bytes = sum((s["text_bytes"] for s in spills), np.zeros(1 << FINE_BITS, np.int64))
         # At least MIN_GROUPS groups (both cores busy on a mid-sized corpus), but none under ~4 MB (a tiny
         # corpus is one group). Independent of the cluster, so the same corpus gives the same shards anywhere.
         min_groups = max(1, min(MIN_GROUPS, int(bucket_bytes.sum()) >> 22))
@@ -428,6 +460,7 @@ def _build_splits(
             slices = [(s["path"], int(o[lo]), int(o[hi])) for s, o in zip(spills, offsets) if o[hi] > o[lo]]
             refs.append(task.remote(slices, g, cfg, root, fs))
         results = ray.get(refs)
+        t2 = time.perf_counter()
         work_bytes = sum(i.size for i in fs.get_file_info(pafs.FileSelector(work)))
     finally:
         fs.delete_dir(work)
@@ -457,14 +490,27 @@ def _build_splits(
         ],
         "vocab_size": len(vocab),
         "work_bytes": work_bytes,  # written once to OUT/_work by pass 1, read once by pass 2, deleted
+        # where the time went: pass 1 (read, parse, clean, hash, spill), pass 2 (dedupe, split, write)
+        "phase_seconds": {"read_clean_spill": round(t1 - t0, 3), "dedupe_split_write": round(t2 - t1, 3)},
         "config": _config_dict(cfg),
     }
     return manifest, vocab
 
 
-def _config_dict(cfg: DataConfig) -> dict:
-    import dataclasses
+def _pass1_batch_size(n_files: int) -> int | None:
+    """Pass 1's batch size: None (one read block = one batch) fuses the read and `_spill_batch` into one
+    task per file, so parsed rows never go through the object store (Ray Data does not fuse a read with a
+    map_batches that asks for a batch size: ray/data/_internal/logical/rules/operator_fusion.py,
+    `_can_fuse_map_ops`, Ray 2.60). With fewer files than CPUs that would leave CPUs idle (one task reads a
+    file, and gzip is not splittable), so then reading and cleaning stay two stages that overlap. The read
+    blocks are SPILL_BATCH_ROWS rows either way; the output does not depend on the choice (pass 2 sorts).
+    Measured (bench/REPORT.md "Scale"): from ~100 MB on Ray Data also splits the read output to reach
+    read_op_min_num_blocks=200, and a split read is not fused either, so this fuses only small corpora."""
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    return None if n_files >= cpus else SPILL_BATCH_ROWS
 
+
+def _config_dict(cfg: DataConfig) -> dict:
     return dataclasses.asdict(cfg)
 
 

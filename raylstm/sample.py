@@ -415,7 +415,8 @@ class _Batch:
 
 
 class Sampler:
-    """A model + vocabulary ready to generate. Not thread-safe: one thread steps it at a time.
+    """A model + vocabulary ready to generate. Not thread-safe: one thread steps it at a time (start and
+    start_many only read the model and the vocabulary: the engine runs them beside a step).
 
     `data` is the data config the model was trained with: its window mode (seed models re-read the last
     `seed_context` chars from a zero state) and its cleaning (prompts are cleaned the same way)."""
@@ -590,30 +591,69 @@ class Sampler:
         steer = None if all(math.isnan(v) for v in values) else torch.tensor(values, dtype=torch.float32)
         return cond, steer
 
+    def _read(
+        self,
+        seqs: Sequence[Sequence[int]],
+        cond: torch.Tensor | None = None,
+        steer: torch.Tensor | None = None,
+        keep_all: frozenset[int] = frozenset(),
+    ) -> tuple[list[torch.Tensor], list[tuple[torch.Tensor, torch.Tensor]], dict[int, torch.Tensor]]:
+        """Read id sequences of any lengths from a zero state, all in the same model calls: per sequence
+        the logits [V] after its last id, its state (h, c) [L, 1, H], and for the indexes in `keep_all`
+        the logits [T, V] at every position.
+
+            lengths 22, 9, 22, 5 --sorted longest first--> one call over ids[:, 0:5] for all 4 rows,
+            then ids[:, 5:9] for the 3 still going, then ids[:, 9:22] for 2, carrying the state
+
+        An LSTM read in pieces with its state carried is the same computation as one read, so each
+        row gets what reading it alone gives; the calls stream the weights once per position of the
+        longest row, not once per position of every row (prompts of different lengths arriving
+        together cost one read). Rows of one length take a single call, in their own order."""
+        k = len(seqs)
+        if not k:
+            return [], [], {}
+        order = sorted(range(k), key=lambda i: -len(seqs[i]))  # stable: equal lengths keep their order
+        lens = [len(seqs[i]) for i in order]
+        T = lens[0]
+        ids = torch.tensor([[*seqs[i], *[0] * (T - len(seqs[i]))] for i in order], dtype=torch.long)
+        if order != list(range(k)):
+            sel = torch.tensor(order)
+            cond = None if cond is None else cond.index_select(0, sel)
+            steer = None if steer is None else steer.index_select(0, sel)
+        lasts: list[torch.Tensor | None] = [None] * k
+        states: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * k
+        pieces: dict[int, list[torch.Tensor]] = {i: [] for i in keep_all}
+        state: tuple[torch.Tensor, torch.Tensor] | None = None
+        pos, a = 0, k  # rows 0..a-1 (of `order`) are still being read
+        while a:
+            end = lens[a - 1]  # the shortest row still going ends here
+            logits, (h, c) = self._forward(
+                ids[:a, pos:end],
+                state,
+                None if cond is None else cond[:a],
+                None if steer is None else steer[:a],
+            )
+            for j in range(a):
+                i = order[j]
+                if i in pieces:
+                    pieces[i].append(logits[j])
+                if lens[j] == end:
+                    lasts[i], states[i] = logits[j, -1], (h[:, j : j + 1], c[:, j : j + 1])
+            while a and lens[a - 1] == end:
+                a -= 1
+            state = (h[:, :a].contiguous(), c[:, :a].contiguous()) if a else None
+            pos = end
+        return lasts, states, {i: torch.cat(p) for i, p in pieces.items()}  # type: ignore[return-value]
+
     def _window_logits(
         self,
         windows: Sequence[Sequence[int]],
         cond: torch.Tensor | None = None,
         steer: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Seed mode: logits [B, V] of the last position of each window, each read from a zero state.
-        Windows of one length run as one batch (all of them once a row has seed_context characters)."""
-        out: list[torch.Tensor | None] = [None] * len(windows)
-        by_len: dict[int, list[int]] = {}
-        for i, w in enumerate(windows):
-            by_len.setdefault(len(w), []).append(i)
-        for idx in by_len.values():
-            x = torch.tensor([list(windows[i]) for i in idx], dtype=torch.long)
-            sel = torch.tensor(idx)
-            logits, _ = self._forward(
-                x,
-                None,
-                None if cond is None else cond.index_select(0, sel),
-                None if steer is None else steer.index_select(0, sel),
-            )
-            for j, i in enumerate(idx):
-                out[i] = logits[j, -1]
-        return torch.stack(out)
+        """Seed mode: logits [B, V] of the last position of each window, each read from a zero state
+        (one call once every row has seed_context characters; windows of several lengths share calls)."""
+        return torch.stack(self._read(windows, cond, steer)[0])
 
     # --- prompts ----------------------------------------------------------------------------------------
     def prepare_prompt(self, prompt: str, clean: bool = True) -> Prompt:
@@ -678,8 +718,9 @@ class Sampler:
     def start_many(
         self, requests: Sequence[tuple[str | Prompt, SampleParams, int]], first_index: int = 0
     ) -> list[list[Row]]:
-        """Start several prompts at once: prompts of one length are read in one batched model call
-        (prefill costs as much as generating that many characters, so this matters under load).
+        """Start several prompts at once, read together in the same model calls whatever their lengths
+        (`_read`: reading a prompt alone streams the weights once per character, so under load this
+        matters).
         Raises SampleParamError for the first bad one (the engine starts requests one by one then)."""
         prepared = []
         for prompt, params, n in requests:
@@ -688,28 +729,19 @@ class Sampler:
             prepared.append((p, params, n))
         # Each prompt is read with its own conditions (and steering), like every character after it.
         cond_all, steer_all = self._param_inputs([params for _, params, _ in prepared])
-        by_len: dict[int, list[int]] = {}
-        for i, (p, _, _) in enumerate(prepared):
-            by_len.setdefault(len(p.ids), []).append(i)
-        starts: list[tuple[Any, list[int], torch.Tensor] | None] = [None] * len(prepared)
-        for idx in by_len.values():
-            sel = torch.tensor(idx)
-            cond = None if cond_all is None else cond_all.index_select(0, sel)
-            steer = None if steer_all is None else steer_all.index_select(0, sel)
-            if self.window:
-                windows = [prepared[i][0].ids[-self.window :] for i in idx]
-                lasts = self._window_logits(windows, cond, steer)
-                for j, i in enumerate(idx):
-                    starts[i] = (None, windows[j], lasts[j])
-            else:
-                logits, (h, c) = self._forward(
-                    torch.tensor([prepared[i][0].ids for i in idx]), None, cond, steer
-                )
-                for j, i in enumerate(idx):
-                    starts[i] = ((h[:, j : j + 1], c[:, j : j + 1]), [], logits[j, -1])
-                    if prepared[i][1].prompt_logprobs is not None:
-                        p = prepared[i][0]
-                        p.logprobs = self._prompt_logprobs(logits[j], p.ids, prepared[i][1].prompt_logprobs)
+        if self.window:
+            windows = [p.ids[-self.window :] for p, _, _ in prepared]
+            lasts = self._window_logits(windows, cond_all, steer_all)
+            starts = [(None, w, last) for w, last in zip(windows, lasts)]
+        else:  # every prompt in the same calls, whatever their lengths (see _read)
+            want = frozenset(
+                i for i, (_, params, _) in enumerate(prepared) if params.prompt_logprobs is not None
+            )
+            lasts, states, every = self._read([p.ids for p, _, _ in prepared], cond_all, steer_all, want)
+            starts = [(state, [], last) for state, last in zip(states, lasts)]
+            for i in want:
+                p, params, _ = prepared[i]
+                p.logprobs = self._prompt_logprobs(every[i], p.ids, params.prompt_logprobs)
         out = []
         for k, ((p, params, n), (state, window, last)) in enumerate(zip(prepared, starts)):
             if self.window and params.prompt_logprobs is not None:  # each char from its window, zero state

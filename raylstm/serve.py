@@ -50,6 +50,9 @@ HEADROOM_REQUESTS = 32
 @serve.deployment
 @serve.ingress()
 class LSTMServer:
+    # Engine keyword options (engine.Engine); bench_serve's variants override them to compare designs.
+    engine_options: dict[str, Any] = {}
+
     async def __init__(
         self,
         source: str,
@@ -81,6 +84,7 @@ class LSTMServer:
             cfg.request_timeout_s,
             cfg.retry_after_s,
             self.metrics,
+            **self.engine_options,
         )
         self.engine.start()
         self.metrics.serving(sampler.step_number, sampler.info()["val_bpc"])

@@ -691,9 +691,16 @@ def read_reviews(sources: list[str], opts: ReadOptions, override_num_blocks: int
     what a user would pass again (a local path or an s3:// URI) and source is the value of the rows'
     `source` column (the filesystem's own path, without scheme).
     """
+    return read_files(resolve_files(sources), opts, override_num_blocks)
+
+
+def read_files(
+    files: list[tuple[pafs.FileSystem, str, int]], opts: ReadOptions, override_num_blocks: int | None = None
+):
+    """`read_reviews` of files already resolved (`resolve_files`): for a caller that looks at the file list
+    first (how many files there are decides how `prepare` schedules its first pass)."""
     import ray
 
-    files = resolve_files(sources)
     # One read per filesystem: all local files share one LocalFileSystem.
     groups: dict[Any, tuple[pafs.FileSystem, list[str]]] = {}
     for fs, path, _ in files:

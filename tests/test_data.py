@@ -164,3 +164,34 @@ def test_plan_groups_cover_every_bucket_once():
     assert sum(int(sizes[lo:hi].sum()) for lo, hi in groups) == sizes.sum()
     assert all(b[0] >= a[1] for a, b in zip(groups, groups[1:]))  # disjoint, in order
     assert len(groups) == 3 and plan_groups(np.zeros(4096, np.int64), 80) == []
+
+
+def test_split_column_is_split_of_on_every_key():
+    """The vectorised split of pass 2 against split_of one key at a time (the reference), on keys of
+    every kind: ASCII, non-ASCII, a lone surrogate, empty, and fractions at the edges."""
+    from raylstm.data import split_column
+
+    keys = [f"A{i:05d}|B{i % 97}" for i in range(30_000)]
+    keys += ["", "é|ü", "\ud800 lone", "x" * 5000, "🎸|rating 5"]
+    for val, test in ((0.1, 0.05), (0.0, 0.0), (0.0, 1.0), (0.3, 0.3), (0.5, 0.5)):
+        assert split_column(keys, val, test).tolist() == [split_of(k, val, test) for k in keys]
+    assert split_column([], 0.1, 0.05).tolist() == []
+
+
+def test_char_counts_column_counts_every_character():
+    """Character counts of a string array against collections.Counter over the joined texts: ASCII and
+    non-ASCII rows, multi-byte characters, an array slice (non-zero offset) and more rows than one chunk."""
+    from collections import Counter
+
+    import pyarrow as pa
+
+    from raylstm.data import CHAR_COUNT_ROWS, char_counts_column
+
+    texts = ["plain ascii", "", "café au lait", "guitar 🎸 strings", "ÅÄÖ åäö", "tabs\tand  spaces"]
+    texts = texts * (CHAR_COUNT_ROWS // 2) + ["end ✓"]
+    arr = pa.array(texts, pa.string())
+    assert char_counts_column(arr) == dict(Counter("".join(texts)))
+    part = arr.slice(3, 2 * CHAR_COUNT_ROWS + 5)
+    assert char_counts_column(part) == dict(Counter("".join(part.to_pylist())))
+    assert char_counts_column(pa.array(["only ascii"] * 3)) == dict(Counter("only ascii" * 3))
+    assert char_counts_column(pa.array([], pa.string())) == {}

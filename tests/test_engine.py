@@ -38,9 +38,10 @@ async def collect_texts(engine: Engine, prompt: str, params: SampleParams, n: in
     return texts
 
 
-def test_async_streams_equal_the_sampler_alone(sampler):
+@pytest.mark.parametrize("prefill_thread", [True, False], ids=["prefill-thread", "prefill-in-step"])
+def test_async_streams_equal_the_sampler_alone(sampler, prefill_thread):
     async def main():
-        engine = Engine(sampler, max_rows=8)
+        engine = Engine(sampler, max_rows=8, prefill_thread=prefill_thread, admit_hold_s=0.005)
         engine.start()
         try:
             params = [
@@ -149,3 +150,92 @@ def test_swap_mid_generation_finishes_running_rows_on_the_old_model(run, sampler
     assert old_job.rows[0].text == sampler.complete("I bought ", SampleParams(max_chars=60, seed=3)).text
     assert new_job.rows[0].text == new.complete("I bought ", SampleParams(max_chars=60, seed=3)).text
     assert old_job.rows[0].text != new_job.rows[0].text
+
+
+def test_prompts_of_different_lengths_read_together_are_read_as_alone(run):
+    """One start_many over prompts of 4 lengths (some asking for prompt logprobs) = each started alone:
+    the same state, next-char logits, prompt logprobs and text."""
+    sampler = Sampler.load(run)
+    prompts = ["I bought these strings ", "The ", "I bought these strings ", "Great product, fast", "a"]
+    params = [
+        SampleParams(temperature=1.0, max_chars=40, seed=i, prompt_logprobs=2 if i % 2 else None)
+        for i in range(len(prompts))
+    ]
+    together = [g[0] for g in sampler.start_many([(p, sp, 1) for p, sp in zip(prompts, params)])]
+    for p, sp, row in zip(prompts, params, together):
+        alone = sampler.start(p, sp)[0]
+        torch.testing.assert_close(row.state, alone.state, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(row.logits, alone.logits, rtol=1e-6, atol=1e-6)
+        if sp.prompt_logprobs is not None:
+            assert row.prompt.logprobs.token_logprobs[0] is None
+            assert row.prompt.logprobs.token_logprobs[1:] == pytest.approx(
+                alone.prompt.logprobs.token_logprobs[1:], rel=1e-6, abs=1e-6
+            )
+    while any(not r.finished for r in together):
+        sampler.step(together)
+    for p, sp, row in zip(prompts, params, together):
+        assert row.text == sampler.complete(p, sp).text
+
+
+def test_a_held_job_waits_for_company_then_runs_as_alone(sampler):
+    """admit_hold_s: while rows are generating, a new job waits (up to the hold) for others to arrive
+    so that their prompts are read together; its text is what it writes alone."""
+    core = EngineCore(sampler, max_rows=8, admit_hold_s=0.2)
+    first = Job("I bought ", SampleParams(max_chars=500, seed=1))
+    core.submit([first])
+    core.step()  # nothing else generates: admitted at once
+    assert core.active == [first]
+    late = [Job(f"The {i} ", SampleParams(max_chars=30, seed=10 + i)) for i in range(2)]
+    core.submit(late[:1])
+    core.step()
+    assert late[0] in core.waiting  # held: rows are generating and the batch has room
+    core.submit(late[1:])
+    time.sleep(0.25)
+    core.step()
+    assert not core.waiting and all(j in core.active for j in late)  # read together after the hold
+    full = EngineCore(sampler, max_rows=2, admit_hold_s=10.0)
+    full.submit([Job("I bought ", SampleParams(max_chars=50, seed=1))])
+    full.step()
+    filler = Job("The ", SampleParams(max_chars=5, seed=2))
+    full.submit([filler])
+    full.step()
+    assert filler in full.active  # the waiting rows fill the batch: no hold
+    while core.has_work():
+        core.step()
+    for j in late:
+        assert j.rows[0].text == sampler.complete(j.prompt, j.params).text
+
+
+def test_events_queued_while_the_loop_was_busy_come_as_one_chunk(sampler):
+    """Steps whose events pile up before the request's event loop reads them are merged into one event
+    per job (one SSE chunk), with the same text and logprobs as the steps gave one by one."""
+
+    async def main():
+        engine = Engine(sampler, max_rows=4, prefill_thread=False)  # stepped here, not by its thread
+        params = SampleParams(temperature=1.0, max_chars=12, seed=5, logprobs=2)
+        stream = engine.submit(["I bought "], params, n=2)
+        for _ in range(6):  # the loop is not reading: six steps' events wait in the queue
+            engine.deliver(engine.core.step())
+        await asyncio.sleep(0)  # call_soon_threadsafe's callbacks run
+        seen = []
+        async for ev in stream:
+            seen.append(ev)
+            if len(seen) == 1:
+                while engine.core.has_work():
+                    engine.deliver(engine.core.step())
+        return seen, stream.jobs[0]
+
+    seen, job = asyncio.run(main())
+    first = seen[0]
+    assert first.started and [d.index for d in first.deltas] == [0, 1]
+    assert all(len(d.text) == 6 and d.offset == 0 for d in first.deltas)  # a char per step, from the first
+    texts, lps = ["", ""], [[], []]
+    for ev in seen:
+        for d in ev.deltas:
+            assert d.offset == len(texts[d.index])
+            texts[d.index] += d.text
+            lps[d.index] += d.logprobs.token_logprobs
+    ref = sampler.generate(["I bought "], job.params, n=2)[0]
+    assert texts == [c.text for c in ref]
+    assert lps == [c.logprobs.token_logprobs for c in ref]
+    assert seen[-1].done and sorted(i for ev in seen for i, _ in ev.finished) == [0, 1]
