@@ -19,6 +19,7 @@
     .venv/bin/python -m bench.conditioning --out DIR --stage train --run unconditioned   # one run (~20 min)
     .venv/bin/python -m bench.conditioning --out DIR --stage train --run conditioned     # the other
     .venv/bin/python -m bench.conditioning --out DIR --stage eval         # the figures, from both runs
+    .venv/bin/python -m bench.conditioning --out DIR --stage guided --guidance 0 1 2 4   # guided sampling
     .venv/bin/python -m bench.conditioning --out DIR --stage report       # the Markdown again, no Ray
     .venv/bin/python -m bench.conditioning --quick                        # tiny runs: the path, not figures
 
@@ -165,9 +166,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument(
         "--stage",
-        choices=["all", "train", "eval", "report"],
+        choices=["all", "train", "eval", "guided", "report"],
         default="all",
-        help="report: the Markdown again from figures.json (no Ray)",
+        help="report: the Markdown again from figures.json (no Ray); guided: only the --guidance "
+        "figures, added to the eval stage's figures.json",
+    )
+    ap.add_argument(
+        "--guidance",
+        type=float,
+        nargs="*",
+        help="eval/guided stage: Bayes-rule guidance weights to measure (bench.conditioning_guided), "
+        "e.g. 0 1 2 4",
+    )
+    ap.add_argument(
+        "--guidance-temperatures", type=float, nargs="+", help="with --guidance (default 0.8 0.5)"
     )
     ap.add_argument("--quick", action="store_true", help="tiny runs: check the path, not the figures")
     ap.add_argument("--out", default=str(ROOT / "bench" / "out"))
@@ -196,14 +208,21 @@ def main() -> None:
         ap.error("--run goes with --stage train")
     if args.stage in ("all", "train"):
         train_stage(out, args.quick, args.steps, args.run)
-    if args.stage in ("all", "eval", "report"):
+    if args.stage == "guided" and not args.guidance:
+        ap.error("--stage guided needs --guidance W [W ...]")
+    if args.stage in ("all", "eval", "guided", "report"):
         from bench.conditioning_eval import eval_stage, to_markdown
 
         base, _ = out_paths(out)
         if args.stage == "report":
             figures = json.loads((base / "figures.json").read_text())
+        elif args.stage == "guided":
+            from bench.conditioning_guided import TEMPERATURES, guided_stage
+
+            temps = args.guidance_temperatures or list(TEMPERATURES)
+            figures = guided_stage(out, args.guidance, temps, args.quick)
         else:
-            figures = eval_stage(out, args.quick, args.deadline)
+            figures = eval_stage(out, args.quick, args.deadline, args.guidance, args.guidance_temperatures)
         md = to_markdown(figures, "python -m bench.conditioning" + (" --quick" if args.quick else ""))
         (base / "conditioning.md").write_text(md)
         print(md)

@@ -123,11 +123,18 @@ def probe_figures(
         report["unit_file"] = str(unit.save(base / f"sentiment-unit-{name}.json"))
 
 
-def eval_stage(out_dir: Path, quick: bool = False, deadline: float | None = None) -> dict[str, Any]:
+def eval_stage(
+    out_dir: Path,
+    quick: bool = False,
+    deadline: float | None = None,
+    guidance: list[float] | None = None,
+    guidance_temperatures: list[float] | None = None,
+) -> dict[str, Any]:
     """The figures from run-conditioned.json and run-unconditioned.json in `out_dir` (the train stage's);
     without the unconditioned run, its figures are left out and the probe and steering use the
     conditioned model. The parts run most important first, each saved to figures.json when done; with a
-    `deadline` (epoch seconds), the parts not started by then are skipped and named in the figures."""
+    `deadline` (epoch seconds), the parts not started by then are skipped and named in the figures.
+    `guidance` (weights) adds bench.conditioning_guided's figures, last."""
     import numpy as np
     import torch
 
@@ -137,7 +144,6 @@ def eval_stage(out_dir: Path, quick: bool = False, deadline: float | None = None
         heldout_category_report,
         heldout_rating_report,
         labelled_sets,
-        tfidf_classifier,
     )
     from raylstm.data import load_splits
     from raylstm.ray_env import ensure_ray
@@ -189,8 +195,9 @@ def eval_stage(out_dir: Path, quick: bool = False, deadline: float | None = None
     rated_train = [r for r in train if r[1]]
     rated_test = [r for r in test if r[1]]
     # The independent judge: TF-IDF + LR, positive (4-5) vs negative (1-2), fit on real training reviews.
-    judged = [(t, binary_of(r)) for t, r, _ in rated_train if binary_of(r)]
-    judge = tfidf_classifier([t for t, _ in judged], [b for _, b in judged], balanced=True)
+    from bench.conditioning_guided import fit_judge
+
+    judge, n_judged = fit_judge(rated_train)
     sampler = Sampler.load(cond_ckpt)
     categories = list(cond_ckpt.conditions.values["category"])
     n = 20 if quick else SAMPLES_PER_RATING
@@ -227,7 +234,7 @@ def eval_stage(out_dir: Path, quick: bool = False, deadline: float | None = None
             "temperature": SAMPLE_TEMPERATURE,
             "max_chars": SAMPLE_CHARS,
             "categories": categories,
-            "judge_train_reviews": len(judged),
+            "judge_train_reviews": n_judged,
             "judge_recall_on_real_test": judge_acc,
             "by_rating": judged_at(SAMPLE_TEMPERATURE),
         }
@@ -293,6 +300,14 @@ def eval_stage(out_dir: Path, quick: bool = False, deadline: float | None = None
     if plain_ckpt is not None and sets is not None and part("probe_conditioned"):
         probe_figures(figures, [("conditioned", cond_ckpt)], sets, base)
         done("probe_conditioned")
+
+    if guidance and part("guided"):
+        from bench.conditioning_guided import TEMPERATURES, guided_figures
+
+        temps = list(guidance_temperatures or TEMPERATURES)
+        figures["guided"] = guided_figures(sampler, judge, categories, list(guidance), temps, quick)
+        figures["guided"].update(checkpoint=str(cond_ckpt.path), judge_train_reviews=n_judged)
+        done("guided")
     return figures
 
 
@@ -429,6 +444,10 @@ def to_markdown(f: dict[str, Any], command: str) -> str:
         ]
     else:
         lines += ["", "Conditioned samples: not measured (skipped at the eval stage's deadline)."]
+    if f.get("guided"):
+        from bench.conditioning_guided import guided_markdown
+
+        lines += guided_markdown(f["guided"])
     if "rating" not in f:
         lines += ["", "(The eval stage ended here.)"]
         return _finish(lines, f, command)

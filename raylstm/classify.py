@@ -60,6 +60,22 @@ def _logsumexp(a: np.ndarray, axis: int) -> np.ndarray:
     return (m + np.log(np.exp(a - m).sum(axis=axis, keepdims=True))).squeeze(axis)
 
 
+def candidate_conditions(
+    conditions: ConditionVocab, field: str, known: Sequence[int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """The condition ids [K, F] a text may have been written under, for reading `field` back: every value
+    of `field`, and of each other field whose id in `known` is 0 (unknown: summed over); the known id of
+    the others. With their log prior log P(combo) from the training counts, normalised over the K.
+    classify.posterior reads whole reviews under each; raylstm.guidance reads a sample as it grows."""
+    target = conditions.fields.index(field)
+    axes = [
+        np.arange(1, size) if (j == target or known[j] == 0) else np.array([known[j]])
+        for j, size in enumerate(conditions.sizes)
+    ]
+    combos = np.array(np.meshgrid(*axes, indexing="ij")).reshape(len(axes), -1).T
+    return combos, conditions.prior(combos.tolist())
+
+
 def log_likelihoods(
     model: torch.nn.Module,
     vocab: CharVocab,
@@ -97,22 +113,20 @@ def posterior(
             enc = conditions.encode_rows({g: known[f] if g == f else [None] * n for g in conditions.fields})
             known_ids[:, j] = enc[:, j]
     target = conditions.fields.index(field)
-    choices = [np.arange(1, s) for s in conditions.sizes]
     out = np.zeros((n, len(conditions.values[field])))
     # Reviews with the same known ids share one set of candidate combinations.
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, row in enumerate(known_ids.tolist()):
         groups.setdefault(tuple(row), []).append(i)
     for key, members in groups.items():
-        axes = [choices[j] if (j == target or key[j] == 0) else np.array([key[j]]) for j in range(F)]
-        combos = np.array(np.meshgrid(*axes, indexing="ij")).reshape(F, -1).T  # [K, F]
+        combos, log_prior = candidate_conditions(conditions, field, key)
         sub = [texts[i] for i in members]
         joint = np.stack(
             [log_likelihoods(model, vocab, sub, np.tile(c, (len(sub), 1)), device) for c in combos], axis=1
         )  # [members, K]
-        joint = joint + conditions.prior(combos.tolist())[None, :]
-        for v_idx, v in enumerate(choices[target]):
-            sel = combos[:, target] == v
+        joint = joint + log_prior[None, :]
+        for v_idx in range(out.shape[1]):
+            sel = combos[:, target] == v_idx + 1
             out[members, v_idx] = _logsumexp(joint[:, sel], axis=1)
     out = np.exp(out - _logsumexp(out, axis=1)[:, None])
     return Posterior(field, list(conditions.values[field]), out)
