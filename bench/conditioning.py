@@ -20,6 +20,7 @@
     .venv/bin/python -m bench.conditioning --out DIR --stage train --run conditioned     # the other
     .venv/bin/python -m bench.conditioning --out DIR --stage eval         # the figures, from both runs
     .venv/bin/python -m bench.conditioning --out DIR --stage guided --guidance 0 1 2 4   # guided sampling
+    .venv/bin/python -m bench.conditioning --out DIR --stage guided --confirm --guidance 8 16 32  # fixed T, w
     .venv/bin/python -m bench.conditioning --out DIR --stage report       # the Markdown again, no Ray
     .venv/bin/python -m bench.conditioning --quick                        # tiny runs: the path, not figures
 
@@ -184,6 +185,12 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="tiny runs: check the path, not the figures")
     ap.add_argument("--out", default=str(ROOT / "bench" / "out"))
     ap.add_argument("--steps", type=int, help="train.max_steps of the run(s) (shorter, for development)")
+    ap.add_argument(
+        "--confirm",
+        action="store_true",
+        help="--stage guided: choose T and w together on the select set, then measure that one setting "
+        "on fresh seeds (figures.json's guided_confirm)",
+    )
     ap.add_argument("--run", choices=list(RUNS), help="--stage train: this run only (one lock hold each)")
     ap.add_argument("--one-run", choices=list(RUNS), help=argparse.SUPPRESS)
     ap.add_argument(
@@ -220,7 +227,7 @@ def main() -> None:
             from bench.conditioning_guided import TEMPERATURES, guided_stage
 
             temps = args.guidance_temperatures or list(TEMPERATURES)
-            figures = guided_stage(out, args.guidance, temps, args.quick)
+            figures = guided_stage(out, args.guidance, temps, args.quick, args.confirm)
         else:
             figures = eval_stage(out, args.quick, args.deadline, args.guidance, args.guidance_temperatures)
         md = to_markdown(figures, "python -m bench.conditioning" + (" --quick" if args.quick else ""))

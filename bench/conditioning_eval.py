@@ -448,6 +448,10 @@ def to_markdown(f: dict[str, Any], command: str) -> str:
         from bench.conditioning_guided import guided_markdown
 
         lines += guided_markdown(f["guided"])
+    if f.get("guided_confirm"):
+        from bench.conditioning_guided import confirm_markdown
+
+        lines += confirm_markdown(f["guided_confirm"])
     if "rating" not in f:
         lines += ["", "(The eval stage ended here.)"]
         return _finish(lines, f, command)

@@ -10,6 +10,9 @@ calls negative at 1 star and positive at 5, for each guidance weight w and tempe
             unguided figure), 200 per rating: the chosen w's row there is a fixed w on fresh seeds; the
             other rows are the whole sweep, reported as such. w = 0 must reproduce the plain sampler's
             texts (checked against Sampler.generate, counted in `plain_equal`).
+    confirm (--confirm, instead of select + sweep) the temperature and w chosen together on the select
+            set (every T x w of the lists), then that one setting on seeds neither set used
+            (CONFIRM_SEED + ...), 200 per rating: the figure the target is read from.
     shown   1, 3 and 5 stars (Musical Instruments, T = 0.8, seed 77: the unguided samples' seeds) at the
             chosen w.
 
@@ -40,6 +43,7 @@ GUIDANCE = (0.0, 1.0, 2.0, 4.0)
 TEMPERATURES = (0.8, 0.5)
 SELECT_SAMPLES = 50  # per rating: the set w is chosen on
 SELECT_SEED = 900_000  # + 1000 x rating + i: never one of the figures' seeds (1000 x rating + i, i < 200)
+CONFIRM_SEED = 2_000_000  # + 1000 x rating + i: neither the select set's seeds nor the figures'
 WANT = {1: "negative", 5: "positive"}
 
 
@@ -158,6 +162,91 @@ def guided_figures(
     return out
 
 
+def confirm_figures(
+    sampler: Any,
+    judge: Any,
+    categories: list[str],
+    weights: list[float],
+    temperatures: list[float],
+    quick: bool = False,
+) -> dict[str, Any]:
+    """(T, w) chosen together on the select set (the highest worse share; ties: the smaller w, then the
+    higher T), then measured once on seeds that no choice looked at."""
+    n = 20 if quick else SAMPLES_PER_RATING
+    n_select = 10 if quick else SELECT_SAMPLES
+    t_start = time.perf_counter()
+    by = []
+    for T in temperatures:
+        for w in weights:
+            shares = {
+                str(r): judged(
+                    judge,
+                    guided_samples(sampler, r, categories, n_select, SELECT_SEED + 1000 * r, T, w)["texts"],
+                    want,
+                    categories,
+                )["share_as_conditioned"]
+                for r, want in WANT.items()
+            }
+            by.append({"temperature": T, "w": w, **shares})
+            print(f"[confirm] select T={T:g} w={w:g}: {shares}", flush=True)
+    chosen = max(by, key=lambda s: (min(s["1"], s["5"]), -s["w"], s["temperature"]))
+    T, w = chosen["temperature"], chosen["w"]
+    result: dict[str, Any] = {}
+    for r, want in WANT.items():
+        s = guided_samples(sampler, r, categories, n, CONFIRM_SEED + 1000 * r, T, w)
+        fig = judged(judge, s["texts"], want, categories)
+        fig.update(
+            first=s["texts"][:3],
+            chars_per_s=s["chars"] / s["wall_s"],
+            own_posterior_mean=sum(s["own_posterior"]) / n,
+        )
+        result[str(r)] = fig
+        print(
+            f"[confirm] T={T:g} w={w:g} {r} star: {fig['share_as_conditioned']:.3f} on fresh seeds",
+            flush=True,
+        )
+    return {
+        "select": {"n": n_select, "seed": SELECT_SEED, "by": by},
+        "chosen": {"temperature": T, "w": w},
+        "confirm": {"n": n, "seed": CONFIRM_SEED, "by_rating": result},
+        "weights": list(weights),
+        "temperatures": list(temperatures),
+        "wall_s": time.perf_counter() - t_start,
+    }
+
+
+def confirm_markdown(c: dict[str, Any]) -> list[str]:
+    sel, ch, conf = c["select"], c["chosen"], c["confirm"]
+    one, five = conf["by_rating"]["1"], conf["by_rating"]["5"]
+    return [
+        "",
+        "### Guidance confirmed on fresh seeds (T and w fixed before they were drawn)",
+        "",
+        f"T and w chosen together on the select set ({sel['n']} per rating, seeds from {sel['seed']:,}; "
+        "1 star negative / 5 stars positive): "
+        + ", ".join(
+            f"T = {s['temperature']:g}, w = {s['w']:g}: {_pct(s['1'])} / {_pct(s['5'])}" for s in sel["by"]
+        )
+        + f". Chosen: **T = {ch['temperature']:g}, w = {ch['w']:g}** (the highest worse share).",
+        "",
+        f"That setting on {conf['n']} new seeds per rating (from {conf['seed']:,}; used by no choice): "
+        f"**{_pct(one['share_as_conditioned'])}** of the one-star samples judged negative, "
+        f"**{_pct(five['share_as_conditioned'])}** of the five-star ones positive (the model's own mean "
+        f"P(r\\*): {one['own_posterior_mean']:.2f} / {five['own_posterior_mean']:.2f}; mean length "
+        f"{one['mean_chars']:.0f} / {five['mean_chars']:.0f} chars; by category, one star: "
+        + ", ".join(f"{k} {_pct(x)}" for k, x in one["by_category"].items())
+        + ").",
+        "",
+        "First three of each:",
+        "",
+        *[f"> {r} star(s): {t}" for r in ("1", "5") for t in conf["by_rating"][r]["first"]],
+        "",
+        f"Regenerate: `.venv/bin/python -m bench.conditioning --out DIR --stage guided --confirm --guidance "
+        f"{' '.join(f'{w:g}' for w in c['weights'])} --guidance-temperatures "
+        f"{' '.join(f'{t:g}' for t in c['temperatures'])}` ({c['wall_s'] / 60:.1f} min here).",
+    ]
+
+
 def fit_judge(rated_train: list[tuple[str, str, Any]]) -> tuple[Any, int]:
     """The independent judge: TF-IDF + LR, positive (4-5) vs negative (1-2), class-balanced, fit on the
     real training reviews only (rows (text, rating, category))."""
@@ -167,7 +256,9 @@ def fit_judge(rated_train: list[tuple[str, str, Any]]) -> tuple[Any, int]:
     return tfidf_classifier([t for t, _ in rows], [b for _, b in rows], balanced=True), len(rows)
 
 
-def guided_stage(out_dir: Path, weights: list[float], temperatures: list[float], quick: bool = False) -> dict:
+def guided_stage(
+    out_dir: Path, weights: list[float], temperatures: list[float], quick: bool = False, confirm: bool = False
+) -> dict:
     """The guided figures on the conditioned run of `out_dir` (its eval stage's figures.json must exist),
     added to figures.json as "guided"."""
     import torch
@@ -185,12 +276,13 @@ def guided_stage(out_dir: Path, weights: list[float], temperatures: list[float],
     ckpt = load_checkpoint(run["run_dir"])
     train = split_rows_with_conditions(load_splits(ckpt.config.data).train)
     judge, n_judge = fit_judge([r for r in train if r[1]])
-    g = guided_figures(
+    measure = confirm_figures if confirm else guided_figures
+    g = measure(
         Sampler.load(ckpt), judge, list(ckpt.conditions.values["category"]), weights, temperatures, quick
     )
     g["checkpoint"] = str(ckpt.path)
     g["judge_train_reviews"] = n_judge
-    figures["guided"] = g
+    figures["guided_confirm" if confirm else "guided"] = g
     (base / "figures.json").write_text(json.dumps(figures, indent=2))
     return figures
 
