@@ -184,6 +184,9 @@ class ServeConfig:
     token_env: str = "RAYLSTM_API_TOKEN"
     # Seconds between checks of the run's best.json for a new best checkpoint (0 disables).
     reload_poll_s: float = 10.0
+    # Run each replica's engine (model + step loop) in a child process of the replica, outside the GIL
+    # its HTTP handling takes (raylstm.engine_process); false: a step thread inside the replica.
+    engine_process: bool = False
 
 
 @dataclass

@@ -37,7 +37,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from raylstm.sample import Completion, Prompt, Row, SampleParams, Sampler, TokenLogprobs, best_completions
 
@@ -422,7 +422,7 @@ class Stream:
     """The events of one request's jobs; iterate with `async for`. Leaving early (the client went away)
     cancels the jobs. A failed job raises its typed error from the iteration."""
 
-    def __init__(self, engine: Engine, jobs: list[Job], queue: asyncio.Queue) -> None:
+    def __init__(self, engine: Any, jobs: list[Job], queue: asyncio.Queue) -> None:
         self.engine, self.jobs, self._queue = engine, jobs, queue
 
     async def __aiter__(self) -> AsyncIterator[Event]:
@@ -446,7 +446,7 @@ class Stream:
     def close(self) -> None:
         unfinished = [j for j in self.jobs if not j.finished]
         if unfinished:
-            self.engine.core.cancel(unfinished)
+            self.engine.cancel(unfinished)
 
     async def collect(self) -> list[Job]:
         """Run to the end (non-streamed responses)."""
@@ -485,6 +485,24 @@ class Engine:
 
     def set_sampler(self, sampler: Sampler) -> None:
         self.core.set_sampler(sampler)
+
+    async def reload(self, sampler: Sampler) -> None:
+        """New jobs start on `sampler` from now on (the interface engine_process.ProcessEngine shares)."""
+        self.set_sampler(sampler)
+
+    def cancel(self, jobs: Sequence[Job]) -> None:
+        self.core.cancel(jobs)
+
+    def stats(self) -> dict[str, Any]:
+        """What /v1/model reports of the engine: rows generating, jobs waiting, steps and rows stepped."""
+        core = self.core
+        return {
+            "active_rows": core.active_rows,
+            "waiting": len(core.waiting),
+            "steps": core.steps,
+            "rows_stepped": core.rows_stepped,
+            "engine_pid": None,
+        }
 
     @property
     def alive(self) -> bool:

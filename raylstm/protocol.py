@@ -458,6 +458,9 @@ class ModelInfo(BaseModel):
     )
     replica: str
     pid: int
+    engine_pid: int | None = Field(
+        None, description="the engine process's pid (serve.engine_process = true); null: in the replica"
+    )
     reloads: int
     active_rows: int
     waiting: int

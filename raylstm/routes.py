@@ -36,6 +36,7 @@ from pydantic.json_schema import models_json_schema
 
 from raylstm.config import ServeConfig
 from raylstm.engine import Engine, EngineError, EngineStopped, Job, QueueFull, RequestTimeout, Stream
+from raylstm.engine_process import ProcessEngine
 from raylstm.metrics import CONTENT_TYPE, ServeMetrics
 from raylstm.protocol import (
     CharLogprobs,
@@ -67,7 +68,7 @@ class Server(Protocol):
     """What the routes need from a replica (serve.LSTMServer)."""
 
     cfg: ServeConfig
-    engine: Engine
+    engine: Engine | ProcessEngine
     metrics: ServeMetrics
     replica: str
     created: int

@@ -35,6 +35,7 @@ from raylstm import storage as store
 from raylstm.checkpoint import BEST, META, CheckpointError, resolve_checkpoint
 from raylstm.config import ServeConfig, load_config
 from raylstm.engine import Engine, Stream
+from raylstm.engine_process import ProcessEngine
 from raylstm.metrics import ServeMetrics
 from raylstm.ray_env import serve_http_address
 from raylstm.routes import build_api, token_sha256
@@ -50,7 +51,8 @@ HEADROOM_REQUESTS = 32
 @serve.deployment
 @serve.ingress()
 class LSTMServer:
-    # Engine keyword options (engine.Engine); bench_serve's variants override them to compare designs.
+    # Engine keyword options (engine.Engine, or engine_process.ProcessEngine with "process": True, which
+    # overrides ServeConfig.engine_process); bench_serve's and ab_serve's variants set them to compare designs.
     engine_options: dict[str, Any] = {}
 
     async def __init__(
@@ -77,15 +79,21 @@ class LSTMServer:
         self.metrics = ServeMetrics(self.replica)
         # The checkpoint pinned when the app was built (user_config says the same), else the source's best.
         sampler = Sampler.load(_local(checkpoint) if checkpoint else source, self.device)
-        self.engine = Engine(
+        options = dict(self.engine_options)
+        in_process = not options.pop("process", cfg.engine_process)
+        if not in_process:
+            options.setdefault("device", self.device)
+            options.setdefault("torch_threads", max(1, int(cfg.num_cpus)))
+        self.engine: Engine | ProcessEngine = (Engine if in_process else ProcessEngine)(
             sampler,
             cfg.max_batch_size,
             cfg.max_queued,
             cfg.request_timeout_s,
             cfg.retry_after_s,
             self.metrics,
-            **self.engine_options,
+            **options,
         )
+        # A ProcessEngine returns once its process has loaded the model: until then Serve sends nothing.
         self.engine.start()
         self.metrics.serving(sampler.step_number, sampler.info()["val_bpc"])
         self.reloads = 0
@@ -106,7 +114,7 @@ class LSTMServer:
 
     def check_health(self) -> None:
         if not self.engine.alive:
-            raise RuntimeError("raylstm: the engine's step thread is not running")
+            raise RuntimeError("raylstm: the engine (its step thread or its process) is not running")
 
     def __del__(self) -> None:
         # Serve has drained this replica (graceful shutdown) by the time it is deleted.
@@ -123,7 +131,7 @@ class LSTMServer:
         return self.engine.submit(prompts, params, n, best_of, stream)
 
     def model_info(self) -> dict[str, Any]:
-        core = self.engine.core
+        stats = self.engine.stats()
         info = self.engine.sampler.info()
         info.update(
             model_id=self.cfg.model_id,
@@ -133,11 +141,12 @@ class LSTMServer:
             reloads=self.reloads,
             replica=self.replica,
             pid=os.getpid(),
-            active_rows=core.active_rows,
-            waiting=len(core.waiting),
+            engine_pid=stats["engine_pid"],
+            active_rows=stats["active_rows"],
+            waiting=stats["waiting"],
             max_batch_size=self.cfg.max_batch_size,
             max_queued=self.cfg.max_queued,
-            mean_rows_per_step=core.rows_stepped / max(1, core.steps),
+            mean_rows_per_step=stats["rows_stepped"] / max(1, stats["steps"]),
         )
         return info
 
@@ -156,7 +165,7 @@ class LSTMServer:
                 sampler = await loop.run_in_executor(None, Sampler.load, str(path), self.device)
             finally:
                 self.loading = None
-            self.engine.set_sampler(sampler)
+            await self.engine.reload(sampler)
             self.reloads += 1
             self.metrics.reloads.labels(self.replica).inc()
             self.metrics.serving(sampler.step_number, sampler.info()["val_bpc"])
