@@ -1,6 +1,7 @@
 """A/B of the engine's prefill designs in one run (the host's speed drifts ~2x within minutes, so only
 figures of the same run compare): every variant is deployed at once as its own app and the variants are
-loaded in turn, round after round, with the library measured in every round.
+loaded in turn, round after round, with the library measured before and after every variant (a
+variant's Serve/library is to the mean of the two).
 
     .venv/bin/python -m bench.ab_serve [--rounds 3] [--requests 384] [--variants inline,process-hold10,...]
 
@@ -28,6 +29,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 from bench.bench_serve import (  # noqa: E402
     CLIENTS,
+    IN_PROCESS_ENGINE,
     PREVIOUS_ENGINE,
     _checkpoint,
     engine_direct,
@@ -43,18 +45,26 @@ from bench.profile_serve import _tree, snapshot, step_table, threads  # noqa: E4
 # name: Engine keyword options (raylstm.engine.Engine)
 VARIANTS = {
     "inline": PREVIOUS_ENGINE,  # main's design: prompts read inside the step, as they come
-    "inline-hold10": {"prefill_thread": False, "admit_hold_s": 0.010},
-    "inline-hold25": {"prefill_thread": False, "admit_hold_s": 0.025},
-    "thread": {"prefill_thread": True},  # serve-prefill-thread: prompts read on their own thread
-    "thread-hold10": {"prefill_thread": True, "admit_hold_s": 0.010},
+    "inline-hold10": IN_PROCESS_ENGINE,  # the in-process engine as deployed before the engine process
+    "inline-hold25": {"process": False, "prefill_thread": False, "admit_hold_s": 0.025},
+    "thread": {"process": False, "prefill_thread": True},  # prompts read on their own thread
+    "thread-hold10": {"process": False, "prefill_thread": True, "admit_hold_s": 0.010},
     # The engine in its own process (raylstm.engine_process), prompts read in its step.
     "process-hold10": {"process": True, "admit_hold_s": 0.010},
     "process-hold0": {"process": True, "admit_hold_s": 0.0},
-    "process-hold10-nofreeze": {"process": True, "admit_hold_s": 0.010, "gc_freeze": False},
+    "process-hold10-freeze": {"process": True, "admit_hold_s": 0.010, "gc_freeze": True},
+    # Diagnosis, not a design to ship (needs root): how much the engine loses to the other processes.
+    "process-hold10-nice-5": {"process": True, "admit_hold_s": 0.010, "nice": -5},
 }
 
 # The ones not yet settled (inline-hold25 and the prefill thread lost the last A/B: REPORT "Serving").
-DEFAULT_VARIANTS = ["inline", "inline-hold10", "process-hold10", "process-hold0", "process-hold10-nofreeze"]
+DEFAULT_VARIANTS = [
+    "inline-hold10",
+    "process-hold10",
+    "process-hold0",
+    "process-hold10-freeze",
+    "process-hold10-nice-5",
+]
 
 
 def in_process(ckpt: Path, rounds: int, total: int) -> None:
@@ -128,8 +138,10 @@ def main() -> None:
     libs = []
     try:
         for rnd in range(a.rounds):
-            libs.append(library(ckpt, 256, CLIENTS)["rps"])
             for name in names:
+                # The library right before and right after every variant: its ratio is to their mean
+                # (the host drifts within a round as much as between designs).
+                libs.append(library(ckpt, 256, CLIENTS)["rps"])
                 u = f"{url}/{name}"
                 m0, tree = fetch(f"{u}/metrics"), _tree(os.getpid())
                 c0, th0 = snapshot(tree), _threads(pids[name], engine_pids[name])
@@ -149,19 +161,19 @@ def main() -> None:
                     used[who] += v - c0.get(k, v)
                 r.update(
                     wall=wall,
-                    lib=libs[-1],
+                    lib_index=len(libs) - 1,
                     steps=steps,
                     rows_per_step=chars / max(1, steps),
                     step_ms=1e3 * step_s / max(1, steps),
                     busy=step_s / wall,
-                    cpu={k: v / wall for k, v in used.most_common(5)},
+                    cpu={k: v / wall for k, v in used.most_common(6)},
                     threads={
                         k: (th1[k] - th0.get(k, 0)) / wall for k in th1 if th1[k] - th0.get(k, 0) > 0.01
                     },
                 )
                 results[name].append(r)
                 print(
-                    f"round {rnd} {name:14s} {r['rps']:6.1f} req/s  serve/lib {r['rps'] / libs[-1]:.2f}  "
+                    f"round {rnd} {name:14s} {r['rps']:6.1f} req/s  library before {libs[-1]:.1f}  "
                     f"p50 {r['p50_ms']:4.0f} p99 {r['p99_ms']:4.0f} ms  non-200 {r['errors']}  "
                     f"step {r['step_ms']:.2f} ms x {steps:.0f}, rows/step {r['rows_per_step']:.1f}, "
                     f"step thread busy {r['busy']:.0%}",
@@ -173,10 +185,15 @@ def main() -> None:
                     "      replica threads: "
                     + ", ".join(f"{k} {v:.2f}" for k, v in sorted(r["threads"].items()))
                 )
+        libs.append(library(ckpt, 256, CLIENTS)["rps"])
     finally:
         serve.shutdown()
         ray.shutdown()
-    print(f"\nlibrary per round: {' '.join(f'{x:.1f}' for x in libs)} req/s")
+    for rs in results.values():
+        for r in rs:
+            i = r["lib_index"]
+            r["lib"] = (libs[i] + libs[i + 1]) / 2 if i + 1 < len(libs) else libs[i]
+    print(f"\nlibrary, between the variants: {' '.join(f'{x:.1f}' for x in libs)} req/s")
     print(
         "| variant | "
         + " | ".join(f"round {i} serve/lib" for i in range(a.rounds))

@@ -366,8 +366,11 @@ def batched_deployment():
     return serve.deployment(SubmitBatched, name="LSTMServerSubmitBatched")
 
 
-# The engine as it was before the A/B (bench/ab_serve.py): every prompt read inside the step, as it came.
-PREVIOUS_ENGINE = {"prefill_thread": False, "admit_hold_s": 0.0}
+# The engine as it was before the prefill A/B (bench/ab_serve.py): a step thread inside the replica,
+# every prompt read inside the step as it came.
+PREVIOUS_ENGINE = {"process": False, "prefill_thread": False, "admit_hold_s": 0.0}
+# The deployed design before the engine process: in the replica, admission held up to 10 ms.
+IN_PROCESS_ENGINE = {"process": False, "prefill_thread": False, "admit_hold_s": 0.010}
 
 
 def variant_deployment(name: str, engine_options: dict):

@@ -186,7 +186,8 @@ class ServeConfig:
     reload_poll_s: float = 10.0
     # Run each replica's engine (model + step loop) in a child process of the replica, outside the GIL
     # its HTTP handling takes (raylstm.engine_process); false: a step thread inside the replica.
-    engine_process: bool = False
+    # The faster of the two in bench/ab_serve.py (bench/REPORT.md, Serving).
+    engine_process: bool = True
 
 
 @dataclass

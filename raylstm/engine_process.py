@@ -126,7 +126,8 @@ class ProcessEngine:
         admit_hold_s: float = 0.01,
         device: str = "cpu",
         torch_threads: int = 1,
-        gc_freeze: bool = True,
+        gc_freeze: bool = False,
+        nice: int = 0,
     ) -> None:
         if sampler.path is None:
             raise ValueError("the engine process loads its model from a checkpoint: the sampler has no path")
@@ -142,6 +143,7 @@ class ProcessEngine:
             "admit_hold_s": float(admit_hold_s),
             "torch_threads": int(torch_threads),
             "gc_freeze": bool(gc_freeze),
+            "nice": int(nice),
         }
         self.jobs: dict[int, RemoteJob] = {}  # submitted, not yet done: the admission bound counts them
         self.outstanding_rows = 0
@@ -436,6 +438,15 @@ class _Child:
         self.loaded: list[tuple[str, Sampler | BaseException]] = []  # from loading threads
         self.loading = 0
         self.stopping = False
+        if init["nice"]:
+            # Scheduling priority against the replica, the proxy and the clients on a full machine (a
+            # negative value needs CAP_SYS_NICE): a measurement knob of bench/ab_serve.py.
+            try:
+                os.setpriority(os.PRIO_PROCESS, 0, init["nice"])
+            except OSError as e:
+                log.warning(
+                    "raylstm: the engine process keeps its priority (nice %d refused: %s)", init["nice"], e
+                )
         if init["gc_freeze"]:
             # The model and the imports are permanent: keep the collector from re-scanning them.
             gc.collect()

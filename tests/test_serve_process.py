@@ -45,7 +45,12 @@ def proc(ray_session, tmp_path_factory):
     # This one follows the run's best.json: a new best is loaded in place (reconfigure's path too).
     cfg = ServeConfig(engine_process=True, **{**common, "reload_poll_s": 0.3})
     handle = start_server(run, cfg, port=free_port(), name="proc")
-    serve.run(build_app(run, ServeConfig(**common)), name="inproc", route_prefix="/inproc", blocking=False)
+    serve.run(
+        build_app(run, ServeConfig(engine_process=False, **common)),
+        name="inproc",
+        route_prefix="/inproc",
+        blocking=False,
+    )
     tight = ServeConfig(engine_process=True, max_batch_size=2, max_queued=2, retry_after_s=2, **common)
     serve.run(build_app(run, tight), name="tight", route_prefix="/tight", blocking=False)
     slow = ServeConfig(engine_process=True, request_timeout_s=0.3, **common)
