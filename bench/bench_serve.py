@@ -8,8 +8,9 @@
   3. Serve over HTTP at 1, 8 and 32 concurrent clients: requests/s, chars/s, p50/p99 latency, and from
      the replica's /metrics its rows per step, step time and how busy its step thread was; then the
      library again (how far the host drifted meanwhile)
-  4. Serve with the previous engine design (prompts read inside the step as they come; a bench-only
-     subclass with other engine options), and with @serve.batch in front of the engine: 32 clients each
+  4. Serve with the engine in the replica process (the design before the engine process: a step thread
+     sharing the replica's GIL; a bench-only subclass with other engine options), and with @serve.batch
+     in front of the engine: 32 clients each
   5. overload: 64 clients against a replica of max_batch_size=8, max_queued=8: status counts
 
 Requests: REQ_CHARS new characters after a 22-character prompt, temperature 1, a distinct seed each.
@@ -471,7 +472,7 @@ def run(out_dir: Path, quick: bool = False) -> str:
             http[clients] = measured_load(url, max(16, n_req * clients // CLIENTS), clients)
         lib_after = library(ckpt, n_lib, CLIENTS)  # the library again right after: how far the host drifted
         previous = _serve_variant(
-            ckpt, cfg, url, n_req, "previous", variant_deployment("previous", PREVIOUS_ENGINE)
+            ckpt, cfg, url, n_req, "inprocess", variant_deployment("inprocess", IN_PROCESS_ENGINE)
         )
         batched = _serve_variant(ckpt, cfg, url, n_req, "batched", batched_deployment())
         serve.run(build_app(ckpt, tight), name="tight", route_prefix="/tight", blocking=False)
@@ -499,16 +500,25 @@ def _serve_variant(ckpt: Path, cfg, url: str, n_req: int, name: str, dep) -> dic
 def report(
     what, load_before, when, steps, prefill, lib, lib_after, eng, http, previous, batched, overload, quick
 ) -> str:
+    from raylstm.config import ServeConfig
     from raylstm.engine import Engine
+    from raylstm.engine_process import ProcessEngine
 
     s32 = http[CLIENTS]
     ratio = s32["rps"] / lib["rps"]
-    defaults = Engine.__init__.__kwdefaults__
-    design = (
-        "prompts read on a prefill thread beside the step thread"
-        if defaults["prefill_thread"]
-        else "prompts read inside the step"
-    ) + (f", admission held up to {1e3 * defaults['admit_hold_s']:g} ms" if defaults["admit_hold_s"] else "")
+    if ServeConfig().engine_process:
+        defaults = ProcessEngine.__init__.__kwdefaults__
+        design = "in its own process (a child of the replica), prompts read inside the step"
+    else:
+        defaults = Engine.__init__.__kwdefaults__
+        design = "a step thread in the replica, " + (
+            "prompts read on a prefill thread beside the step thread"
+            if defaults["prefill_thread"]
+            else "prompts read inside the step"
+        )
+    design += (
+        f", admission held up to {1e3 * defaults['admit_hold_s']:g} ms" if defaults["admit_hold_s"] else ""
+    )
     lines = [
         "## Serving (Ray Serve: engine with continuous batching, OpenAI-compatible routes)",
         "",
@@ -516,7 +526,7 @@ def report(
         f"temperature 1, distinct seeds, non-streamed. One replica (0.5 CPU, 1 torch thread, max_batch_size {CLIENTS}; "
         f"engine: {design}); "
         f"{os.cpu_count()} cores shared by the HTTP clients (lean asyncio ones, see the bench's docstring), "
-        "Serve's proxy and the replica.",
+        "Serve's proxy and the replica (with its engine process).",
         f"Host load average (1 min) {load_before:.1f} at start, {os.getloadavg()[0]:.1f} at end: compare rows "
         "of the same run, not runs.",
         "",
@@ -545,7 +555,7 @@ def report(
         lines.append(_line("Serve over HTTP", clients, r))
     lines.append(_line("library again, right after Serve's rows", CLIENTS, lib_after))
     lines.append(
-        _line("Serve, the previous engine (prompts read in the step as they come)", CLIENTS, previous)
+        _line("Serve, the engine in the replica process (the design before; hold 10 ms)", CLIENTS, previous)
     )
     lines.append(_line("Serve, @serve.batch in front of the engine", CLIENTS, batched))
     lines += [
@@ -555,7 +565,7 @@ def report(
         f"| Serve / library throughput at 32 clients (goal >= 0.9) | {ratio:.2f} |",
         f"| the same against the library measured right after | {s32['rps'] / lib_after['rps']:.2f} |",
         f"| engine alone / library | {eng['rps'] / lib['rps']:.2f} |",
-        f"| Serve / the previous engine, 32 clients | {s32['rps'] / previous['rps']:.2f} |",
+        f"| Serve / the engine in the replica process, 32 clients | {s32['rps'] / previous['rps']:.2f} |",
         f"| Serve with @serve.batch / Serve without | {batched['rps'] / s32['rps']:.2f} |",
         "",
         f"Overload: {2 * CLIENTS} clients against a replica with max_batch_size=8, max_queued=8: "
