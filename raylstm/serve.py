@@ -1,4 +1,6 @@
-"""The Ray Serve deployment: one replica = one Sampler + Engine (its step thread) + the HTTP routes.
+"""The Ray Serve deployment: one replica = one Sampler + its engine + the HTTP routes. The engine runs in a
+child process of the replica (engine_process.ProcessEngine, serve.engine_process = true, the default) or
+in a step thread inside it (engine.Engine).
 
     client --HTTP--> Serve proxy --(max_queued_requests: 429 past it)--> LSTMServer replica
         __init__                   load the checkpoint, start the engine; Serve sends this replica no
@@ -6,7 +8,7 @@
         __serve_build_asgi_app__   routes.build_api(self, token hash): FastAPI app, per replica
         reconfigure(user_config)   hot reload: {"checkpoint": PATH or null (the source's best)}; Serve
                                    calls it on every replica, and on any replica started later
-        check_health               Serve restarts a replica whose step thread died
+        check_health               Serve restarts a replica whose engine (process or thread) died
         graceful shutdown          Serve stops routing to a stopping replica and waits drain_timeout_s
                                    for its in-flight requests (they finish on the engine as usual)
 
