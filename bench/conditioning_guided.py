@@ -95,6 +95,22 @@ def judged(judge: Any, texts: list[str], want: str, categories: list[str]) -> di
     }
 
 
+def select_shares(
+    sampler: Any, judge: Any, categories: list[str], n: int, temperature: float, w: float
+) -> dict[str, float]:
+    """Per asked rating, the share of n guided samples on the select seeds that the judge reads as that
+    rating (the figure every choice of T and w is made on; never the figure seeds)."""
+    return {
+        str(r): judged(
+            judge,
+            guided_samples(sampler, r, categories, n, SELECT_SEED + 1000 * r, temperature, w)["texts"],
+            want,
+            categories,
+        )["share_as_conditioned"]
+        for r, want in WANT.items()
+    }
+
+
 def guided_figures(
     sampler: Any,
     judge: Any,
@@ -114,12 +130,7 @@ def guided_figures(
         "sweep": {},
     }
     for w in weights:
-        shares = {}
-        for rating, want in WANT.items():
-            s = guided_samples(
-                sampler, rating, categories, n_select, SELECT_SEED + 1000 * rating, SAMPLE_TEMPERATURE, w
-            )
-            shares[str(rating)] = judged(judge, s["texts"], want, categories)["share_as_conditioned"]
+        shares = select_shares(sampler, judge, categories, n_select, SAMPLE_TEMPERATURE, w)
         out["select"]["by_w"][f"{w:g}"] = shares
         print(f"[guided] select w={w:g}: {shares}", flush=True)
     chosen = max(weights, key=lambda w: (min(out["select"]["by_w"][f"{w:g}"].values()), -w))
@@ -178,15 +189,7 @@ def confirm_figures(
     by = []
     for T in temperatures:
         for w in weights:
-            shares = {
-                str(r): judged(
-                    judge,
-                    guided_samples(sampler, r, categories, n_select, SELECT_SEED + 1000 * r, T, w)["texts"],
-                    want,
-                    categories,
-                )["share_as_conditioned"]
-                for r, want in WANT.items()
-            }
+            shares = select_shares(sampler, judge, categories, n_select, T, w)
             by.append({"temperature": T, "w": w, **shares})
             print(f"[confirm] select T={T:g} w={w:g}: {shares}", flush=True)
     chosen = max(by, key=lambda s: (min(s["1"], s["5"]), -s["w"], s["temperature"]))

@@ -56,15 +56,16 @@ EVALS = 8  # evaluations + checkpoints over the run: enough to pick a best, few 
 
 
 def measure_ceiling(grid_2x1: list[tuple[int, int]], grid_1x2: list[tuple[int, int]], seconds: float,
-                    optimizer: str, vocab: int) -> list[dict[str, Any]]:  # fmt: skip
+                    optimizer: str, vocab: int, hidden: int = 128) -> list[dict[str, Any]]:  # fmt: skip
     """bench.ceiling's measurement of each (batch, seq_len) in its layout, one after another."""
     from bench.ceiling import Shape, measure
 
     rows = []
     for layout, grid in (("2x1", grid_2x1), ("1x2", grid_1x2)):
         for batch, seq_len in grid:
-            r = measure(Shape(batch=batch, seq_len=seq_len, layout=layout, optimizer=optimizer, vocab=vocab),
-                        seconds)  # fmt: skip
+            shape = Shape(batch=batch, seq_len=seq_len, layout=layout, hidden=hidden, optimizer=optimizer,
+                          vocab=vocab)  # fmt: skip
+            r = measure(shape, seconds)
             print(f"[plan200m] ceiling {layout} batch {batch} x {seq_len}: {r['chars_per_s']:,.0f} chars/s "
                   f"{r['per_process']}", flush=True)  # fmt: skip
             rows.append(r)
@@ -105,11 +106,13 @@ def choose(rows: list[dict[str, Any]], predictions: int) -> dict[str, Any]:
     }
 
 
-def overrides(plan: dict[str, Any], lr: float) -> list[str]:
+def overrides(plan: dict[str, Any], lr: float, hidden: int = 128) -> list[str]:
     """configs/seed.toml's model and text, trained with a prediction at every position (stateful
-    windows) by AdamW with warm-up, cosine decay and clipping instead of Keras' constant-LR RMSprop."""
+    windows) by AdamW with warm-up, cosine decay and clipping instead of Keras' constant-LR RMSprop.
+    hidden: the LSTM's units (128 as the original's README says; 256 as its published weights have)."""
     warmup = min(500, plan["steps"] // 10)
     return [
+        f"model.hidden_size={hidden}",
         "data.window_mode=full",
         f"data.seq_len={plan['seq_len']}",
         f"data.segment_windows={plan['segment_windows']}",
@@ -175,7 +178,8 @@ def held_out_figures(run_dir: Path, max_reviews: int = 0) -> dict[str, Any]:
 
 
 def run_plan(out_dir: Path, predictions: int = PREDICTIONS, seconds: float = 6.0, quick: bool = False,
-             lr: float = 3e-3, source: Path = AMAZON_CSV, command: str = "") -> dict[str, Any]:  # fmt: skip
+             lr: float = 3e-3, source: Path = AMAZON_CSV, command: str = "",
+             hidden: int = 128) -> dict[str, Any]:  # fmt: skip
     """The ceiling grid, the choice, `raylstm train`, then `finish` (the held-out scoring)."""
     from raylstm.train import read_metrics
 
@@ -185,11 +189,11 @@ def run_plan(out_dir: Path, predictions: int = PREDICTIONS, seconds: float = 6.0
     out_dir.mkdir(parents=True, exist_ok=True)
     t_bench = time.time()
     grid_2x1, grid_1x2 = (QUICK_2X1, []) if quick else (GRID_2X1, GRID_1X2)
-    ceiling = measure_ceiling(grid_2x1, grid_1x2, seconds, optimizer="adamw", vocab=60)
+    ceiling = measure_ceiling(grid_2x1, grid_1x2, seconds, optimizer="adamw", vocab=60, hidden=hidden)
     ceiling_s = time.time() - t_bench
     best_ceiling = max(ceiling, key=lambda r: r["chars_per_s"])
     plan = choose(ceiling, predictions)
-    sets = overrides(plan, lr)
+    sets = overrides(plan, lr, hidden)
     name = f"plan200m-{time.strftime('%Y%m%d-%H%M%S')}-{predictions}"
     storage = out_dir / "runs"
     cmd = train_command(source, storage, name, sets)
@@ -209,6 +213,7 @@ def run_plan(out_dir: Path, predictions: int = PREDICTIONS, seconds: float = 6.0
     first_step_time = min((m["time"] for m in metrics), default=start)
     fig = {
         "predictions": predictions,
+        "hidden": hidden,
         "predictions_done": int(max(m["step"] for m in metrics)) * per_step,
         "ceiling": ceiling,
         "ceiling_seconds": ceiling_s,
@@ -251,12 +256,14 @@ def finish(out_dir: Path) -> dict[str, Any]:
 def markdown(f: dict[str, Any], command: str) -> str:
     p, bc = f["plan"], f["best_ceiling"]
     lines = [
-        f"## The seed's plan: {f['predictions']:,} predictions end to end",
+        f"## The seed's plan: {f['predictions']:,} predictions end to end"
+        + (f", LSTM {f['hidden']}" if f.get("hidden", 128) != 128 else ""),
         "",
         f"Command: `{command}` (one invocation: the ceiling grid, then `raylstm train`, then the held-out "
-        "scoring). The original's architecture (Embedding 128 -> LSTM 128 -> Dense 256 ReLU -> Dropout 0.5 "
-        "-> softmax over lowercase ASCII) with a prediction at every position, on the Musical Instruments "
-        "reviews, 2 CPU cores.",
+        f"scoring). The original's architecture (Embedding 128 -> LSTM {f.get('hidden', 128)} -> Dense 256 "
+        "ReLU -> Dropout 0.5 -> softmax over lowercase ASCII; its README says LSTM 128, its published "
+        "weights have 256) with a prediction at every position, on the Musical Instruments reviews, 2 CPU "
+        "cores.",
         "",
         "### Ceiling (bare PyTorch, bench/ceiling.py, measured first in the same run)",
         "",
@@ -353,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="2M predictions on a two-shape ceiling grid")
     ap.add_argument("--seconds", type=float, default=6.0, help="seconds each ceiling shape is timed")
     ap.add_argument("--lr", type=float, default=3e-3, help="AdamW's peak learning rate")
+    ap.add_argument("--hidden", type=int, default=128, help="LSTM units (the published weights have 256)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "out" / "plan200m"))
     ap.add_argument(
         "--finish", action="store_true", help=f"only the held-out scoring, of the run in --out/{TRAIN_JSON}"
@@ -371,7 +379,15 @@ def main(argv: list[str] | None = None) -> int:
     elif args.finish:
         fig = finish(Path(args.out))
     else:
-        fig = run_plan(Path(args.out), args.predictions, args.seconds, args.quick, args.lr, command=command)
+        fig = run_plan(
+            Path(args.out),
+            args.predictions,
+            args.seconds,
+            args.quick,
+            args.lr,
+            command=command,
+            hidden=args.hidden,
+        )
     md = markdown(fig, fig.get("bench_command") or command)
     (Path(args.out) / "plan200m.md").write_text(md)
     print(md)

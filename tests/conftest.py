@@ -38,6 +38,21 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 AMAZON = SHARED / "data" / "amazon"
 
 
+@pytest.fixture(scope="module")
+def conditioned_model():
+    """conditioned_support's small conditioned model: (model, vocab, condition vocabulary, config), with
+    the module that asks for it run on one torch thread (tiny matrices: a second thread only waits)."""
+    import torch
+    from conditioned_support import trained_conditioned
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield trained_conditioned()
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def amazon_dir() -> Path:
     """../shared/data/amazon, or a clean skip where it is absent."""

@@ -10,22 +10,11 @@ import math
 import numpy as np
 import pytest
 import torch
-from conditioned_support import conditioned_checkpoint, trained_conditioned
+from conditioned_support import conditioned_checkpoint
 
 from raylstm.classify import posterior
 from raylstm.guidance import generate_guided, start_guided
 from raylstm.sample import SampleParamError, SampleParams, Sampler
-
-
-@pytest.fixture(scope="module")
-def trained():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield trained_conditioned()
-    finally:
-        torch.set_num_threads(threads)
-
 
 ASKS = [
     {"rating": 1, "category": "guitars"},
@@ -35,8 +24,8 @@ ASKS = [
 ]
 
 
-def test_guidance_zero_is_the_plain_conditioned_sampler_seed_for_seed(trained):
-    model, vocab, conds, cfg = trained
+def test_guidance_zero_is_the_plain_conditioned_sampler_seed_for_seed(conditioned_model):
+    model, vocab, conds, cfg = conditioned_model
     sampler = Sampler(model, vocab, cfg.data, conditions=conds)
     params = [
         SampleParams(temperature=t, top_p=p, max_chars=60, seed=s, conditions=a, stop=stop)
@@ -80,8 +69,8 @@ def hand_guided(model, vocab, conds, text_ids: list[int], rating: int, category:
     return np.exp(g - np.logaddexp.reduce(g))
 
 
-def test_one_guided_step_is_the_formula_computed_by_hand(trained):
-    model, vocab, conds, cfg = trained
+def test_one_guided_step_is_the_formula_computed_by_hand(conditioned_model):
+    model, vocab, conds, cfg = conditioned_model
     sampler = Sampler(model, vocab, cfg.data, conditions=conds)
     for rating, category, w, prompt in ((1, "guitars", 2.0, "\nThe guitar is "), (5, "books", 0.7, "\n")):
         params = SampleParams(temperature=0, max_chars=5, conditions={"rating": rating, "category": category})
@@ -104,8 +93,8 @@ def log_posterior_of_target(model, vocab, conds, texts, asks) -> np.ndarray:
     return np.log(np.maximum(post.probs[np.arange(len(texts)), idx], 1e-300))
 
 
-def test_guidance_raises_the_models_posterior_of_the_asked_rating(trained):
-    model, vocab, conds, cfg = trained
+def test_guidance_raises_the_models_posterior_of_the_asked_rating(conditioned_model):
+    model, vocab, conds, cfg = conditioned_model
     sampler = Sampler(model, vocab, cfg.data, conditions=conds)
     asks = [{"rating": r, "category": c} for r in (1, 5) for c in ("guitars", "books")] * 4
     params = [
@@ -130,10 +119,10 @@ def test_guidance_raises_the_models_posterior_of_the_asked_rating(trained):
     assert means[3.0] > means[0.0], means
 
 
-def test_guidance_refuses_what_it_cannot_do_and_the_cli_prints_it(trained, tmp_path, capsys):
+def test_guidance_refuses_what_it_cannot_do_and_the_cli_prints_it(conditioned_model, tmp_path, capsys):
     from raylstm.cli import main
 
-    model, vocab, conds, cfg = trained
+    model, vocab, conds, cfg = conditioned_model
     sampler = Sampler(model, vocab, cfg.data, conditions=conds)
     for params, w, msg in (
         (SampleParams(conditions={"category": "books"}), 1.0, "needs a rating"),

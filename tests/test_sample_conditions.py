@@ -10,7 +10,7 @@ import re
 
 import pytest
 import torch
-from conditioned_support import BAD, GOOD, conditioned_checkpoint, trained_conditioned
+from conditioned_support import BAD, GOOD, conditioned_checkpoint
 
 from raylstm.classify import SentimentUnit, steered_forward
 from raylstm.sample import SampleParamError, SampleParams, Sampler
@@ -19,16 +19,6 @@ UNIT = SentimentUnit(
     index=3, state="h", unit=3, layer=0, sign=1, threshold=0.0,
     positive_mean=0.4, negative_mean=-0.4, train_accuracy=1.0,
 )  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def trained():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield trained_conditioned()
-    finally:
-        torch.set_num_threads(threads)
 
 
 def reference_greedy(model, vocab, prompt: str, cond: list[int], n: int, steer: float | None = None) -> str:
@@ -54,8 +44,8 @@ def reference_greedy(model, vocab, prompt: str, cond: list[int], n: int, steer: 
     return out
 
 
-def test_rows_read_their_own_conditions_at_every_step_whatever_the_batch(trained):
-    model, vocab, conds, cfg = trained
+def test_rows_read_their_own_conditions_at_every_step_whatever_the_batch(conditioned_model):
+    model, vocab, conds, cfg = conditioned_model
     sampler = Sampler(model, vocab, cfg.data, conditions=conds)
     asks = [{"rating": 1, "category": "guitars"}, {"rating": "5", "category": "books"}, {}]
     greedy = [SampleParams(temperature=0, max_chars=80, stop=("\n",), conditions=a) for a in asks]
@@ -74,8 +64,8 @@ def test_rows_read_their_own_conditions_at_every_step_whatever_the_batch(trained
         assert sampler.generate(["\n"], [p])[0][0].text == g[0].text
 
 
-def test_unknown_conditions_name_the_field_and_list_the_valid_values(trained, tmp_path_factory):
-    model, vocab, conds, cfg = trained
+def test_unknown_conditions_name_the_field_and_list_the_valid_values(conditioned_model, tmp_path_factory):
+    model, vocab, conds, cfg = conditioned_model
     sampler = Sampler(model, vocab, cfg.data, conditions=conds)
     cases = [
         ({"rating": 7}, "rating", "valid values: 1, 2, 3, 4, 5"),
@@ -103,8 +93,8 @@ def test_unknown_conditions_name_the_field_and_list_the_valid_values(trained, tm
     assert e.value.field == "steer_sentiment"
 
 
-def test_steering_fixes_the_unit_at_every_step_of_steered_rows_only(trained):
-    model, vocab, conds, cfg = trained
+def test_steering_fixes_the_unit_at_every_step_of_steered_rows_only(conditioned_model):
+    model, vocab, conds, cfg = conditioned_model
     sampler = Sampler(model, vocab, cfg.data, conditions=conds, sentiment_unit=UNIT)
     params = [
         SampleParams(temperature=0, max_chars=60, stop=("\n",), steer_sentiment=s) for s in (1.0, -1.0, None)
@@ -117,7 +107,7 @@ def test_steering_fixes_the_unit_at_every_step_of_steered_rows_only(trained):
     assert len(set(got)) == 3  # the unit matters to what is written
 
 
-def test_cli_sample_takes_rating_category_and_steering(trained, tmp_path, capsys):
+def test_cli_sample_takes_rating_category_and_steering(conditioned_model, tmp_path, capsys):
     from raylstm.cli import main
 
     run = conditioned_checkpoint(tmp_path / "run")
@@ -140,12 +130,12 @@ def test_cli_sample_takes_rating_category_and_steering(trained, tmp_path, capsys
     assert "rating '6' is not one this model knows; valid values: 1, 2, 3, 4, 5" in capsys.readouterr().err
 
 
-def test_the_trainers_samples_of_a_conditioned_model_read_every_field_missing(trained):
+def test_the_trainers_samples_of_a_conditioned_model_read_every_field_missing(conditioned_model):
     """The training loop samples without the condition vocabulary: every field is "missing" (id 0),
     exactly as a sampler that has the vocabulary and is asked for nothing."""
     from raylstm.sample import training_samples
 
-    model, vocab, conds, cfg = trained
+    model, vocab, conds, cfg = conditioned_model
     _, got = training_samples(model, vocab, cfg.data, "The ", 40, [0.0, 0.8], seed=2)
     full = Sampler(model, vocab, cfg.data, conditions=conds)
     want = full.generate(
