@@ -137,9 +137,11 @@ def child(side: str, corpus: str, out: str) -> None:
     seconds = time.perf_counter() - t0
     summary = memory_summary(stats_only=True)
     spilled = re.search(r"Spilled ([0-9.]+) MiB", summary)
-    # Ray Data logs each execution's operator chain: shows whether the read and the spill map are fused
-    log = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs" / "ray-data.log"
-    plans = [ln.split("Execution plan of Dataset", 1)[-1] for ln in _lines_of(log) if "Execution plan" in ln]
+    # Ray Data logs each execution's operator chain (whether pass 1 is one operator, in the read) to
+    # SESSION/logs/ray-data/ray-data*.log in Ray 2.60 (ray/data/_internal/logging.py)
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+    lines = [ln for log in sorted(logs.glob("ray-data*/ray-data*.log")) for ln in _lines_of(log)]
+    plans = [ln.split("Execution plan of Dataset", 1)[-1] for ln in lines if "Execution plan" in ln]
     print(
         "RESULT "
         + json.dumps(
@@ -150,6 +152,7 @@ def child(side: str, corpus: str, out: str) -> None:
                 "seconds": seconds,
                 "spilled_mib": float(spilled.group(1)) if spilled else 0.0,
                 "work_bytes": m.get("work_bytes", 0),
+                "work_files": m.get("work_files", 0),
                 "phase_seconds": m.get("phase_seconds", {}),
                 "plans": sorted(set(p.split(":", 1)[-1].strip() for p in plans)),
                 "splits": m["splits"],
@@ -365,7 +368,8 @@ def markdown(rows: list[dict], png: Path, report_dir: Path, command: str, run: d
         p, q = r["prepare"], r["plain"]
         for side, d in (("`prepare`", p), ("plain", q)):
             spill = (
-                f"{d['spilled_mib']:.0f} MiB (+{d['work_bytes'] / 1e9:.2f} GB work files)"
+                f"{d['spilled_mib']:.0f} MiB (+{d['work_bytes'] / 1e9:.2f} GB in {d.get('work_files', 0)} "
+                "work files)"
                 if side == "`prepare`"
                 else "-"
             )
@@ -438,15 +442,17 @@ def _gib(n: int) -> str:
 
 
 def replace_section(report: Path, section: str) -> None:
-    """Put `section` in place of the report's "## Scale" section (or append it)."""
+    """Put `section` in place of the report's "## Scale" section (or append it), keeping the subsection
+    that bench/bench_stream.py writes at its end (training on the prepared corpora)."""
     text = report.read_text() if report.exists() else ""
     pattern = re.compile(r"^## Scale\b.*?(?=^## |\Z)", re.S | re.M)
-    text = (
-        pattern.sub(lambda _: section.rstrip() + "\n\n", text)
-        if pattern.search(text)
-        else (text.rstrip() + "\n\n" + section)
-    )
-    report.write_text(text)
+    old = pattern.search(text)
+    if old is None:
+        report.write_text(text.rstrip() + "\n\n" + section)
+        return
+    kept = re.search(r"^### Training streamed.*", old.group(0), re.S | re.M)
+    new = section.rstrip() + "\n\n" + (kept.group(0).rstrip() + "\n\n" if kept else "")
+    report.write_text(text[: old.start()] + new + text[old.end() :])
 
 
 def run(out_dir: Path, quick: bool = False) -> str:

@@ -3,7 +3,7 @@
 Raw sources go through two passes that never hold the corpus in memory or in the object store:
 
     pass 1 (Ray Data, streaming)  sources.read_files -> per block of SPILL_BATCH_ROWS rows, in the read
-              task itself when there are at least as many files as CPUs (`_pass1_batch_size`):
+              task itself (one per file) when there are at least as many files as CPUs (`_pass1_in_read`):
         clean    text.clean_column (Arrow kernels; clean_text for the rows that need it)
         reject   too short / empty / unverified rows get a reason; counts by reason and by file
         hash     64-bit blake2b of the cleaned text; fine bucket = its top 12 bits
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import functools
 import hashlib
 import json
 import re
@@ -427,13 +428,15 @@ def _build_splits(
         t0 = time.perf_counter()
         found = resolve_files(sources)
         opts = dataclasses.replace(ReadOptions.from_config(cfg), rows_per_block=SPILL_BATCH_ROWS)
-        rows, files = read_files(found, opts, override_num_blocks)
-        pass1 = rows.map_batches(
-            _spill_batch,
-            fn_kwargs={"cfg": cfg, "work": work, "fs": fs},
-            batch_format="pyarrow",
-            batch_size=_pass1_batch_size(len(found)),
-        )
+        spill = functools.partial(_spill_batch, cfg=cfg, work=work, fs=fs)
+        if _pass1_in_read(len(found)):
+            # One read task per file (unless the caller asks otherwise), each spilling every block it
+            # parses before it parses the next: only summary rows leave the task.
+            n_blocks = override_num_blocks or len(found)
+            pass1, files = read_files(found, opts, n_blocks, per_block=spill)
+        else:
+            rows, files = read_files(found, opts, override_num_blocks)
+            pass1 = rows.map_batches(spill, batch_format="pyarrow", batch_size=SPILL_BATCH_ROWS)
         summaries = pass1.take_all()
         t1 = time.perf_counter()
         reasons = _sum_json(summaries, "reasons")
@@ -490,6 +493,7 @@ def _build_splits(
         ],
         "vocab_size": len(vocab),
         "work_bytes": work_bytes,  # written once to OUT/_work by pass 1, read once by pass 2, deleted
+        "work_files": len(spills),  # one per block of SPILL_BATCH_ROWS rows holding a good row
         # where the time went: pass 1 (read, parse, clean, hash, spill), pass 2 (dedupe, split, write)
         "phase_seconds": {"read_clean_spill": round(t1 - t0, 3), "dedupe_split_write": round(t2 - t1, 3)},
         "config": _config_dict(cfg),
@@ -497,17 +501,19 @@ def _build_splits(
     return manifest, vocab
 
 
-def _pass1_batch_size(n_files: int) -> int | None:
-    """Pass 1's batch size: None (one read block = one batch) fuses the read and `_spill_batch` into one
-    task per file, so parsed rows never go through the object store (Ray Data does not fuse a read with a
-    map_batches that asks for a batch size: ray/data/_internal/logical/rules/operator_fusion.py,
-    `_can_fuse_map_ops`, Ray 2.60). With fewer files than CPUs that would leave CPUs idle (one task reads a
-    file, and gzip is not splittable), so then reading and cleaning stay two stages that overlap. The read
-    blocks are SPILL_BATCH_ROWS rows either way; the output does not depend on the choice (pass 2 sorts).
-    Measured (bench/REPORT.md "Scale"): from ~100 MB on Ray Data also splits the read output to reach
-    read_op_min_num_blocks=200, and a split read is not fused either, so this fuses only small corpora."""
+def _pass1_in_read(n_files: int) -> bool:
+    """Whether pass 1 runs inside the read tasks (`ReviewDatasource(per_block=...)`): each task cleans,
+    hashes and spills every block of SPILL_BATCH_ROWS rows as it parses it, so a task holds one block and
+    parsed rows never go through the object store. A separate map_batches cannot promise that in Ray
+    2.60: a read is not fused with a map that asks for a batch size (`_can_fuse_map_ops`), nor with any
+    map once Ray Data splits the read's output to reach read_op_min_num_blocks=200
+    (`get_additional_split_factor() > 1`, operator_fusion.py; it did from ~100 MB, bench/REPORT.md
+    "Scale"), and a fused read coalesces its blocks up to target_max_block_size (128 MiB) before the map
+    sees them. With fewer files than CPUs, one task per file would leave CPUs idle (gzip is not
+    splittable), so then the read and the spill map stay two stages that overlap. The output does not
+    depend on the choice (pass 2 sorts)."""
     cpus = int(ray.cluster_resources().get("CPU", 1))
-    return None if n_files >= cpus else SPILL_BATCH_ROWS
+    return n_files >= cpus
 
 
 def _config_dict(cfg: DataConfig) -> dict:
@@ -534,6 +540,15 @@ def window_shape(cfg: DataConfig) -> tuple[int, int]:
             )
         return cfg.seed_context + 1, cfg.seed_step
     raise ValueError(f"data.window_mode must be 'full' or 'seed', got {cfg.window_mode!r}")
+
+
+def window_bytes(cfg: DataConfig, split: dict, n_conditions: int = 0) -> int:
+    """Bytes of the encoded rows `window_dataset` makes of a split of {"rows", "chars"} (the manifest's
+    figures): the stream is every review + "\n", a row of `width` int32 ids every `stride` ids, and with
+    conditions an int16 per id per field. What materializing them would hold in the object store."""
+    width, stride = window_shape(cfg)
+    stream = int(split["chars"]) + int(split["rows"])
+    return (stream // stride) * width * (4 + 2 * n_conditions)
 
 
 def stream_rows(texts: list[str], vocab: CharVocab, width: int, stride: int) -> np.ndarray:

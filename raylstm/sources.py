@@ -30,7 +30,7 @@ import csv
 import json
 import re
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, get_args
 
@@ -648,13 +648,23 @@ def parse_file(f, path: str, opts: ReadOptions) -> Iterator[pa.Table]:
 
 
 class ReviewDatasource(FileBasedDatasource):
-    """Reads review files of every format into `ROW_SCHEMA` rows (`parse_file` per file)."""
+    """Reads review files of every format into `ROW_SCHEMA` rows (`parse_file` per file).
+
+    `per_block`, when given, is applied to every parsed block (`opts.rows_per_block` rows) inside the read
+    task, which then yields its results instead of the rows: a caller whose first step is per block (e.g.
+    `prepare`'s pass 1) runs in the read itself, whatever Ray Data's fusion rules and block shaping
+    would do with a separate map (see `data._build_splits`)."""
 
     def __init__(
-        self, paths: list[str], opts: ReadOptions, filesystem: pafs.FileSystem | None = None
+        self,
+        paths: list[str],
+        opts: ReadOptions,
+        filesystem: pafs.FileSystem | None = None,
+        per_block: Callable[[pa.Table], pa.Table] | None = None,
     ) -> None:
         super().__init__(paths, filesystem=filesystem)
         self.opts = opts
+        self.per_block = per_block
 
     def _is_parquet(self, path: str) -> bool:
         return self.opts.format == "parquet" or (
@@ -670,7 +680,11 @@ class ReviewDatasource(FileBasedDatasource):
             raise DataError(f"{path}: cannot open: {e}") from e
 
     def _read_stream(self, f, path: str) -> Iterator[pa.Table]:
-        yield from parse_file(f, path, self.opts)
+        if self.per_block is None:
+            yield from parse_file(f, path, self.opts)
+        else:
+            for block in parse_file(f, path, self.opts):
+                yield self.per_block(block)
 
 
 def read_parquet(paths, **kwargs):
@@ -695,10 +709,14 @@ def read_reviews(sources: list[str], opts: ReadOptions, override_num_blocks: int
 
 
 def read_files(
-    files: list[tuple[pafs.FileSystem, str, int]], opts: ReadOptions, override_num_blocks: int | None = None
+    files: list[tuple[pafs.FileSystem, str, int]],
+    opts: ReadOptions,
+    override_num_blocks: int | None = None,
+    per_block: Callable[[pa.Table], pa.Table] | None = None,
 ):
     """`read_reviews` of files already resolved (`resolve_files`): for a caller that looks at the file list
-    first (how many files there are decides how `prepare` schedules its first pass)."""
+    first (how many files there are decides how `prepare` schedules its first pass). `per_block`: see
+    `ReviewDatasource`."""
     import ray
 
     # One read per filesystem: all local files share one LocalFileSystem.
@@ -708,7 +726,8 @@ def read_files(
         groups.setdefault(fs_key, (fs, []))[1].append(path)
     datasets = [
         ray.data.read_datasource(
-            ReviewDatasource(paths, opts, filesystem=fs), override_num_blocks=override_num_blocks
+            ReviewDatasource(paths, opts, filesystem=fs, per_block=per_block),
+            override_num_blocks=override_num_blocks,
         )
         for fs, paths in groups.values()
     ]

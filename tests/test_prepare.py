@@ -135,3 +135,37 @@ def test_prepare_under_capped_object_store_matches_uncapped(ray_session, tmp_pat
     same = lambda m: {k: v for k, v in m.items() if k not in ("seconds", "work_bytes", "phase_seconds")}  # noqa: E731
     assert same(capped) == same(json.loads(json.dumps(free)))
     assert _shard_digests(tmp_path / "capped") == _shard_digests(tmp_path / "free")
+
+
+def test_pass1_spills_each_read_block_in_the_read_task(ray_session, tmp_path, monkeypatch):
+    """With at least as many files as CPUs, pass 1 runs in the read task, one spill file per parsed block
+    of SPILL_BATCH_ROWS rows (not per Ray Data block, which a read coalesces or splits as it likes), and
+    the block size changes nothing but the work files."""
+    import ray
+
+    from raylstm import data
+
+    n_files = int(ray.cluster_resources()["CPU"])
+    per_file = 250
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for f in range(n_files):
+        lines = [
+            json.dumps(
+                {"reviewerID": f"U{f}-{i}", "asin": "B", "reviewText": f"review {f}-{i}: " + "fine. " * 5}
+            )
+            for i in range(per_file)
+        ]
+        (corpus / f"part-{f}.json").write_text("\n".join(lines) + "\n")
+    cfg = DataConfig(sources=[str(corpus)])
+    whole = prepare(cfg, tmp_path / "whole")
+    monkeypatch.setattr(data, "SPILL_BATCH_ROWS", 100)
+    small = prepare(cfg, tmp_path / "small")
+    assert whole["rows"]["kept"] == n_files * per_file
+    assert whole["work_files"] == n_files  # one block per file
+    assert small["work_files"] == n_files * 3  # 100 + 100 + 50 rows per file
+    timing = ("seconds", "work_bytes", "work_files", "phase_seconds")
+    assert {k: v for k, v in small.items() if k not in timing} == {
+        k: v for k, v in whole.items() if k not in timing
+    }
+    assert _shard_digests(tmp_path / "small") == _shard_digests(tmp_path / "whole")
