@@ -46,6 +46,7 @@ SAMPLES_LOG = "samples.jsonl"
 CURVE_FILE = "learning_curve.png"
 SAMPLES_TXT = "samples.txt"
 CONFIG_FILE = "config.json"
+DATA_STATS_FILE = "train_data_stats.txt"  # Ray Data stats of rank 0's training shard, at the end
 # metrics.jsonl field -> TensorBoard tag (plus train/bpc = train_loss / ln 2, beside val/bpc).
 TENSORBOARD_TAGS = {
     "train_loss": "train/loss",
@@ -245,11 +246,18 @@ def fit_windows(
     storage_path, run_dir = resolve_storage(storage, name)
 
     if cfg.data.materialize:
+        too_big = materialize_refusal(cfg, manifest, object_store_bytes(), len(cfg.model.conditions))
+        if too_big:
+            print(f"[raylstm] {too_big}", flush=True)
+            cfg.data.materialize = False  # the run's config.json says what ran
+    if cfg.data.materialize:
         train_ds, val_ds = train_ds.materialize(), val_ds.materialize()
     for ds in (train_ds, val_ds):
         quiet_dataset(ds)  # each epoch and each evaluation is a new execution
     val_kind = "reviews" if "text" in val_ds.columns() else "windows"
-    if val_ds.count() == 0:
+    # One row is enough to know it is not empty: count() would build every val window (seed mode) or
+    # read every val review before step 1, minutes and memory on a corpus of GBs.
+    if not val_ds.take(1):
         raise ValueError(
             "the validation split is empty: use more data, a larger data.val_fraction "
             "or a shorter data.seq_len"
@@ -300,6 +308,7 @@ def fit_windows(
             "total_steps": total_steps,
             "steps_per_epoch": steps_per_epoch,
             "val_kind": val_kind,
+            "data_stats_path": "" if store.is_remote(storage_path) else str(run_dir / DATA_STATS_FILE),
         },
         scaling_config=ScalingConfig(
             num_workers=tcfg.num_workers,
@@ -330,6 +339,40 @@ def fit_windows(
         result = trainer.fit()
     raise_if_diverged(run_dir, reports_before)
     return finish_run(cfg, run_dir, result, run_uri(storage_path, name))
+
+
+# Materialized windows must leave the object store room for what streams beside them (the val reviews,
+# the training shard's prefetch, the checkpoints Ray Train puts there): at most this share of it.
+MATERIALIZE_STORE_SHARE = 0.5
+
+
+def object_store_bytes() -> int:
+    """The running cluster's object store capacity (every node's together)."""
+    return int(ray.cluster_resources().get("object_store_memory", 0))
+
+
+def materialize_refusal(cfg: Config, manifest: dict | None, store_bytes: int, n_conditions: int = 0) -> str:
+    """Why `data.materialize = true` cannot be honoured ("" when it can): the training windows and val
+    rows of a prepared corpus (sized from its manifest) would take more than MATERIALIZE_STORE_SHARE of
+    the object store, which would spill them all to disk before step 1 and read them back every epoch.
+    Such a corpus streams instead, as Ray Data does by default; without a manifest nothing is known, so
+    the setting stands."""
+    from raylstm.data import window_bytes
+
+    if not manifest or "splits" not in manifest or store_bytes <= 0:
+        return ""
+    splits = manifest["splits"]
+    need = window_bytes(cfg.data, splits["train"], n_conditions)
+    val = splits["val"]
+    need += window_bytes(cfg.data, val, n_conditions) if cfg.data.window_mode != "full" else val["chars"]
+    if need <= MATERIALIZE_STORE_SHARE * store_bytes:
+        return ""
+    return (
+        f"data.materialize: the encoded windows ({need / 2**30:.2f} GiB) would take more than "
+        f"{MATERIALIZE_STORE_SHARE:.0%} of the object store ({store_bytes / 2**30:.2f} GiB), so they "
+        "stream from the prepared shards instead (set data.materialize = false to say so; "
+        "docs/train.md, 'Streaming a large corpus')"
+    )
 
 
 def check_plan(cfg: Config) -> None:

@@ -277,6 +277,9 @@ class Worker:
     world: int
     device: torch.device
     conditions: ConditionVocab | None = None  # a conditioned model's condition vocabulary
+    # Where rank 0 writes Ray Data's stats of its training shard when it ends (how fast the input
+    # pipeline could feed, against what training took: `DataIterator.stats()`); "" = nowhere.
+    data_stats_path: str = ""
 
     @classmethod
     def from_loop_config(cls, loop_config: dict[str, Any]) -> Worker:
@@ -296,6 +299,7 @@ class Worker:
             total_steps=int(loop_config["total_steps"]),
             steps_per_epoch=loop_config.get("steps_per_epoch"),
             val_kind=loop_config.get("val_kind", "windows"),
+            data_stats_path=loop_config.get("data_stats_path", ""),
             rank=ctx.get_world_rank(),
             world=ctx.get_world_size(),
             device=ray.train.torch.get_device(),
@@ -684,7 +688,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     meter, state, checkpointed = IntervalMeter(), None, pos.step if restored else None
     losses: list[torch.Tensor] = []  # the updates' losses since the ranks last agreed, on the device
     model.train()
-    for window, cond, starts_segment in training_windows(w, ray.train.get_dataset_shard("train"), pos):
+    shard = ray.train.get_dataset_shard("train")
+    for window, cond, starts_segment in training_windows(w, shard, pos):
         state = None if starts_segment else state
         if trace:
             trace.window(pos.step + 1, pos.epoch, window, reset=state is None)
@@ -717,6 +722,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         evaluate_and_checkpoint(
             w, model, optimizer, scheduler, pos, interval_metrics(w, pos, optimizer, meter, attempt)
         )
+    write_data_stats(w, shard)
+
+
+def write_data_stats(w: Worker, shard: Any) -> None:
+    """Rank 0's training shard's Ray Data stats (operators, throughput, time the loop was blocked on
+    data) to `w.data_stats_path`, when this worker runs where that directory is (a local run; a worker
+    on another node of a cluster has no such directory and writes nothing)."""
+    if w.rank != 0 or not w.data_stats_path or not Path(w.data_stats_path).parent.is_dir():
+        return
+    Path(w.data_stats_path).write_text(shard.stats())
 
 
 def settle_losses(

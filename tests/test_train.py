@@ -87,6 +87,9 @@ def test_a_run_that_runs_out_of_epochs_before_max_steps_ends_on_a_checkpoint(ray
     ckpt = load_checkpoint(result.best_checkpoint)
     # Its position is "both epochs read": a rerun of the same name has nothing left to train.
     assert ckpt.step == 2 * per_epoch and (ckpt.epoch, ckpt.data_position["steps_in_epoch"]) == (2, 0)
+    # Rank 0 left its training shard's Ray Data stats (what bench/bench_stream.py reads the feed rate from)
+    stats = (result.run_dir / "train_data_stats.txt").read_text()
+    assert "MapBatches(_windows)" in stats and "iter_batches" in stats, stats[:2000]
 
 
 @pytest.mark.slow
@@ -154,3 +157,37 @@ def test_in_loop_validation_shares_every_review_once_between_workers(tmp_path: P
     bits, chars, _ = score_reviews(model, vocab, texts)
     assert sum(n for _, n in shares) == chars and all(n > 0 for _, n in shares)
     assert sum(loss * n for loss, n in shares) / math.log(2) == pytest.approx(bits, rel=1e-5)
+
+
+def test_materialize_is_refused_for_windows_the_object_store_cannot_hold():
+    """data.materialize = true on a prepared corpus whose windows would take over half the object store
+    streams instead, with the reason; a corpus that fits, or no manifest, keeps the setting."""
+    from raylstm.data import window_bytes
+    from raylstm.train import materialize_refusal
+
+    cfg = tiny_config(seq_len=64)
+    gib = 2**30
+    # ~4 GB of text as bench_scale prepares it: 5% val, 5% test
+    manifest = {
+        "splits": {
+            "train": {"rows": 6_450_000, "chars": 3_600_000_000},
+            "val": {"rows": 360_000, "chars": 200_000_000},
+        }
+    }
+    # full windows: an int32 id per character and per review's "\n", 65 ids every 64 (each window shares
+    # its last id with the next)
+    stream = 3_600_000_000 + 6_450_000
+    assert window_bytes(cfg.data, manifest["splits"]["train"]) == pytest.approx(
+        4 * stream * 65 / 64, rel=1e-6
+    )
+    why = materialize_refusal(cfg, manifest, store_bytes=1 * gib)
+    assert "stream" in why and "object store (1.00 GiB)" in why
+    small = {"splits": {"train": {"rows": 9_000, "chars": 5_000_000}, "val": {"rows": 500, "chars": 280_000}}}
+    assert materialize_refusal(cfg, small, store_bytes=1 * gib) == ""
+    assert materialize_refusal(cfg, None, store_bytes=1 * gib) == ""
+    # seed windows overlap (41 ids every 3): the same text is ~14x the bytes, and conditions add 2 per field
+    cfg.data.window_mode, cfg.data.segment_windows = "seed", 1
+    assert window_bytes(cfg.data, small["splits"]["train"]) > 13 * window_bytes(
+        tiny_config(seq_len=64).data, small["splits"]["train"]
+    )
+    assert materialize_refusal(cfg, small, store_bytes=200 * 2**20) != ""
