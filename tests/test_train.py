@@ -88,7 +88,7 @@ def test_a_run_that_runs_out_of_epochs_before_max_steps_ends_on_a_checkpoint(ray
     # Its position is "both epochs read": a rerun of the same name has nothing left to train.
     assert ckpt.step == 2 * per_epoch and (ckpt.epoch, ckpt.data_position["steps_in_epoch"]) == (2, 0)
     # Rank 0 left its training shard's Ray Data stats (what bench/bench_stream.py reads the feed rate from)
-    stats = (result.run_dir / "train_data_stats.txt").read_text()
+    stats = (Path(result.run_dir) / "train_data_stats.txt").read_text()
     assert "MapBatches(_windows)" in stats and "iter_batches" in stats, stats[:2000]
 
 
