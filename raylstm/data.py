@@ -77,8 +77,11 @@ SPILL_BATCH_ROWS = 32_768
 FINE_BITS = 12  # 4096 fine buckets: groups are cut at fine-bucket boundaries to within ~1/4096 of the text
 SPILL_CHUNK_ROWS = 8192  # record batches in a spill file: a remote (s3://) reader fetches only its slices
 # Text per pass-2 group: its memory (the rows, their sort, the output tables) is a few times this, and
-# does not grow with the corpus; several groups per core keep both cores busy.
-GROUP_BYTES = 48 << 20
+# does not grow with the corpus; several groups per core keep both cores busy. 24 MB: what MIN_GROUPS
+# already gives a 100 MB corpus, so from 100 MB up every corpus is cut into groups of the same size and
+# pass 2's two concurrent tasks hold the same memory (at 48 MB they held ~0.7 GiB each from 1 GB on, at
+# 24 MB ~0.5 GiB, pass 2 no slower: bench/REPORT.md "Scale").
+GROUP_BYTES = 24 << 20
 MIN_GROUPS = 4
 WORK_DIR = "_work"  # spill files, under the output directory (visible wherever the output is)
 # Prepared shards: one Parquet file per split per group (~GROUP_BYTES of text, ~20 MB zstd), row groups of
