@@ -27,7 +27,6 @@ when the rows waiting beyond the free ones would pass max_queued, i.e. when ever
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import gc
@@ -172,9 +171,7 @@ class ProcessEngine:
                 sys.executable,
                 "-m",
                 "raylstm.engine_process",
-                "--fd",
                 str(theirs.fileno()),
-                "--ppid",
                 str(os.getpid()),
             ],
             pass_fds=(theirs.fileno(),),
@@ -550,13 +547,12 @@ class _Child:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="raylstm's engine process (started by a Serve replica)")
-    ap.add_argument("--fd", type=int, required=True)
-    ap.add_argument("--ppid", type=int, required=True)
-    a = ap.parse_args(argv)
-    _die_with_parent(a.ppid)
+    """The child's entry: `python -m raylstm.engine_process FD PPID`, started only by ProcessEngine (not a
+    user command, so no argparse: the CLI lives in cli.py alone, tests/test_cli_boundary.py)."""
+    fd, ppid = (int(a) for a in (sys.argv[1:] if argv is None else argv))
+    _die_with_parent(ppid)
     logging.basicConfig(level=logging.WARNING, format="raylstm engine %(process)d: %(message)s")
-    conn = Connection(a.fd)
+    conn = Connection(fd)
     try:
         kind, init = conn.recv()
         assert kind == "init", kind
