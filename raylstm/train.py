@@ -22,7 +22,7 @@ import json
 import math
 import shlex
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -249,7 +249,8 @@ def fit_windows(
         too_big = materialize_refusal(cfg, manifest, object_store_bytes(), len(cfg.model.conditions))
         if too_big:
             print(f"[raylstm] {too_big}", flush=True)
-            cfg.data.materialize = False  # the run's config.json says what ran
+            # the run's config.json says what ran; the caller's config is left as it was given
+            cfg = replace(cfg, data=replace(cfg.data, materialize=False))
     if cfg.data.materialize:
         train_ds, val_ds = train_ds.materialize(), val_ds.materialize()
     for ds in (train_ds, val_ds):

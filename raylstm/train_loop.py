@@ -661,7 +661,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train.torch
 
     w = Worker.from_loop_config(loop_config)
-    tcfg, mode = w.cfg.train, w.cfg.data.window_mode
+    tcfg = w.cfg.train
     torch.manual_seed(tcfg.seed)  # the same init on every rank (DDP also broadcasts rank 0's weights)
     model = ray.train.torch.prepare_model(build_model(w.cfg.model))  # to device; DDP when world size > 1
     optimizer = make_optimizer(model, tcfg)
@@ -685,10 +685,29 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             f"{how}; training to step {w.total_steps}"
         )
 
+    shard = ray.train.get_dataset_shard("train")
+    train_steps(w, model, optimizer, scheduler, shard, pos, restored is not None, trace, attempt)
+    write_data_stats(w, shard)  # also after a diverged run: where its data time went is part of the story
+
+
+def train_steps(
+    w: Worker,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    shard: Any,
+    pos: Position,
+    restored: bool,
+    trace: Trace | None,
+    attempt: dict[str, Any],
+) -> None:
+    """Steps from `pos` to the run's last step (or until the shard's epochs run out), agreeing on the
+    losses at every sync point, evaluating and checkpointing every eval_every steps and at the end.
+    Returns early, on every rank alike, when a loss diverged (see settle_losses)."""
+    tcfg, mode = w.cfg.train, w.cfg.data.window_mode
     meter, state, checkpointed = IntervalMeter(), None, pos.step if restored else None
     losses: list[torch.Tensor] = []  # the updates' losses since the ranks last agreed, on the device
     model.train()
-    shard = ray.train.get_dataset_shard("train")
     for window, cond, starts_segment in training_windows(w, shard, pos):
         state = None if starts_segment else state
         if trace:
@@ -722,7 +741,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         evaluate_and_checkpoint(
             w, model, optimizer, scheduler, pos, interval_metrics(w, pos, optimizer, meter, attempt)
         )
-    write_data_stats(w, shard)
 
 
 def write_data_stats(w: Worker, shard: Any) -> None:
