@@ -12,6 +12,8 @@
      sharing the replica's GIL; a bench-only subclass with other engine options), and with @serve.batch
      in front of the engine: 32 clients each
   5. overload: 64 clients against a replica of max_batch_size=8, max_queued=8: status counts
+  6. a review-length request (LONG_CHARS new characters; an Amazon review is ~400-500): the library and
+     Serve at 32 clients, so the per-request overhead shows amortised over 5x the steps
 
 Requests: REQ_CHARS new characters after a 22-character prompt, temperature 1, a distinct seed each.
 HTTP clients: asyncio coroutines, each on its own keep-alive connection, writing and reading the bytes
@@ -38,6 +40,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 CLIENTS = 32
 REQ_CHARS = 80
+LONG_CHARS = 400  # a review-length request (row 6)
 PROMPT = "I bought these for my "
 
 
@@ -146,7 +149,7 @@ def step_costs(ckpt: Path, reps: int) -> dict[str, tuple[float, float]]:
 
 
 # --- 2. the library ---------------------------------------------------------------------------------------
-def library(ckpt: Path, total: int, batch: int) -> dict:
+def library(ckpt: Path, total: int, batch: int, chars_per_request: int = REQ_CHARS) -> dict:
     from raylstm.sample import SampleParams, Sampler
 
     sampler = Sampler.load(ckpt)
@@ -155,7 +158,9 @@ def library(ckpt: Path, total: int, batch: int) -> dict:
     t0 = time.perf_counter()
     for start in range(0, total, batch):
         k = min(batch, total - start)
-        params = [SampleParams(temperature=1.0, max_chars=REQ_CHARS, seed=start + j) for j in range(k)]
+        params = [
+            SampleParams(temperature=1.0, max_chars=chars_per_request, seed=start + j) for j in range(k)
+        ]
         t1 = time.perf_counter()
         out = sampler.generate([PROMPT] * k, params)
         lat += [time.perf_counter() - t1] * k
@@ -210,7 +215,7 @@ def _row(
 
 
 # --- 3-5. Serve over HTTP ---------------------------------------------------------------------------------
-async def http_load(url: str, total: int, clients: int) -> dict:
+async def http_load(url: str, total: int, clients: int, chars_per_request: int = REQ_CHARS) -> dict:
     """`clients` concurrent clients, each on its own keep-alive HTTP/1.1 connection, POSTing /v1/generate
     (non-streamed) until `total` requests are answered. The client is lean on purpose (bytes written and
     read with asyncio streams, one json.loads per answer): it shares the 2 cores with Serve, and the
@@ -225,7 +230,9 @@ async def http_load(url: str, total: int, clients: int) -> dict:
         nonlocal chars
         conn = None
         for i in counter:
-            body = json.dumps({"prompt": PROMPT, "max_chars": REQ_CHARS, "temperature": 1.0, "seed": i})
+            body = json.dumps(
+                {"prompt": PROMPT, "max_chars": chars_per_request, "temperature": 1.0, "seed": i}
+            )
             t0 = time.perf_counter()
             try:
                 if conn is None:
@@ -417,10 +424,10 @@ def fetch(url: str) -> str:
         return r.read().decode()
 
 
-def measured_load(url: str, total: int, clients: int) -> dict:
+def measured_load(url: str, total: int, clients: int, chars_per_request: int = REQ_CHARS) -> dict:
     """http_load plus what the replica's /metrics say about its step thread during the load."""
     m0 = fetch(f"{url}/metrics")
-    r = asyncio.run(http_load(url, total, clients))
+    r = asyncio.run(http_load(url, total, clients, chars_per_request))
     m1 = fetch(f"{url}/metrics")
 
     def d(name: str) -> float:
@@ -477,13 +484,32 @@ def run(out_dir: Path, quick: bool = False) -> str:
         batched = _serve_variant(ckpt, cfg, url, n_req, "batched", batched_deployment())
         serve.run(build_app(ckpt, tight), name="tight", route_prefix="/tight", blocking=False)
         overload = asyncio.run(http_load(f"{url}/tight", max(64, n_req // 2), 2 * CLIENTS))
+        serve.delete("tight")
+        n_long = 64 if quick else 128
+        long_lib = library(ckpt, n_long, CLIENTS, LONG_CHARS)
+        long_serve = measured_load(url, n_long, CLIENTS, LONG_CHARS)
+        long_lib_after = library(ckpt, n_long, CLIENTS, LONG_CHARS)
     finally:
         handle.shutdown()
         if started_ray:
             ray.shutdown()
     when = f"{started}-{time.strftime('%H:%M', time.gmtime())} UTC"
+    long = (long_lib, long_serve, long_lib_after)
     return report(
-        what, load_before, when, steps, prefill, lib, lib_after, eng, http, previous, batched, overload, quick
+        what,
+        load_before,
+        when,
+        steps,
+        prefill,
+        lib,
+        lib_after,
+        eng,
+        http,
+        previous,
+        batched,
+        overload,
+        long,
+        quick,
     )
 
 
@@ -498,7 +524,20 @@ def _serve_variant(ckpt: Path, cfg, url: str, n_req: int, name: str, dep) -> dic
 
 
 def report(
-    what, load_before, when, steps, prefill, lib, lib_after, eng, http, previous, batched, overload, quick
+    what,
+    load_before,
+    when,
+    steps,
+    prefill,
+    lib,
+    lib_after,
+    eng,
+    http,
+    previous,
+    batched,
+    overload,
+    long,
+    quick,
 ) -> str:
     from raylstm.config import ServeConfig
     from raylstm.engine import Engine
@@ -558,6 +597,11 @@ def report(
         _line("Serve, the engine in the replica process (the design before; hold 10 ms)", CLIENTS, previous)
     )
     lines.append(_line("Serve, @serve.batch in front of the engine", CLIENTS, batched))
+    long_lib, long_serve, long_lib_after = long
+    lines.append(_line(f"library, {LONG_CHARS} new characters per request", CLIENTS, long_lib))
+    lines.append(_line(f"Serve over HTTP, {LONG_CHARS} new characters per request", CLIENTS, long_serve))
+    lines.append(_line(f"library again, {LONG_CHARS} new characters", CLIENTS, long_lib_after))
+    long_ratio = long_serve["rps"] / ((long_lib["rps"] + long_lib_after["rps"]) / 2)
     lines += [
         "",
         "| ratio | value |",
@@ -567,6 +611,8 @@ def report(
         f"| engine alone / library | {eng['rps'] / lib['rps']:.2f} |",
         f"| Serve / the engine in the replica process, 32 clients | {s32['rps'] / previous['rps']:.2f} |",
         f"| Serve with @serve.batch / Serve without | {batched['rps'] / s32['rps']:.2f} |",
+        f"| Serve / library at {LONG_CHARS} new characters, 32 clients (the library before and after) | "
+        f"{long_ratio:.2f} |",
         "",
         f"Overload: {2 * CLIENTS} clients against a replica with max_batch_size=8, max_queued=8: "
         + ", ".join(f"{k}: {v}" for k, v in sorted(overload["statuses"].items(), key=str))
