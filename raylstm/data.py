@@ -11,7 +11,7 @@ Raw sources go through two passes that never hold the corpus in memory or in the
         -> one small summary row per batch (the file, rows and text bytes per fine bucket, the counts)
     plan      contiguous fine-bucket ranges of ~GROUP_BYTES of text each = groups (as many as the corpus
               needs, so a group's memory does not grow with the corpus)
-    pass 2 (one Ray task per group)  read its rows from every spill file (memory-mapped slices) ->
+    pass 2 (one Ray task per group)  read its rows from every spill file (memory-mapped, copied out) ->
         dedupe   sort by (hash, key, source, row); keep the first of each run of equal hash whose texts
                  are equal (texts are compared, so a hash collision never drops a review): the smallest
                  (key, source, row) per distinct text wins, whatever the block or file order
@@ -216,14 +216,20 @@ def plan_groups(text_bytes: np.ndarray, target: int, min_groups: int = 1) -> lis
 
 # --- pass 2: one group -> dedupe, split, write ---------------------------------------------------------
 def _read_slices(fs: pafs.FileSystem, slices: list[tuple[str, int, int]]) -> pa.Table:
-    """Rows [start, end) of each spill file, reading only the record batches that hold them."""
+    """Rows [start, end) of each spill file, reading only the record batches that hold them. Each slice is
+    copied out (take) and its file unmapped before the next: the pages a read touches in a memory-mapped
+    file count in this process's memory until the map closes, and with zero-copy slices of every spill
+    file held to the end, one 24 MB group's read had up to ~0.7 GiB of mapped pages at 4 GB of text
+    (224 spill files; bench/REPORT.md "Scale"); copied, the group costs its own rows."""
     parts = []
     for path, start, end in slices:
         src = pa.memory_map(path) if isinstance(fs, pafs.LocalFileSystem) else fs.open_input_file(path)
-        reader = pa.ipc.open_file(src)
-        first, last = start // SPILL_CHUNK_ROWS, (end - 1) // SPILL_CHUNK_ROWS
-        chunk = pa.Table.from_batches([reader.get_batch(i) for i in range(first, last + 1)])
-        parts.append(chunk.slice(start - first * SPILL_CHUNK_ROWS, end - start))
+        with src:
+            reader = pa.ipc.open_file(src)
+            first, last = start // SPILL_CHUNK_ROWS, (end - 1) // SPILL_CHUNK_ROWS
+            chunk = pa.Table.from_batches([reader.get_batch(i) for i in range(first, last + 1)])
+            rows = pa.array(np.arange(start - first * SPILL_CHUNK_ROWS, end - first * SPILL_CHUNK_ROWS))
+            parts.append(chunk.take(rows))
     return pa.concat_tables(parts)
 
 
