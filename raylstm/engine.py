@@ -455,6 +455,36 @@ class Stream:
         return self.jobs
 
 
+class ServingEngine(Protocol):
+    """What a replica and its routes use of an engine: `Engine` (a step thread in the replica) and
+    `engine_process.ProcessEngine` (the engine in a child process) both are one."""
+
+    @property
+    def sampler(self) -> Sampler: ...
+
+    @property
+    def alive(self) -> bool: ...
+
+    def start(self) -> None: ...
+
+    def stop(self, timeout_s: float = 10.0) -> None: ...
+
+    def submit(
+        self,
+        prompts: Sequence[str | list[int]],
+        params: SampleParams,
+        n: int = 1,
+        best_of: int | None = None,
+        stream: bool = True,
+    ) -> Stream: ...
+
+    def cancel(self, jobs: Sequence[Job]) -> None: ...
+
+    async def reload(self, sampler: Sampler) -> None: ...
+
+    def stats(self) -> dict[str, Any]: ...
+
+
 class Engine:
     """An EngineCore stepped by its own thread, its prompts read by another, fed from asyncio handlers."""
 

@@ -35,8 +35,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic.json_schema import models_json_schema
 
 from raylstm.config import ServeConfig
-from raylstm.engine import Engine, EngineError, EngineStopped, Job, QueueFull, RequestTimeout, Stream
-from raylstm.engine_process import ProcessEngine
+from raylstm.engine import EngineError, EngineStopped, Job, QueueFull, RequestTimeout, ServingEngine, Stream
 from raylstm.metrics import CONTENT_TYPE, ServeMetrics
 from raylstm.protocol import (
     CharLogprobs,
@@ -68,7 +67,7 @@ class Server(Protocol):
     """What the routes need from a replica (serve.LSTMServer)."""
 
     cfg: ServeConfig
-    engine: Engine | ProcessEngine
+    engine: ServingEngine
     metrics: ServeMetrics
     replica: str
     created: int

@@ -36,7 +36,7 @@ from ray.serve.config import BackpressureConfig
 from raylstm import storage as store
 from raylstm.checkpoint import BEST, META, CheckpointError, resolve_checkpoint
 from raylstm.config import ServeConfig, load_config
-from raylstm.engine import Engine, Stream
+from raylstm.engine import Engine, ServingEngine, Stream
 from raylstm.engine_process import ProcessEngine
 from raylstm.metrics import ServeMetrics
 from raylstm.ray_env import serve_http_address
@@ -86,7 +86,7 @@ class LSTMServer:
         if not in_process:
             options.setdefault("device", self.device)
             options.setdefault("torch_threads", max(1, int(cfg.num_cpus)))
-        self.engine: Engine | ProcessEngine = (Engine if in_process else ProcessEngine)(
+        self.engine: ServingEngine = (Engine if in_process else ProcessEngine)(
             sampler,
             cfg.max_batch_size,
             cfg.max_queued,
