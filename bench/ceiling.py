@@ -4,6 +4,9 @@ no data pipeline, nothing but the training step itself, in a given thread/proces
     layout "1x2": one process, 2 torch threads
     layout "2x1": two concurrent processes, 1 torch thread each (what 2 Ray Train workers of 1 thread do,
                   minus DDP's gradient all-reduce); the figure is the sum of the two processes' rates
+    --ddp:        the layout's processes as one gloo process group, the model wrapped in
+                  DistributedDataParallel (what Ray Train's prepare_model does), still no Ray: what the
+                  all-reduce and its barrier cost on their own
 
 Each process trains the model on random character ids of shape [batch, seq_len] with raylstm's own
 `train_loop.train_step` (forward from the carried state, loss at every position, backward, clipping,
@@ -44,6 +47,7 @@ class Shape:
     dropout: float = 0.5
     optimizer: str = "adamw"
     mkldnn: bool = True  # oneDNN's LSTM kernel (torch's default on CPU) vs torch's own native cell loop
+    ddp: bool = False  # the processes all-reduce their gradients (gloo DDP), as Ray Train's workers do
 
 
 def _worker(spec: dict[str, Any]) -> dict[str, Any]:
@@ -69,19 +73,34 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
             seed_dense=s.dense,
         )
     ).train()
+    if s.ddp:
+        import torch.distributed as dist
+
+        dist.init_process_group(
+            "gloo", init_method=spec["ddp_address"], rank=spec["rank"], world_size=spec["world"]
+        )
+        model = torch.nn.parallel.DistributedDataParallel(model)
     tcfg = TrainConfig(optimizer=s.optimizer, lr=1e-3, warmup_steps=10, max_steps=10**6, precision="fp32")
     opt = make_optimizer(model, tcfg)
     sched = make_scheduler(opt, tcfg, tcfg.max_steps)
     gen = torch.Generator().manual_seed(spec["rank"])
     windows = [torch.randint(1, s.vocab, (s.batch, s.seq_len + 1), generator=gen) for _ in range(16)]
-    state, steps, chars, t0 = None, 0, 0, None
+    state, steps, chars, t0, iteration = None, 0, 0, None, 0
     end = spec["start_at"] + spec["seconds"]
     while True:
         now = time.time()
         if t0 is None and now >= spec["start_at"]:
             t0, steps, chars = time.perf_counter(), 0, 0
-        if now >= end and t0 is not None:
+        if s.ddp:
+            # The ranks must stop after the same step (each step all-reduces): they agree every 16 steps.
+            if iteration % 16 == 0:  # not `steps`: it restarts at t0, at another iteration per rank
+                stop = torch.tensor([float(now >= end and t0 is not None)])
+                torch.distributed.all_reduce(stop, op=torch.distributed.ReduceOp.MAX)
+                if stop.item():
+                    break
+        elif now >= end and t0 is not None:
             break
+        iteration += 1
         ids = windows[steps % len(windows)]
         state = None if steps % 16 == 0 else state  # a stateful segment of 16 windows, as training reads
         loss, n, state = train_step(model, opt, sched, ids, state, tcfg, "full")
@@ -89,6 +108,8 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
         steps += 1
         chars += n
     secs = time.perf_counter() - t0
+    if s.ddp:
+        torch.distributed.destroy_process_group()
     return {
         "rank": spec["rank"],
         "steps": steps,
@@ -98,14 +119,24 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def measure(shape: Shape, seconds: float = 8.0, warmup: float = 4.0) -> dict[str, Any]:
     """chars/s of `shape` in its layout: the processes start together and their rates are summed."""
     procs_n, threads = LAYOUTS[shape.layout]
     start_at = time.time() + warmup + 2.0  # process start-up (imports) + warm-up steps
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     procs = []
+    ddp_address = f"tcp://127.0.0.1:{_free_port()}"
     for rank in range(procs_n):
         spec = {"shape": asdict(shape), "threads": threads, "rank": rank, "start_at": start_at}
+        spec.update(world=procs_n, ddp_address=ddp_address)
         spec["seconds"] = seconds
         procs.append(
             subprocess.Popen(
@@ -158,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layout", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
     ap.add_argument("--optimizer", default="adamw", choices=["adamw", "rmsprop", "sgd"])
     ap.add_argument("--no-mkldnn", action="store_true", help="torch's native LSTM instead of oneDNN's")
+    ap.add_argument("--ddp", action="store_true", help="all-reduce the gradients (gloo DDP), no Ray")
     ap.add_argument("--seconds", type=float, default=8.0)
     args = ap.parse_args(argv)
     if args.worker:
@@ -172,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         vocab=args.vocab,
         optimizer=args.optimizer,
         mkldnn=not args.no_mkldnn,
+        ddp=args.ddp,
     )
     best = max(rows, key=lambda r: r["chars_per_s"])
     print(json.dumps(best))

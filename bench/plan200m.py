@@ -10,6 +10,8 @@ One invocation does, in order:
   2. the choice: the fastest 2x1 shape whose batch x seq_len x 2 workers divides the prediction count
      exactly (so the run is exactly 200M predictions, no partial step); 1x2 is measured for the record,
      but one 2-thread worker on a 2-CPU Ray leaves Ray Data no CPU (the 2-core hang in RAY-NOTES);
+     the chosen shape re-measured RECHECKS times bare and with DDP (gloo, no Ray), before step 3 and
+     again after it (medians: the grid's best single run is biased upward by the host's noise);
   3. `raylstm train` as a subprocess (the real CLI path) on the Musical Instruments reviews with
      configs/seed.toml, switched to full-window, stateful supervision, for exactly that many predictions;
   4. the best checkpoint on the held-out test split: `raylstm.evaluate` (every char of each review from
@@ -24,7 +26,8 @@ One invocation does, in order:
 
 Figures: wall time from `raylstm train` start to the best checkpoint (its metrics line's time) and to
 the command's exit; chars/s over the whole run = predictions up to the best checkpoint / that wall time
-(start-up, data, evaluations and checkpoints included); the ratio of that to the best ceiling of the grid.
+(start-up, data, evaluations and checkpoints included); the ratio of that to the best ceiling of the grid,
+and to the chosen shape's medians, bare and with DDP.
 """
 
 from __future__ import annotations
@@ -53,6 +56,11 @@ QUICK_2X1 = [(32, 50), (64, 50)]  # --quick: 2M predictions divide into steps of
 MAX_CONTEXT = 512  # chars a stateful segment spans at most (segment_windows x seq_len)
 TRAIN_JSON = "plan200m.train.json"  # the ceiling and training figures, written before the scoring
 EVALS = 8  # evaluations + checkpoints over the run: enough to pick a best, few enough to cost ~1%
+# The grid's best is the max of single short runs, biased upward by the host's noise: the chosen shape is
+# measured again, RECHECKS times bare and with DDP (gloo, no Ray) in turn, before and after the training
+# run, so the run also compares with a median of the same shape and the all-reduce's own cost shows.
+RECHECKS = 3
+RECHECK_SECONDS = 8.0
 
 
 def measure_ceiling(grid_2x1: list[tuple[int, int]], grid_1x2: list[tuple[int, int]], seconds: float,
@@ -68,6 +76,22 @@ def measure_ceiling(grid_2x1: list[tuple[int, int]], grid_1x2: list[tuple[int, i
             r = measure(shape, seconds)
             print(f"[plan200m] ceiling {layout} batch {batch} x {seq_len}: {r['chars_per_s']:,.0f} chars/s "
                   f"{r['per_process']}", flush=True)  # fmt: skip
+            rows.append(r)
+    return rows
+
+
+def recheck_shape(plan: dict[str, Any], hidden: int, phase: str, repeats: int = RECHECKS) -> list[dict]:
+    """The chosen shape, bare and with DDP in turn, `repeats` times each (bench.ceiling)."""
+    from bench.ceiling import Shape, measure
+
+    rows = []
+    for i in range(repeats):
+        for ddp in (False, True):
+            shape = Shape(batch=plan["batch"], seq_len=plan["seq_len"], layout="2x1", hidden=hidden,
+                          optimizer="adamw", vocab=60, ddp=ddp)  # fmt: skip
+            r = {**measure(shape, RECHECK_SECONDS), "phase": phase, "repeat": i}
+            print(f"[plan200m] recheck {phase} {'ddp' if ddp else 'bare'} {i}: {r['chars_per_s']:,.0f} "
+                  f"chars/s", flush=True)  # fmt: skip
             rows.append(r)
     return rows
 
@@ -193,6 +217,7 @@ def run_plan(out_dir: Path, predictions: int = PREDICTIONS, seconds: float = 6.0
     ceiling_s = time.time() - t_bench
     best_ceiling = max(ceiling, key=lambda r: r["chars_per_s"])
     plan = choose(ceiling, predictions)
+    recheck = [] if quick else recheck_shape(plan, hidden, "before")
     sets = overrides(plan, lr, hidden)
     name = f"plan200m-{time.strftime('%Y%m%d-%H%M%S')}-{predictions}"
     storage = out_dir / "runs"
@@ -202,6 +227,7 @@ def run_plan(out_dir: Path, predictions: int = PREDICTIONS, seconds: float = 6.0
     if rc != 0:
         raise RuntimeError(f"raylstm train exited with {rc}; see {out_dir / (name + '.log')}")
     run_dir = storage / name
+    recheck += [] if quick else recheck_shape(plan, hidden, "after")
     metrics = read_metrics(run_dir)
     best = json.loads((run_dir / "best.json").read_text())
     best_line = next(m for m in metrics if m.get("checkpoint") == best["checkpoint"])
@@ -233,6 +259,7 @@ def run_plan(out_dir: Path, predictions: int = PREDICTIONS, seconds: float = 6.0
         "ratio_whole_run": best_preds / to_best / best_ceiling["chars_per_s"],
         "chars_per_s_steady_median": statistics.median(steady) if steady else None,
         "ratio_steady": statistics.median(steady) / best_ceiling["chars_per_s"] if steady else None,
+        "recheck": recheck,
         "curve": [(m.get("step"), m.get("val_bpc")) for m in metrics if m.get("val_bpc") is not None],
         "samples_txt": (run_dir / "samples.txt").read_text() if (run_dir / "samples.txt").exists() else "",
         "quick": quick,
@@ -251,6 +278,40 @@ def finish(out_dir: Path) -> dict[str, Any]:
     fig["bench_wall_s"] = time.time() - fig["bench_start"]
     (Path(out_dir) / "plan200m.json").write_text(json.dumps(fig, indent=2, default=str))
     return fig
+
+
+def recheck_lines(f: dict[str, Any]) -> list[str]:
+    """The chosen shape re-measured before and after the run, and the run's rate against its medians."""
+    rows = f.get("recheck") or []
+    if not rows:
+        return []
+    bare = [r["chars_per_s"] for r in rows if not r["ddp"]]
+    ddp = [r["chars_per_s"] for r in rows if r["ddp"]]
+    run = f["chars_per_s_whole_run"]
+    steady = f.get("chars_per_s_steady_median") or float("nan")
+
+    def cell(phase: str, is_ddp: bool) -> str:
+        return ", ".join(
+            f"{r['chars_per_s']:,.0f}" for r in rows if r["phase"] == phase and r["ddp"] == is_ddp
+        )
+
+    bm, dm = statistics.median(bare), statistics.median(ddp)
+    return [
+        f"The chosen shape again, {RECHECKS} x {RECHECK_SECONDS:.0f} s each bare and with DDP (two processes "
+        "in one gloo process group, DistributedDataParallel, no Ray; `bench/ceiling.py --ddp`) in turn, "
+        "before and after the run:",
+        "",
+        "| chosen shape | before | after | median |",
+        "|---|---|---|---:|",
+        f"| bare (2x1) | {cell('before', False)} | {cell('after', False)} | {bm:,.0f} |",
+        f"| DDP, no Ray | {cell('before', True)} | {cell('after', True)} | {dm:,.0f} |",
+        "",
+        f"Against these medians: the whole run {run / bm:.3f} of bare and {run / dm:.3f} of DDP without "
+        f"Ray; its steady state {steady / bm:.3f} and {steady / dm:.3f}; DDP's own cost {1 - dm / bm:.1%} "
+        f"of bare. The grid's best single run ({f['best_ceiling']['chars_per_s']:,.0f}) is "
+        f"{f['best_ceiling']['chars_per_s'] / bm:.2f}x the chosen shape's bare median.",
+        "",
+    ]
 
 
 def markdown(f: dict[str, Any], command: str) -> str:
@@ -284,6 +345,7 @@ def markdown(f: dict[str, Any], command: str) -> str:
         f"windows ({p['segment_windows'] * p['seq_len']} chars of carried context), {p['steps']:,} steps, "
         f"an evaluation and checkpoint every {p['eval_every']:,}.",
         "",
+        *recheck_lines(f),
         "### The run",
         "",
         "| figure | value |",
