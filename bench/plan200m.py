@@ -11,7 +11,7 @@ One invocation does, in order:
      exactly (so the run is exactly 200M predictions, no partial step); 1x2 is measured for the record,
      but one 2-thread worker on a 2-CPU Ray leaves Ray Data no CPU (the 2-core hang in RAY-NOTES);
      the chosen shape re-measured RECHECKS times bare and with DDP (gloo, no Ray), before step 3 and
-     again after it (medians: the grid's best single run is biased upward by the host's noise);
+     again after it (medians: the best of single short runs can be biased upward by the host's noise);
   3. `raylstm train` as a subprocess (the real CLI path) on the Musical Instruments reviews with
      configs/seed.toml, switched to full-window, stateful supervision, for exactly that many predictions;
   4. the best checkpoint on the held-out test split: `raylstm.evaluate` (every char of each review from
@@ -56,7 +56,7 @@ QUICK_2X1 = [(32, 50), (64, 50)]  # --quick: 2M predictions divide into steps of
 MAX_CONTEXT = 512  # chars a stateful segment spans at most (segment_windows x seq_len)
 TRAIN_JSON = "plan200m.train.json"  # the ceiling and training figures, written before the scoring
 EVALS = 8  # evaluations + checkpoints over the run: enough to pick a best, few enough to cost ~1%
-# The grid's best is the max of single short runs, biased upward by the host's noise: the chosen shape is
+# The grid's best is the max of single short runs, which the host's noise can bias upward: the chosen shape is
 # measured again, RECHECKS times bare and with DDP (gloo, no Ray) in turn, before and after the training
 # run, so the run also compares with a median of the same shape and the all-reduce's own cost shows.
 RECHECKS = 3
